@@ -1,0 +1,129 @@
+"""Video DiT family: CogVideoX, Latte, HunyuanVideo, Wan, LTX-Video."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Adapter, AttentionInfo, TokenGrid, TokenLayout, call_arg
+from .image_dit import _text_len
+
+
+def _pair(p) -> tuple[int, int, int]:
+    """(pt, ph, pw) from a config's patch sizes."""
+    return tuple(int(v) for v in p)
+
+
+@dataclass
+class CogVideoXAdapter(Adapter):
+    family = "video_dit"
+    pipelines = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
+    # CogVideoX concatenates [text, video] before each full 3D attention.
+    attention_rules = ((r"transformer_blocks\.\d+\.attn1", "joint"),)
+
+    def blocks(self):
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.denoiser.transformer_blocks)]
+
+    def grid_from_call(self, args, kwargs):
+        x = call_arg(args, kwargs, "hidden_states", 0)  # (B, F, C, H, W)
+        cfg = self.denoiser.config
+        p, pt = int(cfg.patch_size), int(cfg.patch_size_t or 1)
+        return TokenGrid(-(-int(x.shape[1]) // pt), int(x.shape[3]) // p, int(x.shape[4]) // p, _text_len(args, kwargs))
+
+
+@dataclass
+class _ChannelsFirstVideo(Adapter):
+    """Video DiTs taking latents (B, C, F, H, W)."""
+
+    family = "video_dit"
+
+    def patch(self) -> tuple[int, int, int]:
+        cfg = self.denoiser.config
+        return 1, int(cfg.patch_size), int(cfg.patch_size)
+
+    def grid_from_call(self, args, kwargs):
+        x = call_arg(args, kwargs, "hidden_states", 0)
+        pt, ph, pw = self.patch()
+        return TokenGrid(int(x.shape[2]) // pt, int(x.shape[3]) // ph, int(x.shape[4]) // pw, _text_len(args, kwargs, 2))
+
+
+@dataclass
+class LatteAdapter(_ChannelsFirstVideo):
+    pipelines = ("LattePipeline",)
+    attention_rules = (
+        (r"transformer_blocks\.\d+\.attn1", "spatial"),
+        (r"transformer_blocks\.\d+\.attn2", "cross"),
+        (r"temporal_transformer_blocks\.\d+\.attn1", "temporal"),
+    )
+
+    def blocks(self):
+        # Latte alternates one spatial and one temporal block.
+        out = []
+        for i, (s, t) in enumerate(zip(self.denoiser.transformer_blocks, self.denoiser.temporal_transformer_blocks)):
+            out += [(f"transformer_blocks.{i}", s), (f"temporal_transformer_blocks.{i}", t)]
+        return out
+
+    def grid_from_call(self, args, kwargs):
+        x = call_arg(args, kwargs, "hidden_states", 0)
+        p = int(self.denoiser.config.patch_size)
+        return TokenGrid(int(x.shape[2]), int(x.shape[3]) // p, int(x.shape[4]) // p, _text_len(args, kwargs, 2))
+
+    def token_layout(self, info: AttentionInfo, grid: TokenGrid) -> TokenLayout:
+        # Latte's spatial blocks attend within each frame; its temporal blocks along frames.
+        if info.kind == "spatial":
+            return TokenLayout(1, grid.height, grid.width)
+        return super().token_layout(info, grid)
+
+
+@dataclass
+class HunyuanVideoAdapter(_ChannelsFirstVideo):
+    pipelines = ("HunyuanVideoPipeline",)
+    cfg_mode: str = "separate"
+    text_position = "last"  # [video, text] in both dual- and single-stream blocks
+    attention_rules = (
+        (r"transformer_blocks\.\d+\.attn", "joint"),
+        (r"single_transformer_blocks\.\d+\.attn", "joint"),
+    )
+
+    def patch(self):
+        cfg = self.denoiser.config
+        return int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size)
+
+    def blocks(self):
+        tr = self.denoiser
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(tr.transformer_blocks)] + [
+            (f"single_transformer_blocks.{i}", b) for i, b in enumerate(tr.single_transformer_blocks)
+        ]
+
+
+@dataclass
+class WanAdapter(_ChannelsFirstVideo):
+    pipelines = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+    cfg_mode: str = "separate"  # the pipeline calls the transformer once per branch
+    attention_rules = ((r"blocks\.\d+\.attn1", "spatial"), (r"blocks\.\d+\.attn2", "cross"))
+
+    def patch(self):
+        return _pair(self.denoiser.config.patch_size)
+
+    def blocks(self):
+        return [(f"blocks.{i}", b) for i, b in enumerate(self.denoiser.blocks)]
+
+
+@dataclass
+class LTXVideoAdapter(Adapter):
+    family = "video_dit"
+    pipelines = ("LTXPipeline", "LTXImageToVideoPipeline")
+    attention_rules = ((r"transformer_blocks\.\d+\.attn1", "spatial"), (r"transformer_blocks\.\d+\.attn2", "cross"))
+
+    def blocks(self):
+        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.denoiser.transformer_blocks)]
+
+    def grid_from_call(self, args, kwargs):
+        # Latents arrive packed (B, N, C); the grid is passed alongside as keyword arguments.
+        cfg = self.denoiser.config
+        pt, p = int(cfg.patch_size_t), int(cfg.patch_size)
+        f, h, w = (kwargs.get(k) for k in ("num_frames", "height", "width"))
+        if f is None or h is None or w is None:
+            x = call_arg(args, kwargs, "hidden_states", 0)
+            return TokenGrid(1, 1, int(x.shape[1]), _text_len(args, kwargs))
+        return TokenGrid(int(f) // pt, int(h) // p, int(w) // p, _text_len(args, kwargs))
