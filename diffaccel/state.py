@@ -11,6 +11,8 @@ follows the denoising loop:
   one call per step (branch 0 holds both halves); pipelines that run CFG as separate calls
   (Wan, Flux true-CFG, HunyuanVideo) make calls 0 and 1. Methods keep state per branch, so a
   cached conditional output never replaces an unconditional one.
+  With batched CFG the batch is [unconditional, conditional] halves (diffusers' order);
+  ``cfg_active(pipe)`` in :mod:`diffaccel.state` says whether CFG is on for this call.
 * **t_norm** — the call's timestep normalised to [0, 1] (1 = pure noise): t / 1000 for
   DDPM-style and flow-matching pipelines that pass t in [0, 1000], sigma for Flux.
 
@@ -40,6 +42,9 @@ class CallContext:
     num_steps: int | None = None
     grid: TokenGrid | None = None
     batch_size: int = 0
+    # Denoiser calls made in the previous step: 2 means CFG runs as separate calls
+    # (branch 0 = conditional, branch 1 = unconditional in Wan, Flux, HunyuanVideo).
+    prev_calls_in_step: int = 0
     # (step, branch, t_norm) of every denoiser call, for stats and tests.
     trace: list[tuple[int, int, float | None]] = field(default_factory=list)
 
@@ -79,6 +84,7 @@ class Session:
         def counted_step(*args, **kwargs):
             out = original_step(*args, **kwargs)
             self.ctx.step += 1
+            self.ctx.prev_calls_in_step = self.ctx.calls_in_step
             self.ctx.calls_in_step = 0
             return out
 
@@ -164,3 +170,14 @@ def _signature(obj) -> tuple:
     if isinstance(obj, dict):
         return tuple((k, _signature(v)) for k, v in sorted(obj.items()))
     return (type(obj).__name__,)
+
+
+def cfg_active(pipe) -> bool | None:
+    """Whether the running pipeline call uses classifier-free guidance (None if it cannot tell)."""
+    value = getattr(type(pipe), "do_classifier_free_guidance", None)
+    if value is None:
+        return None
+    try:
+        return bool(pipe.do_classifier_free_guidance)
+    except Exception:  # property reads an attribute set only inside __call__
+        return None
