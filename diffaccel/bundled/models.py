@@ -95,7 +95,11 @@ def clip_tokenizer():
         merges.append(best)
         vocab.setdefault(best[0] + best[1], len(vocab))
         words = [merge_pair(w, best) for w in words]
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    try:
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    except TypeError:  # tokenizers releases that want "a b" strings instead of pairs
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=[" ".join(m) for m in merges],
+                                  model_max_length=MAX_TOKENS)
     check_whole_words(tokenizer)
     return tokenizer
 
