@@ -1,0 +1,252 @@
+"""DeepCache for U-Net pipelines: reuse the deep features, recompute only the shallow branch.
+
+Every scheduled *full* step runs the whole U-Net and keeps the outputs of the modules deeper
+than the chosen branch. On the other steps those modules return their kept outputs, so only
+the shallow path (``conv_in`` -> the first layers of down block ``branch // 3`` ... the last
+layers of the matching up block -> ``conv_out``) is computed. Branches are numbered as
+DeepCache's ``cache_branch_id`` (block ``b // 3``, layer ``b % 3``; a down block's layers are
+its resnets followed by its downsampler), and which modules run on a cached step is exactly
+what DeepCache's ``DeepCacheSDHelper`` runs, so both give the same images.
+
+Unlike the reference helper this hooks the modules through diffusers' HookRegistry (no copied
+U-Net code, composes with ``enable_model_cpu_offload`` in either order) and takes its step from
+the session: schedulers with repeated timesteps (Heun, DPM2), img2img's truncated schedules and
+a changed ``num_inference_steps`` all work, and each CFG branch call has its own cache.
+
+Example::
+
+    import diffaccel
+    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=3, branch=0)])
+    image = pipe("a red circle").images[0]
+    print(diffaccel.stats(pipe)["methods"]["deepcache"])  # computed / reused / skipped_modules
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+from diffaccel.methods.base import Installed, Method, fraction, hook_forward, positive_int, register
+
+HOOK_NAME = "diffaccel_deepcache"
+SCHEDULES = ("uniform", "non-uniform")
+
+
+@register
+@dataclass
+class DeepCache(Method):
+    """Training-free feature caching for U-Nets (Ma et al., 2023).
+
+    Args:
+        interval: N in "one full step every N steps". 1 computes every step (output identical
+            to the unaccelerated pipeline); higher is faster and drifts further.
+        branch: the skip branch kept live, DeepCache's ``cache_branch_id``. 0 is the shallowest
+            (fastest); higher recomputes more of the U-Net on cached steps.
+        schedule: which steps are full.
+            ``"uniform"``: steps 0, N, 2N, ... (what DeepCache's helper does).
+            ``"non-uniform"``: the same number of full steps, ceil(steps / N), placed densely
+            around ``center`` of the trajectory and sparsely at its ends (the paper's quadratic
+            "center/pow" sampling).
+            A list of ints: the full steps' indices in the denoising loop. A list of floats in
+            [0, 1]: normalised times (t / T_train, 1 = noise) at which to recompute; they are
+            resolved at call time, so they survive a change of ``num_inference_steps`` or of the
+            scheduler. Step 0 is always full (nothing is cached before it).
+        center: non-uniform only: where the full steps crowd, as a fraction of the loop (0.5 =
+            the middle).
+        power: non-uniform only: how strongly they crowd (1 = uniform spacing; lowered
+            automatically until the sampled steps are distinct).
+    """
+
+    name: ClassVar[str] = "deepcache"
+    families: ClassVar[tuple[str, ...]] = ("unet",)
+
+    interval: int = 3
+    branch: int = 0
+    schedule: str | Sequence[int] | Sequence[float] = "uniform"
+    center: float = 0.5
+    power: float = 1.4
+
+    def validate(self) -> None:
+        positive_int(self.interval, "DeepCache interval", "Use 1 to compute every step, 3 for about 2x faster.")
+        if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
+            raise ValueError(f"DeepCache branch must be an integer >= 0 (DeepCache's cache_branch_id), got {self.branch!r}.")
+        fraction(self.center, "DeepCache center")
+        if not isinstance(self.power, (int, float)) or self.power < 1:
+            raise ValueError(f"DeepCache power must be a number >= 1, got {self.power!r}.")
+        if isinstance(self.schedule, str):
+            if self.schedule not in SCHEDULES:
+                raise ValueError(f"DeepCache schedule must be one of {SCHEDULES} or a list of full steps, got {self.schedule!r}.")
+            return
+        values = list(self.schedule)
+        if not values:
+            raise ValueError("DeepCache schedule list is empty: give the full steps (ints) or normalised times (floats).")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            if min(values) < 0:
+                raise ValueError(f"DeepCache schedule steps must be >= 0, got {values}.")
+        elif all(isinstance(v, float) for v in values):
+            if not all(0.0 <= v <= 1.0 for v in values):
+                raise ValueError(f"DeepCache schedule times must lie in [0, 1] (t / T_train), got {values}.")
+        else:
+            raise ValueError("DeepCache schedule list must hold only ints (step indices) or only floats "
+                             f"(normalised times in [0, 1]), got {values}.")
+
+    def full_steps(self, num_steps: int) -> list[int] | None:
+        """Full-step indices for a loop of ``num_steps`` iterations (None: decided from time)."""
+        if self.schedule == "uniform":
+            return list(range(0, num_steps, self.interval))
+        if self.schedule == "non-uniform":
+            return centred_steps(num_steps, math.ceil(num_steps / self.interval), self.center, self.power)
+        values = list(self.schedule)
+        if isinstance(values[0], float):
+            return None
+        return sorted({0, *(v for v in values if v < num_steps)})
+
+    def apply(self, session) -> "DeepCacheInstalled":
+        branches = {b.branch_id: b for b in session.adapter.skip_branches()}
+        if self.branch not in branches:
+            raise ValueError(
+                f"DeepCache branch {self.branch} does not exist in this U-Net; valid branches are "
+                f"{sorted(branches)} (block = branch // 3, layer = branch % 3)."
+            )
+        return DeepCacheInstalled(self, session)
+
+
+def centred_steps(num_steps: int, count: int, center: float, power: float) -> list[int]:
+    """``count`` distinct step indices in [0, num_steps), starting at 0, crowded around ``center``.
+
+    Evenly spaced points x in [-c^(1/p), (n - c)^(1/p)) mapped to c + sign(x) |x|^p: the map is
+    flat near x = 0, so indices bunch around c. Where rounding merges indices, p is lowered
+    towards 1 (even spacing), as DeepCache's sampler does.
+    """
+    count = max(1, min(count, num_steps))
+    c = center * num_steps
+    p = float(power)
+    while p > 1.0:
+        lo, hi = -(c ** (1 / p)), (num_steps - c) ** (1 / p)
+        points = (lo + (hi - lo) * i / count for i in range(count))
+        steps = sorted({min(num_steps - 1, max(0, math.floor(c + math.copysign(abs(x) ** p, x) + 1e-9))) for x in points})
+        if len(steps) == count and steps[0] == 0:
+            return steps
+        p -= 0.02
+    return sorted({math.floor(i * num_steps / count) for i in range(count)})
+
+
+def cached_modules(unet, branch: int) -> list[str]:
+    """Paths (relative to the U-Net) of the outermost modules a cached step does not run.
+
+    Mirrors DeepCache's rule with block B = branch // 3 and layer L = branch % 3: down blocks
+    deeper than B, down block B's layers >= L (all of it when L = 0), the mid block, up blocks
+    deeper than B and, in up block B, the layers whose reversed index is > L.
+    """
+    block, layer = divmod(branch, 3)
+    paths = []
+    for i, down in enumerate(unet.down_blocks):
+        if i > block or (i == block and layer == 0):
+            paths.append(f"down_blocks.{i}")
+        elif i == block:
+            n = len(down.resnets)
+            for j in range(layer, n):
+                paths.append(f"down_blocks.{i}.resnets.{j}")
+                if getattr(down, "attentions", None) is not None and j < len(down.attentions):
+                    paths.append(f"down_blocks.{i}.attentions.{j}")
+            if getattr(down, "downsamplers", None):  # layer index n >= layer always
+                paths += [f"down_blocks.{i}.downsamplers.{k}" for k in range(len(down.downsamplers))]
+    if unet.mid_block is not None:
+        paths.append("mid_block")
+    n_up = len(unet.up_blocks)
+    for k, up in enumerate(unet.up_blocks):
+        depth = n_up - 1 - k  # up blocks are numbered from the output side, as down blocks are
+        if depth > block:
+            paths.append(f"up_blocks.{k}")
+        elif depth == block:
+            n = len(up.resnets)
+            for j in range(n):
+                if n - 1 - j > layer:
+                    paths.append(f"up_blocks.{k}.resnets.{j}")
+                    if getattr(up, "attentions", None) is not None and j < len(up.attentions):
+                        paths.append(f"up_blocks.{k}.attentions.{j}")
+    return paths
+
+
+class DeepCacheInstalled(Installed):
+    """Hooks on the cached modules plus a per-call decision: pass / store / reuse."""
+
+    def __init__(self, config: DeepCache, session):
+        super().__init__(config, session)
+        unet = session.adapter.denoiser
+        self.paths = cached_modules(unet, config.branch)
+        self.mode = "pass"  # this denoiser call: "pass" (inactive), "store" (full step), "reuse"
+        self.reset_cache()
+        for path in self.paths:
+            hook_forward(self, unet.get_submodule(path), self._module_forward(path), HOOK_NAME)
+        # Registered after the session's own pre-hook, so ctx.step / ctx.branch are current here.
+        handle = unet.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+        self.on_remove(handle.remove)
+
+    def reset_cache(self) -> None:
+        self.cache: dict[tuple[int, str], object] = {}
+        self.cached_input: dict[int, tuple] = {}  # branch -> sample shape/dtype the cache belongs to
+        self.step_full: dict[int, bool] = {}  # step -> decision, so every branch of a step agrees
+        self.pending_times: list[float] | None = None
+        self.resolved: tuple[int, list[int] | None] | None = None
+
+    def _module_forward(self, path: str):
+        def forward(original, *args, **kwargs):
+            if self.mode == "reuse":
+                return self.cache[(self.session.ctx.branch, path)]
+            out = original(*args, **kwargs)
+            if self.mode == "store":
+                self.cache[(self.session.ctx.branch, path)] = out
+            return out
+
+        return forward
+
+    # ---- decisions -------------------------------------------------------------------
+    def _is_full_step(self, ctx) -> bool:
+        if ctx.step in self.step_full:
+            return self.step_full[ctx.step]
+        config: DeepCache = self.config
+        num_steps = int(ctx.num_steps or 0) or ctx.step + 1
+        if self.resolved is None or self.resolved[0] != num_steps:
+            self.resolved = (num_steps, config.full_steps(num_steps))
+        steps = self.resolved[1]
+        if steps is not None:
+            full = ctx.step in steps
+        else:  # normalised times: recompute at the first step at or past each listed time
+            if self.pending_times is None:
+                self.pending_times = sorted(config.schedule, reverse=True)
+            t = 1.0 if ctx.t_norm is None else ctx.t_norm
+            due = [tau for tau in self.pending_times if tau >= t - 1e-6]
+            self.pending_times = [tau for tau in self.pending_times if tau < t - 1e-6]
+            full = bool(due)
+        full = full or ctx.step == 0
+        self.step_full[ctx.step] = full
+        return full
+
+    def _on_denoiser_call(self, module, args, kwargs):
+        ctx = self.session.ctx
+        if not ctx.active:
+            self.mode = "pass"
+            return None
+        sample = args[0] if args else kwargs.get("sample")
+        signature = (tuple(sample.shape), sample.dtype, sample.device) if isinstance(sample, torch.Tensor) else None
+        have_cache = self.cached_input.get(ctx.branch) == signature and signature is not None
+        if self._is_full_step(ctx) or not have_cache:
+            self.mode = "store"
+            self.cached_input[ctx.branch] = signature
+            self.count("computed")
+        else:
+            self.mode = "reuse"
+            self.count("reused")
+            skipped = self.counters.setdefault("skipped_modules", {})
+            for path in self.paths:
+                skipped[path] = skipped.get(path, 0) + 1
+        return None
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        out["skipped_modules"] = dict(out.get("skipped_modules", {}))
+        out["full_steps"] = sorted(s for s, full in self.step_full.items() if full)
+        return out
