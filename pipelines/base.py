@@ -175,6 +175,16 @@ class Adapter:
 
     text_position: ClassVar[str] = "first"
 
+    # What a block of ``blocks()`` returns, position by position, named by the forward argument
+    # each output replaces: a bare tensor for ("hidden_states",), else a tuple in this order.
+    # Block caching needs it to skip a block (return its inputs) or add a cached residual.
+    block_outputs: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    # False when the denoiser reshapes activations between blocks (Latte's spatial/temporal
+    # alternation): a residual spanning several blocks then has no single layout.
+    blocks_keep_layout: ClassVar[bool] = True
+    # Branch order of the two halves of a batched-CFG call (diffusers' usual order; DiT differs).
+    batched_cfg_order: ClassVar[tuple[str, str]] = ("uncond", "cond")
+
     def normalised_time(self, timestep: float) -> float:
         return float(min(max(timestep / self.timestep_scale, 0.0), 1.0))
 

@@ -37,6 +37,7 @@ class PixArtAdapter(_PatchDiT):
 @dataclass
 class DiTAdapter(_PatchDiT):
     pipelines = ("DiTPipeline",)
+    batched_cfg_order = ("cond", "uncond")  # class labels are cat([labels, null])
     attention_rules = ((r"transformer_blocks\.\d+\.attn1", "spatial"),)
 
     def grid_from_call(self, args, kwargs):
@@ -51,6 +52,7 @@ class SD3Adapter(_PatchDiT):
     # JointAttnProcessor concatenates the text after the image tokens; SD3.5's attn2 is image-only.
     attention_rules = ((r"transformer_blocks\.\d+\.attn", "joint"), (r"transformer_blocks\.\d+\.attn2", "spatial"))
     text_position = "last"
+    block_outputs = ("encoder_hidden_states", "hidden_states")
 
 
 @dataclass
@@ -59,6 +61,7 @@ class FluxAdapter(Adapter):
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     cfg_mode: str = "separate"  # true CFG runs the negative prompt as a second call
     timestep_scale = 1.0  # the pipeline passes sigma (t / 1000) as the timestep
+    block_outputs = ("encoder_hidden_states", "hidden_states")
     attention_rules = (
         (r"transformer_blocks\.\d+\.attn", "joint"),
         (r"single_transformer_blocks\.\d+\.attn", "joint"),

@@ -20,6 +20,7 @@ class CogVideoXAdapter(Adapter):
     pipelines = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
     # CogVideoX concatenates [text, video] before each full 3D attention.
     attention_rules = ((r"transformer_blocks\.\d+\.attn1", "joint"),)
+    block_outputs = ("hidden_states", "encoder_hidden_states")
 
     def blocks(self):
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.denoiser.transformer_blocks)]
@@ -50,6 +51,7 @@ class _ChannelsFirstVideo(Adapter):
 @dataclass
 class LatteAdapter(_ChannelsFirstVideo):
     pipelines = ("LattePipeline",)
+    blocks_keep_layout = False  # (b f) n d for spatial blocks, (b n) f d for temporal ones
     attention_rules = (
         (r"transformer_blocks\.\d+\.attn1", "spatial"),
         (r"transformer_blocks\.\d+\.attn2", "cross"),
@@ -80,6 +82,7 @@ class HunyuanVideoAdapter(_ChannelsFirstVideo):
     pipelines = ("HunyuanVideoPipeline",)
     cfg_mode: str = "separate"
     text_position = "last"  # [video, text] in both dual- and single-stream blocks
+    block_outputs = ("hidden_states", "encoder_hidden_states")
     attention_rules = (
         (r"transformer_blocks\.\d+\.attn", "joint"),
         (r"single_transformer_blocks\.\d+\.attn", "joint"),

@@ -1,0 +1,251 @@
+"""AdaptiveCache: skip the middle of a DiT when its first blocks say little has changed.
+
+The family of FirstBlockCache / TeaCache / cache-dit's DBCache, with what they get wrong fixed:
+
+* The first ``head_blocks`` blocks always run. The relative change of their residual since the
+  previous step, ``d = mean|r - r_prev| / mean|r_prev|``, is accumulated; while the sum stays
+  under ``threshold`` the remaining blocks are skipped and their residual from the last full
+  step is added instead; the last ``tail_blocks`` blocks can run anyway as a corrector.
+* The decision and all cached tensors are kept per CFG branch: with separate CFG calls the
+  conditional call is never compared with the unconditional one (diffusers' FirstBlockCache
+  shares one state across both calls), and with batched CFG each half decides for itself; a
+  half that must compute runs alone. Batched and separate CFG therefore give the same result.
+* A decision covers a whole branch of the batch (mean over its samples), and under
+  torch.distributed it is taken on the all-rank mean, so every rank takes the same path.
+* ``warmup`` first steps always compute, and at most ``max_consecutive`` steps in a row reuse.
+
+The decision code is excluded from torch.compile (``torch.compiler.disable``); the blocks' own
+compute stays compilable, and only the mode of a block ("run"/"reuse"/"mixed") reaches the
+compiled code, so steps do not trigger recompilation.
+
+Example::
+
+    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.AdaptiveCache(threshold=0.1)])
+    image = pipe("a red circle").images[0]
+    print(diffaccel.stats(pipe)["methods"]["adaptive_cache"])   # computed / reused per branch-step
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from diffaccel.distributed import consensus_mean
+from diffaccel.methods.base import Installed, Method, hook_forward, positive_int, register
+from diffaccel.methods.cache_common import ArgReader, branch_rows, cat_rows, num_rows, row_share, run_rows, take_rows, tree_map
+
+
+@register
+@dataclass
+class AdaptiveCache(Method):
+    """Data-dependent block-residual caching for image and video DiTs.
+
+    Attributes:
+        threshold: accumulated relative change of the head residual below which the remaining
+            blocks are reused (0 computes everything; typical 0.05-0.25).
+        warmup: number of first denoising steps that always compute.
+        max_consecutive: most steps in a row that may reuse before a full step is forced.
+        head_blocks: blocks that always run and provide the change signal (>= 1).
+        tail_blocks: last blocks that always run, correcting the reused residual (>= 0).
+    """
+
+    name: ClassVar[str] = "adaptive_cache"
+    families: ClassVar[tuple[str, ...]] = ("image_dit", "video_dit")
+
+    threshold: float = 0.1
+    warmup: int = 2
+    max_consecutive: int = 3
+    head_blocks: int = 1
+    tail_blocks: int = 0
+
+    def validate(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
+            raise ValueError(
+                f"AdaptiveCache(threshold=...) must be a finite number >= 0, got {t!r}; 0 computes every step, "
+                "0.05-0.25 is the usual range (higher = faster, less faithful)."
+            )
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"AdaptiveCache(warmup=...) must be an integer >= 0 (steps always computed), got {self.warmup!r}.")
+        positive_int(self.max_consecutive, "AdaptiveCache(max_consecutive=...)", "Use 1 to never reuse twice in a row.")
+        positive_int(self.head_blocks, "AdaptiveCache(head_blocks=...)", "At least the first block must run to measure change.")
+        if isinstance(self.tail_blocks, bool) or not isinstance(self.tail_blocks, int) or self.tail_blocks < 0:
+            raise ValueError(f"AdaptiveCache(tail_blocks=...) must be an integer >= 0, got {self.tail_blocks!r}.")
+
+    def apply(self, session) -> Installed:
+        self.validate()
+        self.check_family(session.adapter.family)
+        n = len(session.adapter.blocks())
+        if self.head_blocks + self.tail_blocks >= n:
+            raise ValueError(
+                f"AdaptiveCache(head_blocks={self.head_blocks}, tail_blocks={self.tail_blocks}) leaves no block to cache "
+                f"in {session.adapter.name}'s denoiser, which has {n} blocks; lower head_blocks/tail_blocks."
+            )
+        return _AdaptiveInstalled(self, session)
+
+
+@dataclass
+class _Branch:
+    """What one CFG branch remembers between steps."""
+
+    signal: torch.Tensor | None = None  # head residual when this branch last ran
+    accumulated: float = 0.0
+    consecutive: int = 0
+    entry: Any = None  # inputs of the first cached block, this step (aggregate mode)
+    residual: Any = None  # output - entry of the cached span (aggregate mode)
+    block_residuals: dict = field(default_factory=dict)  # block index -> residual (per-block mode)
+
+
+class _AdaptiveInstalled(Installed):
+    def __init__(self, config: AdaptiveCache, session):
+        super().__init__(config, session)
+        adapter = session.adapter
+        blocks = adapter.blocks()
+        self.first = config.head_blocks
+        self.last = len(blocks) - config.tail_blocks - 1
+        self.outputs = adapter.block_outputs
+        # Latte reshapes between blocks: keep one residual per block instead of one for the span.
+        self.per_block = not adapter.blocks_keep_layout
+        self.names = [name for name, _ in blocks]
+        self.reset_cache()
+        for index, (name, block) in enumerate(blocks):
+            reader = ArgReader(block.forward)
+            hook_forward(self, block, functools.partial(self._forward, index, reader), f"diffaccel_adaptive_cache_{index}")
+
+    def reset_cache(self) -> None:
+        self.branches: dict[str, _Branch] = {}
+        self.plan: list[tuple[str, bool]] = []  # (branch, compute) in row order, this step
+        self.head_input: torch.Tensor | None = None
+        self.none_outputs: dict[int, tuple[bool, ...]] = {}
+
+    # ---- the hook: only "mode" reaches compiled code -----------------------------------
+    def _forward(self, index, reader, original, *args, **kwargs):
+        mode = self._mode(index, reader, args, kwargs)
+        if mode == "run":
+            out = original(*args, **kwargs)
+            self._after_run(index, reader, args, kwargs, out)
+            return out
+        if mode == "reuse":
+            return self._reuse(index, reader, args, kwargs)
+        return self._mixed(index, reader, original, args, kwargs)
+
+    @torch.compiler.disable
+    def _mode(self, index, reader, args, kwargs) -> str:
+        if not self.session.ctx.active:
+            return "run"
+        if index < self.first or index > self.last:  # head and tail blocks always run
+            if index == 0:
+                self.head_input = reader.get(args, kwargs, "hidden_states")
+            return "run"
+        computes = [c for _, c in self.plan]
+        return "run" if all(computes) else "reuse" if not any(computes) else "mixed"
+
+    @torch.compiler.disable
+    def _after_run(self, index, reader, args, kwargs, out) -> None:
+        if not self.session.ctx.active:
+            return
+        if index == self.first - 1:
+            hidden = out[self.outputs.index("hidden_states")] if isinstance(out, tuple) else out
+            self.plan = self._decide(hidden - self.head_input)
+            self.head_input = None
+        elif self.first <= index <= self.last:
+            rows = num_rows(args, kwargs)
+            for (name, _), (_, sl) in zip(self.plan, branch_rows(self.session, rows)):
+                self._record(index, reader, args, kwargs, out, rows, name, sl)
+
+    # ---- decisions ---------------------------------------------------------------------
+    def _decide(self, head_residual: torch.Tensor) -> list[tuple[str, bool]]:
+        cfg, ctx = self.config, self.session.ctx
+        groups = branch_rows(self.session, int(head_residual.shape[0]))
+        states = [self.branches.setdefault(name, _Branch()) for name, _ in groups]
+        signals = [head_residual[sl].detach().float() for _, sl in groups]
+        change = []
+        for state, r in zip(states, signals):
+            if state.signal is None:
+                change.append(torch.zeros((), device=r.device, dtype=torch.float64))
+            else:
+                change.append(((r - state.signal).abs().mean() / state.signal.abs().mean().clamp_min(1e-12)).double())
+        # One collective per decision, with every branch's measurement: ranks agree on all of them.
+        change = consensus_mean(torch.stack(change)).tolist()
+        plan = []
+        for (name, sl), state, r, d in zip(groups, states, signals, change):
+            compute = (
+                state.signal is None
+                or (state.residual is None and not state.block_residuals)
+                or ctx.step < cfg.warmup
+                or state.consecutive >= cfg.max_consecutive
+                or state.accumulated + d >= cfg.threshold
+            )
+            if compute:
+                state.accumulated, state.consecutive = 0.0, 0
+                self.count("computed")
+            else:
+                state.accumulated += d
+                state.consecutive += 1
+                self.count("reused")
+                share = row_share(self.session)
+                skipped = self.counters.setdefault("skipped_modules", {})
+                for block in self.names[self.first : self.last + 1]:
+                    skipped[block] = skipped.get(block, 0.0) + share
+            state.signal = r
+            plan.append((name, compute))
+        return plan
+
+    # ---- residual bookkeeping ----------------------------------------------------------
+    def _inputs(self, reader, args, kwargs, rows, sl):
+        """The block's inputs in its output format (identity of a skipped block), rows ``sl``."""
+        vals = [reader.get(args, kwargs, n) for n in self.outputs]
+        vals = [v[sl] if isinstance(v, torch.Tensor) and v.shape[0] == rows else v for v in vals]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
+    def _record(self, index, reader, args, kwargs, out, rows, name, sl) -> None:
+        state = self.branches[name]
+        if isinstance(out, tuple):
+            self.none_outputs[index] = tuple(o is None for o in out)
+        out_rows = tree_map(lambda o: o[sl], out)
+        if self.per_block:
+            state.block_residuals[index] = tree_map(torch.sub, out_rows, self._inputs(reader, args, kwargs, rows, sl))
+            return
+        if index == self.first:
+            state.entry = self._inputs(reader, args, kwargs, rows, sl)
+        if index == self.last:
+            state.residual = tree_map(torch.sub, out_rows, state.entry)
+            state.entry = None
+
+    def _reused_rows(self, index, reader, args, kwargs, rows, name, sl):
+        state = self.branches[name]
+        identity = self._inputs(reader, args, kwargs, rows, sl)
+        nones = self.none_outputs.get(index)
+        if nones is not None:  # e.g. SD3's last block returns no text stream
+            identity = tuple(None if none else v for v, none in zip(identity, nones))
+        if self.per_block:
+            return tree_map(torch.add, identity, state.block_residuals[index])
+        if index == self.last:
+            return tree_map(torch.add, identity, state.residual)
+        return identity
+
+    @torch.compiler.disable
+    def _reuse(self, index, reader, args, kwargs):
+        # Rows are cut per block: Latte's temporal blocks hold more rows than its spatial ones.
+        rows = num_rows(args, kwargs)
+        groups = branch_rows(self.session, rows)
+        parts = [self._reused_rows(index, reader, args, kwargs, rows, name, sl) for (name, _), (_, sl) in zip(self.plan, groups)]
+        return cat_rows(parts)
+
+    @torch.compiler.disable
+    def _mixed(self, index, reader, original, args, kwargs):
+        # One branch computes, the other reuses: run the block on the computing rows only.
+        rows = num_rows(args, kwargs)
+        parts = []
+        for (name, compute), (_, sl) in zip(self.plan, branch_rows(self.session, rows)):
+            if compute:
+                out = run_rows(original, args, kwargs, rows, sl)
+                whole = slice(0, sl.stop - sl.start)
+                self._record(index, reader, take_rows(args, rows, sl), take_rows(kwargs, rows, sl), out, whole.stop, name, whole)
+                parts.append(out)
+            else:
+                parts.append(self._reused_rows(index, reader, args, kwargs, rows, name, sl))
+        return cat_rows(parts)
+
