@@ -8,9 +8,14 @@
 """
 from diffaccel import methods as _methods  # noqa: F401  (registers the method configs)
 from diffaccel.api import accelerate, disable, stats
+from diffaccel.methods import instrument
 from diffaccel.methods.base import METHODS, Method
+from diffaccel.methods import DeepCache
+from diffaccel.methods.instrument import Instrument
+from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
 from diffaccel.presets import PRESETS
 
 __version__ = "0.1.0"
 
-__all__ = ["accelerate", "disable", "stats", "METHODS", "Method", "PRESETS", "__version__"]
+__all__ = ["accelerate", "disable", "stats", "METHODS", "Method", "PRESETS", "Instrument", "instrument", "DeepCache", "__version__"]
+__all__ += ["AdaptiveCache"]

@@ -18,10 +18,11 @@ def _register_cpu_sdpa_formula() -> None:
         return
 
     def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        # query/key/value are (batch, heads, seq, head_dim), like the CUDA SDPA kernels.
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
     try:
-        register_flop_formula(op.default)(formula)
+        register_flop_formula(op)(formula)
     except (RuntimeError, ValueError):  # already registered by torch itself or by a previous import
         pass
 

@@ -31,7 +31,7 @@ def build_sd(cls=D.StableDiffusionPipeline):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
         attention_head_dim=2, norm_num_groups=8)
     return cls(vae=_vae2d(), text_encoder=None, tokenizer=None, unet=unet,
-               scheduler=D.DDIMScheduler(), safety_checker=None, feature_extractor=None,
+               scheduler=D.DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
                requires_safety_checker=False)
 
 
@@ -57,7 +57,7 @@ def build_pixart():
 def build_dit():
     tr = D.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
                                  sample_size=8, patch_size=2, norm_num_groups=8)
-    return D.DiTPipeline(transformer=tr, vae=_vae2d(), scheduler=D.DDIMScheduler())
+    return D.DiTPipeline(transformer=tr, vae=_vae2d(), scheduler=D.DDIMScheduler(steps_offset=1, clip_sample=False))
 
 
 def build_sd3():
@@ -86,7 +86,7 @@ def build_cogvideox():
     vae = D.AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                    norm_num_groups=2, temporal_compression_ratio=4)
     return D.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tr,
-                               scheduler=D.CogVideoXDDIMScheduler())
+                               scheduler=D.CogVideoXDDIMScheduler(steps_offset=1, clip_sample=False))
 
 
 def build_latte():
@@ -95,7 +95,7 @@ def build_latte():
                                    norm_type="ada_norm_single", num_embeds_ada_norm=1000, caption_channels=16,
                                    video_length=3)
     return D.LattePipeline(tokenizer=None, text_encoder=None, vae=_vae2d(), transformer=tr,
-                           scheduler=D.DDIMScheduler())
+                           scheduler=D.DDIMScheduler(steps_offset=1, clip_sample=False))
 
 
 def build_hunyuan():

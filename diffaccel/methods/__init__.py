@@ -2,3 +2,10 @@
 from diffaccel.methods.base import METHODS, Installed, Method, register
 
 __all__ = ["METHODS", "Installed", "Method", "register"]
+from diffaccel.methods.instrument import Instrument, record
+
+__all__ += ["Instrument", "record"]
+from diffaccel.methods.deepcache import DeepCache  # noqa: E402
+__all__ += ["DeepCache"]
+from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
+__all__ += ["AdaptiveCache"]
