@@ -138,3 +138,93 @@ def run_rows(original: Callable, args: tuple, kwargs: dict, rows: int, sl: slice
     if sl == slice(0, rows):
         return original(*args, **kwargs)
     return original(*take_rows(args, rows, sl), **take_rows(kwargs, rows, sl))
+
+
+class AttentionReuse:
+    """Hook on one attention module: per CFG branch, compute it or reuse its last output.
+
+    A branch reuses when the call's normalised time lies inside ``t_range`` (open interval) and
+    that branch last computed this module fewer than ``interval`` steps ago. ``extrapolation``
+    > 0 extends the trend of the last two computed outputs (FasterCache); 0 repeats the last
+    one (Pyramid Attention Broadcast). Each branch has its own history, so the reuse works
+    whether the call holds both CFG halves, the conditional half only, or one separate call.
+    Only the mode ("run"/"reuse"/"mixed") reaches compiled code; decisions run eagerly.
+    """
+
+    def __init__(self, installed, info, interval: int, t_range: tuple[float, float], extrapolation: float = 0.0):
+        from diffaccel.methods.base import hook_forward
+
+        self.installed, self.info = installed, info
+        self.interval, self.t_range, self.extrapolation = interval, t_range, extrapolation
+        self.reset()
+        hook_forward(installed, info.module, self.forward, f"diffaccel_{installed.config.name}")
+
+    def reset(self) -> None:
+        self.history: dict[str, list[tuple[int, Any]]] = {}  # branch -> [(step, output rows)], last two
+        self.plan: list[tuple[str, slice, bool]] = []
+
+    def forward(self, original, *args, **kwargs):
+        mode = self._mode(args, kwargs)
+        if mode == "run":
+            out = original(*args, **kwargs)
+            self._store(out)
+            return out
+        if mode == "reuse":
+            return self._reused()
+        return self._mixed(original, args, kwargs)
+
+    @torch.compiler.disable
+    def _mode(self, args, kwargs) -> str:
+        session = self.installed.session
+        ctx = session.ctx
+        if not ctx.active:
+            self.plan = []
+            return "run"
+        lo, hi = self.t_range
+        in_range = ctx.t_norm is not None and lo < ctx.t_norm < hi
+        self.plan = []
+        for name, sl in branch_rows(session, num_rows(args, kwargs)):
+            past = self.history.get(name)
+            compute = not (in_range and past and ctx.step - past[-1][0] < self.interval)
+            self.plan.append((name, sl, compute))
+            self.installed.count("computed" if compute else "reused")
+            if not compute:
+                skipped = self.installed.counters.setdefault("skipped_modules", {})
+                skipped[self.info.name] = skipped.get(self.info.name, 0.0) + row_share(session)
+        computes = [c for _, _, c in self.plan]
+        return "run" if all(computes) else "reuse" if not any(computes) else "mixed"
+
+    @torch.compiler.disable
+    def _store(self, out, plan=None) -> None:
+        step = self.installed.session.ctx.step
+        for name, sl, _ in plan or self.plan:
+            past = self.history.setdefault(name, [])
+            past.append((step, tree_map(lambda o: o[sl], out)))
+            del past[:-2]
+
+    def _approximation(self, name: str):
+        past = self.history[name]
+        (s1, a1) = past[-1]
+        if self.extrapolation == 0 or len(past) < 2:
+            return a1
+        (s2, a2) = past[-2]
+        # Linear trend per step between the last two computes, damped by ``extrapolation``.
+        scale = self.extrapolation * (self.installed.session.ctx.step - s1) / max(s1 - s2, 1)
+        return tree_map(lambda x1, x2: x1 + scale * (x1 - x2), a1, a2)
+
+    @torch.compiler.disable
+    def _reused(self):
+        return cat_rows([self._approximation(name) for name, _, _ in self.plan])
+
+    @torch.compiler.disable
+    def _mixed(self, original, args, kwargs):
+        rows = num_rows(args, kwargs)
+        parts = []
+        for name, sl, compute in self.plan:
+            if compute:
+                out = run_rows(original, args, kwargs, rows, sl)
+                self._store(out, [(name, slice(None), True)])
+                parts.append(out)
+            else:
+                parts.append(self._approximation(name))
+        return cat_rows(parts)

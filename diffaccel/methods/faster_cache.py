@@ -1,0 +1,259 @@
+"""FasterCache: attention reuse with extrapolation, and CFG-Cache for the unconditional branch.
+
+Two savings (Lv et al., "FasterCache", 2024):
+
+* **Attention reuse.** Self-attention outputs (spatial, temporal, joint) are computed every
+  ``attention_interval`` steps inside ``attention_range``; in between, the output is extended
+  from the last two computed ones, ``A_t = A_1 + w (t - s_1)/(s_1 - s_2) (A_1 - A_2)``.
+* **CFG-Cache.** Inside ``cfg_range`` the unconditional branch runs only every ``cfg_interval``
+  steps. On a full step the difference ``D = uncond - cond`` of the denoiser outputs is split
+  into low and high spatial frequencies (circular low-pass of radius min(H, W) // 5 in fft2
+  space). On the other steps only the conditional branch runs and
+  ``uncond = cond + a_lo D_lo + a_hi D_hi``, with a_lo = ``alpha_low`` inside
+  ``low_freq_range`` (early) and a_hi = ``alpha_high`` inside ``high_freq_range`` (late), 1
+  elsewhere. Because the fft is linear this equals the paper's rebuild
+  ``ifft(a_lo dLF + LF_c + a_hi dHF + HF_c)`` but needs no fft on the skipped steps.
+
+What diffusers' FasterCacheConfig gets wrong and this fixes: its attention hooks only reuse when
+the unconditional half was dropped in that call (here each CFG branch has its own history, so
+attention is reused on every step, whether or not the unconditional branch runs); its CFG-Cache
+only works for batched CFG passed as keyword arguments (here separate CFG calls — Wan, Flux
+true-CFG, HunyuanVideo — are served by answering the unconditional call from the conditional
+one); it multiplies the stored deltas by alpha again on every skipped step, so the weight
+compounds (1.1^k); its ranges are raw timesteps (here normalised time, the same for every step
+count and for sigma-based schedules).
+
+Example::
+
+    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.FasterCache(attention_interval=2, cfg_interval=5)])
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from diffaccel.methods.base import Installed, Method, fraction, hook_forward, positive_int, register
+from diffaccel.methods.cache_common import UNCOND_DROPPED, AttentionReuse, batched_cfg, branch_names, take_rows
+from diffaccel.methods.pab import _check_range
+
+SELF_ATTENTION_KINDS = ("spatial", "temporal", "joint")
+
+
+@register
+@dataclass
+class FasterCache(Method):
+    """FasterCache for image and video DiTs.
+
+    Attributes:
+        attention_interval: compute self-attention every N steps inside ``attention_range``
+            (1 = no attention reuse).
+        attention_range: (low, high) normalised times where attention may be reused.
+        extrapolation: w in [0, 1], the share of the linear trend of the last two computed
+            attention outputs added when reusing (0 = plain reuse).
+        cfg_interval: compute the unconditional branch every N steps inside ``cfg_range``
+            (1 = CFG-Cache off).
+        cfg_range: (low, high) normalised times where the unconditional branch may be rebuilt.
+        alpha_low / alpha_high: weights of the low / high frequency part of the stored
+            uncond - cond difference, applied inside ``low_freq_range`` / ``high_freq_range``.
+    """
+
+    name: ClassVar[str] = "faster_cache"
+    families: ClassVar[tuple[str, ...]] = ("image_dit", "video_dit")
+
+    attention_interval: int = 2
+    attention_range: tuple[float, float] = (0.0, 0.7)
+    extrapolation: float = 0.5
+    cfg_interval: int = 5
+    cfg_range: tuple[float, float] = (0.0, 0.65)
+    alpha_low: float = 1.1
+    alpha_high: float = 1.1
+    low_freq_range: tuple[float, float] = (0.1, 0.9)
+    high_freq_range: tuple[float, float] = (0.0, 0.3)
+
+    def validate(self) -> None:
+        positive_int(self.attention_interval, "FasterCache(attention_interval=...)", "Use 1 to turn attention reuse off.")
+        positive_int(self.cfg_interval, "FasterCache(cfg_interval=...)", "Use 1 to turn CFG-Cache off.")
+        fraction(self.extrapolation, "FasterCache(extrapolation=...)")
+        for what in ("attention_range", "cfg_range", "low_freq_range", "high_freq_range"):
+            _check_range(getattr(self, what), f"FasterCache({what}=...)")
+        for what in ("alpha_low", "alpha_high"):
+            fraction(getattr(self, what), f"FasterCache({what}=...)", 0.0, 4.0)
+
+    def apply(self, session) -> Installed:
+        self.validate()
+        self.check_family(session.adapter.family)
+        return _FasterCacheInstalled(self, session)
+
+
+class _FasterCacheInstalled(Installed):
+    def __init__(self, config: FasterCache, session):
+        super().__init__(config, session)
+        self.hooks = []
+        if config.attention_interval > 1:
+            self.hooks = [
+                AttentionReuse(self, info, config.attention_interval, tuple(config.attention_range), config.extrapolation)
+                for info in session.adapter.attention_modules()
+                if info.kind in SELF_ATTENTION_KINDS
+            ]
+        if config.cfg_interval > 1:
+            hook_forward(self, session.adapter.denoiser, self._denoiser_forward, "diffaccel_faster_cache_cfg")
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        for hook in getattr(self, "hooks", []):
+            hook.reset()
+        self.delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (low, high) parts of uncond - cond
+        self.uncond_step: int | None = None  # step of the last computed unconditional output
+        self.cond_now: tuple[int, torch.Tensor, object] | None = None  # separate CFG: (step, cond prediction, output)
+        setattr(self.session, UNCOND_DROPPED, False)
+
+    # ---- CFG-Cache at the denoiser -----------------------------------------------------
+    def _denoiser_forward(self, original, *args, **kwargs):
+        mode = self._cfg_mode()
+        if mode == "rebuild":  # separate CFG: answer the unconditional call without running it
+            return self._rebuild_call()
+        if mode == "cond_only":  # batched CFG: run the conditional half only
+            cond_args, cond_kwargs = self._cond_inputs(args, kwargs)
+            try:
+                out = original(*cond_args, **cond_kwargs)
+            finally:
+                setattr(self.session, UNCOND_DROPPED, False)
+            return self._complete_batch(out)
+        out = original(*args, **kwargs)
+        self._after_full(out)
+        return out
+
+    @torch.compiler.disable
+    def _cfg_mode(self) -> str:
+        session, cfg = self.session, self.config
+        ctx = session.ctx
+        if not ctx.active:
+            return "run"
+        lo, hi = cfg.cfg_range
+        may_skip = (
+            ctx.t_norm is not None
+            and lo < ctx.t_norm < hi
+            and self.delta is not None
+            and self.uncond_step is not None
+            and ctx.step - self.uncond_step < cfg.cfg_interval
+        )
+        if batched_cfg(session):
+            return "cond_only" if may_skip else "run"
+        if branch_names(session) == ["uncond"] and may_skip and self.cond_now is not None and self.cond_now[0] == ctx.step:
+            return "rebuild"
+        return "run"
+
+    def _weights(self) -> tuple[float, float]:
+        t, cfg = self.session.ctx.t_norm, self.config
+        a_lo = cfg.alpha_low if cfg.low_freq_range[0] < t < cfg.low_freq_range[1] else 1.0
+        a_hi = cfg.alpha_high if cfg.high_freq_range[0] < t < cfg.high_freq_range[1] else 1.0
+        return a_lo, a_hi
+
+    def _rebuilt_uncond(self, cond: torch.Tensor) -> torch.Tensor:
+        a_lo, a_hi = self._weights()
+        low, high = self.delta
+        self.count("cfg_reused")
+        return cond + (a_lo * low + a_hi * high).to(cond.dtype)
+
+    @torch.compiler.disable
+    def _after_full(self, out) -> None:
+        session, ctx = self.session, self.session.ctx
+        if not ctx.active:
+            return
+        pred = _prediction(out)
+        if batched_cfg(session):
+            half = pred.shape[0] // 2
+            first, second = pred[:half], pred[half:]
+            uncond, cond = (first, second) if session.adapter.batched_cfg_order[0] == "uncond" else (second, first)
+            self._store_delta(uncond, cond)
+        elif branch_names(session) == ["cond"]:
+            self.cond_now = (ctx.step, pred, out)
+        elif branch_names(session) == ["uncond"] and self.cond_now is not None and self.cond_now[0] == ctx.step:
+            self._store_delta(pred, self.cond_now[1])
+
+    def _store_delta(self, uncond: torch.Tensor, cond: torch.Tensor) -> None:
+        delta = (uncond - cond).float()
+        low = _low_pass(delta, self.session.ctx.grid)
+        self.delta = (low, delta - low)
+        self.uncond_step = self.session.ctx.step
+        self.count("cfg_computed")
+
+    @torch.compiler.disable
+    def _cond_inputs(self, args, kwargs):
+        rows = int(self.session.ctx.batch_size)
+        half = rows // 2
+        sl = slice(half, rows) if self.session.adapter.batched_cfg_order[1] == "cond" else slice(0, half)
+        setattr(self.session, UNCOND_DROPPED, True)
+        self._skipped_share(0.5)
+        return take_rows(args, rows, sl), take_rows(kwargs, rows, sl)
+
+    @torch.compiler.disable
+    def _complete_batch(self, out):
+        cond = _prediction(out)
+        uncond = self._rebuilt_uncond(cond)
+        halves = (uncond, cond) if self.session.adapter.batched_cfg_order[0] == "uncond" else (cond, uncond)
+        return _with_prediction(out, torch.cat(halves, dim=0))
+
+    @torch.compiler.disable
+    def _rebuild_call(self):
+        self._skipped_share(1.0)
+        _, cond, template = self.cond_now
+        return _with_prediction(template, self._rebuilt_uncond(cond))
+
+    def _skipped_share(self, share: float) -> None:
+        skipped = self.counters.setdefault("skipped_modules", {})
+        skipped[""] = skipped.get("", 0.0) + share
+
+
+def _prediction(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.sample
+
+
+def _with_prediction(template, pred: torch.Tensor):
+    if isinstance(template, torch.Tensor):
+        return pred
+    if isinstance(template, tuple):
+        return (pred, *template[1:])
+    out = copy.copy(template)
+    out.sample = pred
+    return out
+
+
+def _low_pass(x: torch.Tensor, grid) -> torch.Tensor:
+    """The low spatial frequencies of a denoiser output (circular mask, radius min(H, W) // 5).
+
+    Outputs laid out with (H, W) last (image and most video DiTs) are filtered directly; packed
+    token outputs (B, N, C) (Flux, LTX) are unpacked with the call's patch grid first. If the
+    layout cannot be recovered the whole difference counts as low frequency.
+    """
+    unpack = None
+    if x.dim() == 3 and grid is not None and grid.num_visual == x.shape[1]:
+        b, _, c = x.shape
+        x = x.reshape(b, grid.frames, grid.height, grid.width, c).permute(0, 4, 1, 2, 3)
+        unpack = (b, c)
+    elif x.dim() < 4:
+        return x
+    h, w = x.shape[-2:]
+    low = torch.fft.ifft2(torch.fft.fft2(x) * _mask(h, w, str(x.device))).real
+    if unpack is not None:
+        b, c = unpack
+        low = low.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
+    return low
+
+
+@functools.lru_cache(maxsize=16)
+def _mask(h: int, w: int, device: str) -> torch.Tensor:
+    # Signed frequency indices equal fftshift'ed positions minus the centre, so this is the
+    # centred disc of the paper without shifting the spectrum back and forth.
+    fy = torch.fft.fftfreq(h) * h
+    fx = torch.fft.fftfreq(w) * w
+    radius = min(h, w) // 5
+    return ((fy[:, None] ** 2 + fx[None, :] ** 2) <= radius**2).to(device)
