@@ -9,8 +9,6 @@ from diffaccel.methods.deepcache import DeepCache  # noqa: E402
 __all__ += ["DeepCache"]
 from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
 __all__ += ["AdaptiveCache"]
-from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
-__all__ += ["AdaptiveCache"]
 from diffaccel.methods.pab import PAB  # noqa: E402
 from diffaccel.methods.faster_cache import FasterCache  # noqa: E402
 __all__ += ["PAB", "FasterCache"]
