@@ -16,8 +16,9 @@ from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
 from diffaccel.methods.faster_cache import FasterCache  # noqa: E402
 from diffaccel.methods.pab import PAB  # noqa: E402
 from diffaccel.presets import PRESETS
+from diffaccel.bundled.loader import load_bundled
 
 __version__ = "0.1.0"
 
 __all__ = ["accelerate", "disable", "stats", "METHODS", "Method", "PRESETS", "Instrument", "instrument", "DeepCache", "__version__"]
-__all__ += ["AdaptiveCache", "FasterCache", "PAB"]
+__all__ += ["AdaptiveCache", "FasterCache", "PAB", "load_bundled"]
