@@ -35,7 +35,7 @@ VAE_CONFIG = dict(  # AutoencoderKL: 32x32x3 <-> 8x8x4 (two downsamplings)
 )
 UNET_CONFIG = dict(  # attention_head_dim is the number of heads in this class (DESIGN §6)
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=[64, 128, 128], norm_num_groups=16,
+    block_out_channels=[32, 64, 64], norm_num_groups=16,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     cross_attention_dim=TEXT_WIDTH, attention_head_dim=2,
