@@ -164,13 +164,16 @@ TRITON_SCRIPT = textwrap.dedent("""
         exact = sliding_tile_attention_reference(q.double(), k.double(), v.double(), grid, tile, window, text)
         out = sliding_tile_attention(q, k, v, grid, tile, window, text, backend="triton")
         print("fp32", (out.double() - exact).abs().max().item())
-        qh, kh, vh = q.half(), k.half(), v.half()
-        torch_err = (sliding_tile_attention_reference(qh, kh, vh, grid, tile, window, text).double() - exact).abs().max()
-        out = sliding_tile_attention(qh, kh, vh, grid, tile, window, text, backend="triton")
-        print("fp16", (out.double() - exact).abs().max().item(), torch_err.item())
+        for dtype in (torch.float16, torch.bfloat16):  # bf16: the interpreter's dot runs in fp32
+            ql, kl, vl = q.to(dtype), k.to(dtype), v.to(dtype)
+            torch_err = (sliding_tile_attention_reference(ql, kl, vl, grid, tile, window, text).double()
+                         - exact).abs().max()
+            out = sliding_tile_attention(ql, kl, vl, grid, tile, window, text, backend="triton")
+            assert out.dtype == dtype
+            print(str(dtype), (out.double() - exact).abs().max().item(), torch_err.item())
     # the custom op's fake implementation: schema and FakeTensor checks
     args = (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 48, 16), torch.randn(1, 2, 48, 16), torch.zeros(48),
-            torch.ones(2, 3, dtype=torch.int32), 16, 1, 1, 2, 16, 16, 0.25)
+            torch.ones(2, 3, dtype=torch.int32), 16, 1, 1, 2, 16, 0.25, 16, 16, 4, 2)
     torch.library.opcheck(sliding_tile_attn, args, test_utils=("test_schema", "test_faketensor"))
     print("opcheck ok")
 """)
