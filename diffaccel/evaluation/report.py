@@ -1,0 +1,139 @@
+"""results.json, a markdown table and a speed vs quality plot from an evaluation's numbers."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from diffaccel.evaluation import quality
+
+# What each preset promises on every bundled model: minimum PSNR vs baseline (image, video)
+# and the most prompt-following (percentage points of attributes right) it may lose.
+PROMISES = {"quality": (35.0, 30.0, 2.0), "balanced": (30.0, 25.0, 3.0), "fast": (25.0, 20.0, 5.0)}
+
+
+def promise_check(name: str, summary: dict, baseline: dict, video: bool) -> dict | None:
+    if name not in PROMISES:
+        return None
+    image_db, video_db, points = PROMISES[name]
+    need_db = video_db if video else image_db
+    psnr = summary.get("psnr", math.inf)
+    check = {"psnr_min": need_db, "psnr_ok": psnr >= need_db}
+    if "prompt_following" in summary:
+        lost = baseline["prompt_following"] - summary["prompt_following"]
+        check.update(max_pf_loss=points, pf_loss=lost, pf_ok=lost <= points)
+    check["holds"] = check["psnr_ok"] and check.get("pf_ok", True)
+    return check
+
+
+def assemble(options, configs, records, fids, fid_note, speed, notes, video, clip_name) -> dict:
+    from diffaccel.evaluation.runner import finite_or_text
+
+    base = configs[0].name
+    per_config = {}
+    for config in configs:
+        summary = quality.summarise([r for r in records if r["config"] == config.name])
+        if config.name in fids:
+            summary["fid"] = fids[config.name]
+        s, b = speed[config.name], speed[base]
+        summary["speed"] = {
+            "e2e_median_s": s["e2e_median_s"], "denoiser_median_s": s["denoiser_median_s"],
+            "speedup": b["e2e_median_s"] / s["e2e_median_s"],
+            "denoiser_speedup": b["denoiser_median_s"] / s["denoiser_median_s"] if s["denoiser_median_s"] else None,
+            "flops": s["flops"], "denoiser_flops": s["denoiser_flops"],
+            "flops_saved": 1 - s["denoiser_flops"] / b["denoiser_flops"] if b["denoiser_flops"] else None,
+            "flops_saved_estimate": s["flops_saved_estimate"], "e2e_s": s["e2e_s"], "denoiser_s": s["denoiser_s"],
+        }
+        summary["spec"] = config.spec
+        per_config[config.name] = summary
+    for config in configs:
+        check = promise_check(config.name, per_config[config.name], per_config[base], video)
+        if check is not None:
+            per_config[config.name]["promise"] = check
+    return finite_or_text({
+        "model": options.model, "video": video, "seeds": list(options.seeds), "call": _call_of(options, video),
+        "repeats": options.repeats, "clip_model": clip_name, "fid": fid_note, "skipped": notes,
+        "configs": per_config, "samples": records,
+    })
+
+
+def _call_of(options, video):
+    from diffaccel.evaluation.generation import CallSettings
+
+    return CallSettings.for_model(options.model, options.steps, options.resolution, options.frames, video).kwargs
+
+
+def _num(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if value == "inf":
+        return "identical"
+    return format(value, fmt)
+
+
+def table(results: dict) -> str:
+    """The markdown table: one row per config."""
+    rows = results["configs"]
+    extra = [(key, title, fmt) for key, title, fmt in
+             (("lpips", "LPIPS", ".4f"), ("fid", "FID", ".2f"), ("clip", "CLIP", ".2f"),
+              ("prompt_following", "prompt-following %", ".1f"))
+             if any(key in r for r in rows.values())]
+    head = ["config", "latency s", "speed-up", "denoiser s", "denoiser speed-up", "denoiser GFLOPs", "FLOPs saved",
+            "PSNR dB", "worst-seed PSNR", "SSIM"] + [t for _, t, _ in extra] + ["promise"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        s = r["speed"]
+        promise = r.get("promise")
+        cells = [name, _num(s["e2e_median_s"], ".3f"), _num(s["speedup"], ".2f") + "x", _num(s["denoiser_median_s"], ".3f"),
+                 _num(s["denoiser_speedup"], ".2f") + "x", _num(s["denoiser_flops"] / 1e9, ".3f"),
+                 _num(100 * s["flops_saved"] if s["flops_saved"] is not None else None, ".1f") + "%",
+                 _num(r.get("psnr"), ".2f"), _num(r.get("psnr_worst_seed"), ".2f"), _num(r.get("ssim"), ".4f")]
+        cells += [_num(r.get(key), fmt) for key, _, fmt in extra]
+        cells.append("-" if promise is None else ("holds" if promise["holds"] else "FAILS") +
+                     f" (PSNR >= {promise['psnr_min']:g}" + (f", PF loss <= {promise['max_pf_loss']:g}" if "max_pf_loss" in promise else "") + ")")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    call = ", ".join(f"{k}={v}" for k, v in results["call"].items())
+    parts = [f"### {results['model']}", "",
+             f"{len(results['seeds'])} seeds, {call}; latency = median of {results['repeats']} interleaved runs.", "",
+             table(results), ""]
+    if results.get("clip_model"):
+        parts.append(f"CLIP model: {results['clip_model']}.")
+    if results.get("fid"):
+        parts.append(f"FID features: {results['fid']['features']}; reference: {results['fid']['reference']}.")
+    parts += [f"- {note}" for note in results["skipped"]]
+    return "\n".join(parts) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Speed-up (x) against PSNR vs baseline (y), one labelled point per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["configs"]
+    finite = [r["psnr"] for r in rows.values() if isinstance(r.get("psnr"), float)]
+    top = (max(finite) if finite else 40.0) + 5.0  # where identical outputs (and the baseline) are drawn
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for name, r in rows.items():
+        y = r["psnr"] if isinstance(r.get("psnr"), float) else top
+        ax.scatter(r["speed"]["speedup"], y, color="tab:gray" if name == "baseline" else "tab:blue")
+        ax.annotate(name if y != top else f"{name} (identical)", (r["speed"]["speedup"], y), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("end-to-end speed-up vs baseline")
+    ax.set_ylabel("PSNR vs baseline (dB)")
+    ax.set_title(f"{results['model']}: speed vs fidelity", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out / "speed_quality.png")
