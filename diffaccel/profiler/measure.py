@@ -1,0 +1,218 @@
+"""Measure a redundancy Profile: ordinary generations under the instrumentation hook.
+
+Each prompt (with its own seed) is one instrumented generation; the per-step, per-module change
+statistics of all of them are averaged (mean and spread across prompts) into a
+:class:`~diffaccel.profiler.profile.Profile`. One extra, uninstrumented generation gives the
+cost model: FLOPs per module of one denoiser call, and the share of wall time the denoiser takes
+(what a method can speed up at all).
+
+Long runs save every finished prompt to ``<out>.partial.json``; a rerun with the same settings
+resumes from there.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from diffaccel.profiler.profile import METRICS, Profile, ProfileError, write_json_atomic
+
+TARGETS = ("blocks", "attention", "output")
+
+
+def run_summary(rows: list[dict]) -> dict:
+    """Per-step table of one generation: times, modules, and metric[step][module] (branches averaged)."""
+    modules: list[tuple[str, str]] = []
+    times: dict[int, float] = {}
+    sums: dict[tuple[str, int, str], list[float]] = {}
+    for r in rows:
+        key = (r["module"], r["kind"])
+        if key not in modules:
+            modules.append(key)
+        times.setdefault(r["step"], r["t_norm"])
+        for metric in METRICS:
+            if r.get(metric) is not None:
+                sums.setdefault((metric, r["step"], r["module"]), []).append(r[metric])
+    steps = max(times) + 1 if times else 0
+    values = {
+        metric: [[_mean(sums.get((metric, s, name))) for name, _ in modules] for s in range(steps)] for metric in METRICS
+    }
+    return {"times": [times.get(s) for s in range(steps)], "modules": [list(m) for m in modules], "values": values}
+
+
+def _mean(vals):
+    return sum(vals) / len(vals) if vals else None
+
+
+def aggregate(runs: list[dict]) -> tuple[list[float], list[dict], dict]:
+    """Mean and standard deviation across runs, per step and module."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r["modules"] != first["modules"] or len(r["times"]) != len(first["times"]):
+            raise ProfileError("Profiled generations disagree on steps or modules; profile with one scheduler and step count.")
+    stats = {}
+    for metric in METRICS:
+        mean_rows, std_rows = [], []
+        for s in range(len(first["times"])):
+            mean_row, std_row = [], []
+            for j in range(len(first["modules"])):
+                vals = [r["values"][metric][s][j] for r in runs if r["values"][metric][s][j] is not None]
+                m = _mean(vals)
+                mean_row.append(m)
+                std_row.append(None if m is None else (sum((v - m) ** 2 for v in vals) / len(vals)) ** 0.5)
+            mean_rows.append(mean_row)
+            std_rows.append(std_row)
+        if any(v is not None for row in mean_rows for v in row):
+            stats[metric] = {"mean": mean_rows, "std": std_rows}
+    modules = [{"name": n, "kind": k} for n, k in first["modules"]]
+    return first["times"], modules, stats
+
+
+def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int) -> dict:
+    """FLOPs of one denoiser call per module, and the denoiser's share of a generation's wall time."""
+    from diffaccel.flops import count_flops
+
+    denoiser = adapter.denoiser
+    first_call: list = []
+    busy = {"start": 0.0, "total": 0.0, "calls": 0}
+
+    def before(module, args, kwargs):
+        if not first_call:
+            first_call.append((args, dict(kwargs)))
+        busy["start"] = time.perf_counter()
+
+    def after(module, args, kwargs, output):
+        busy["total"] += time.perf_counter() - busy["start"]
+        busy["calls"] += 1
+
+    handles = [denoiser.register_forward_pre_hook(before, with_kwargs=True),
+               denoiser.register_forward_hook(after, with_kwargs=True)]
+    try:
+        kwargs = {k: v for k, v in call_kwargs.items() if k != "output_type"}
+        start = time.perf_counter()
+        _generate(pipe, prompt, kwargs, seed)
+        wall = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    args, kwargs = first_call[0]
+    call, per_module = count_flops(denoiser, *args, **kwargs)
+    keep = {""} | {name for name, _ in adapter.blocks()} | {info.name for info in adapter.attention_modules()}
+    saved = {}
+    if adapter.family == "unet":
+        from diffaccel.methods.deepcache import cached_modules
+
+        for branch in adapter.skip_branches():
+            paths = cached_modules(denoiser, branch.branch_id)
+            keep |= set(paths)
+            saved[str(branch.branch_id)] = sum(per_module.get(p, 0) for p in paths)
+    steps = int(call_kwargs.get("num_inference_steps") or 1)
+    return {
+        "call": call,
+        "blocks": [name for name, _ in adapter.blocks()],
+        "modules": {p: per_module.get(p, 0) for p in sorted(keep)},
+        "deepcache_saved": saved,
+        "calls_per_step": max(1, round(busy["calls"] / steps)),
+        "denoiser_share": min(1.0, busy["total"] / wall) if wall > 0 else 1.0,
+        "seconds_per_generation": round(wall, 3),
+    }
+
+
+def _generate(pipe, prompt, call_kwargs, seed):
+    device = getattr(pipe, "device", torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    kwargs = dict(call_kwargs)
+    if prompt is not None:
+        kwargs["prompt"] = prompt
+    with torch.no_grad():
+        return pipe(generator=generator, **kwargs)
+
+
+def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = "", seeds: list[int] | None = None,
+            partial_path=None, progress: bool = True, describe: dict | None = None) -> Profile:
+    """Profile ``pipe`` over ``prompts`` (one generation each, seed ``seeds[i]``, default i).
+
+    ``call_kwargs`` are the pipeline call arguments (num_inference_steps, height, ...);
+    ``partial_path`` keeps finished generations so an interrupted run resumes.
+    """
+    from diffaccel.methods.instrument import record
+    from diffaccel.pipelines import detect
+
+    if not prompts:
+        raise ValueError("No prompts to profile with: give at least one prompt (the prompts file is empty?).")
+    seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    adapter = detect(pipe)
+    call_kwargs = {"output_type": "latent", **call_kwargs}
+    signature = _plain({"model": model, "fingerprint": adapter.fingerprint(), "prompts": prompts, "seeds": seeds,
+                        "scheduler": type(pipe.scheduler).__name__, "call_kwargs": call_kwargs})
+    partial = _load_partial(partial_path, signature)
+    pipe.set_progress_bar_config(disable=True)
+    started = time.perf_counter()
+    bar = _bar(len(prompts), progress, initial=len(partial["runs"]))
+    if partial.get("costs") is None:
+        partial["costs"] = measure_costs(pipe, adapter, prompts[0], call_kwargs, seeds[0])
+        _save_partial(partial_path, partial)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        if str(i) in partial["runs"]:
+            continue
+        with record(pipe, targets=TARGETS) as rec:
+            _generate(pipe, prompt, call_kwargs, seed)
+        partial["runs"][str(i)] = run_summary(rec.rows)
+        partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - started
+        started = time.perf_counter()
+        _save_partial(partial_path, partial)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    runs = [partial["runs"][str(i)] for i in range(len(prompts))]
+    times, modules, stats = aggregate(runs)
+    measured = {
+        "prompts": len(prompts), "seeds": seeds, "steps": len(times), "scheduler": type(pipe.scheduler).__name__,
+        "seconds": round(partial.get("seconds", 0.0), 2), "targets": list(TARGETS),
+        "call_kwargs": {k: v for k, v in _plain(call_kwargs).items() if isinstance(v, (int, float, str, bool))},
+        "statistic": "per step: mean over prompts of mean|x_t - x_prev| / mean|x_prev| (rel_l1) and cosine; "
+                     "residual_* on block output minus input; CFG branches averaged",
+        **(describe or {}),
+    }
+    profile = Profile(model=model, pipeline=adapter.name, family=adapter.family, fingerprint=_plain(adapter.fingerprint()),
+                      times=[float(t) for t in times], modules=modules, stats=stats, costs=partial["costs"], measured=measured)
+    return profile
+
+
+def _bar(total, enabled, initial=0):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="profiling", unit="prompt")
+
+
+def _load_partial(path, signature) -> dict:
+    fresh = {"signature": signature, "runs": {}, "costs": None}
+    if path is None or not Path(path).is_file():
+        return fresh
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return fresh  # an unreadable partial file is only lost progress
+    if data.get("signature") != signature:
+        raise ProfileError(f"{path} holds a partial profile of a different run (model, prompts or settings differ). "
+                           "Delete it to start over, or rerun with the original settings to resume.")
+    return data
+
+
+def _save_partial(path, data) -> None:
+    if path is not None:
+        write_json_atomic(Path(path), data)
+
+
+def _plain(obj):
+    def default(o):
+        if isinstance(o, torch.Tensor):  # prompt embeddings etc.: identified by shape and a checksum
+            return f"tensor{tuple(o.shape)}:{float(o.float().sum()):.6g}"
+        return str(o)
+
+    return json.loads(json.dumps(obj, default=default))

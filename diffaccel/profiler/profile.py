@@ -1,0 +1,211 @@
+"""The redundancy Profile: what changes how much between steps, for one model, as versioned JSON.
+
+A profile is measured once per model (``diffaccel profile``) and reused for every step count and
+scheduler: statistics are indexed by the *normalised time* (t / T_train or sigma, 1 = noise) of
+the profiled steps, and :meth:`Profile.cumulative` turns them into "change accumulated since
+pure noise" as a function of time, so the change between any two times of another schedule can
+be read off by interpolation.
+
+Layout of the JSON (``version`` 1)::
+
+    {"format": "diffaccel-profile", "version": 1,
+     "model": "tiny-sd", "pipeline": "StableDiffusionPipeline", "family": "unet",
+     "fingerprint": {...adapter.fingerprint()...},
+     "times": [t_0, ..., t_{S-1}],                   # normalised time of each profiled step
+     "modules": [{"name": "down_blocks.0", "kind": "block"}, ...],
+     "stats": {"rel_l1": {"mean": [[...]], "std": [[...]]}, "cosine": ..., "residual_rel_l1": ...},
+                                                      # [step][module], null at step 0
+     "costs": {"call": F, "modules": {path: flops}, "deepcache_saved": {branch: flops},
+               "calls_per_step": 1, "denoiser_share": 0.9},
+     "measured": {"prompts": 8, "steps": 25, "scheduler": "DDIMScheduler", ...}}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROFILE_FORMAT = "diffaccel-profile"
+PROFILE_VERSION = 1
+METRICS = ("rel_l1", "cosine", "residual_rel_l1", "residual_cosine")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used: unreadable, unknown version, or made for another model."""
+
+
+@dataclass
+class Profile:
+    model: str
+    pipeline: str
+    family: str
+    fingerprint: dict
+    times: list[float]
+    modules: list[dict]
+    stats: dict[str, dict[str, list]]
+    costs: dict
+    measured: dict = field(default_factory=dict)
+    version: int = PROFILE_VERSION
+
+    # ---- lookup ------------------------------------------------------------------------
+    def module_index(self, name: str) -> int:
+        for i, m in enumerate(self.modules):
+            if m["name"] == name:
+                return i
+        raise KeyError(f"profile of {self.model} has no module {name!r}; it has {[m['name'] for m in self.modules]}")
+
+    def series(self, module: str, metric: str = "rel_l1", what: str = "mean") -> list[float | None]:
+        """Per-step values of ``metric`` for ``module`` (None at step 0: nothing to compare with)."""
+        j = self.module_index(module)
+        return [row[j] for row in self.stats[metric][what]]
+
+    def kind_series(self, kind: str, metric: str = "rel_l1") -> list[float | None]:
+        """Per-step mean of ``metric`` over all modules of ``kind`` (e.g. every cross attention)."""
+        cols = [j for j, m in enumerate(self.modules) if m["kind"] == kind]
+        if not cols:
+            return []
+        out = []
+        for row in self.stats[metric]["mean"]:
+            vals = [row[j] for j in cols if row[j] is not None]
+            out.append(sum(vals) / len(vals) if vals else None)
+        return out
+
+    def cumulative(self, values: list[float | None]) -> "Cumulative":
+        return Cumulative(self.times, values)
+
+    def drift(self, module: str, metric: str = "rel_l1") -> "Cumulative":
+        return Cumulative(self.times, self.series(module, metric))
+
+    # ---- compatibility -----------------------------------------------------------------
+    def check_matches(self, adapter) -> None:
+        """Raise ProfileError naming the differences if the profile was made for another architecture."""
+        mine, theirs = _plain(self.fingerprint), _plain(adapter.fingerprint())
+        if mine == theirs:
+            return
+        diffs = [k for k in sorted(set(mine) | set(theirs)) if k != "config" and mine.get(k) != theirs.get(k)]
+        a, b = mine.get("config", {}), theirs.get("config", {})
+        diffs += [f"config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        shown = ", ".join(f"{d}: profile {_get(mine, d)!r} vs model {_get(theirs, d)!r}" for d in diffs[:4])
+        raise ProfileError(
+            f"This profile was measured on {self.model} ({self.pipeline}), a different architecture from the "
+            f"{adapter.name} given ({shown}{', ...' if len(diffs) > 4 else ''}). Profile this model with "
+            "`diffaccel profile MODEL --out profile.json` and use that file."
+        )
+
+    # ---- persistence -------------------------------------------------------------------
+    def to_json(self) -> dict:
+        data = {"format": PROFILE_FORMAT, **asdict(self)}
+        data["stats"] = {m: {k: [[_round(v) for v in row] for row in rows] for k, rows in s.items()} for m, s in self.stats.items()}
+        return data
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, self.to_json())
+        return path
+
+
+class Cumulative:
+    """Change accumulated from the start of the trajectory, as a piecewise-linear function of time.
+
+    ``values[i]`` is the change measured between profiled steps i-1 and i (times decrease). The
+    change between two times of *another* schedule is ``at(t_b) - at(t_a)``; outside the profiled
+    range the edge rate (change per unit time) is extended.
+    """
+
+    def __init__(self, times: list[float], values: list[float | None]):
+        self.times = [float(t) for t in times]
+        steps = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values]
+        self.cum = [0.0]
+        for v in steps[1:]:
+            self.cum.append(self.cum[-1] + v)
+
+    def _rate(self, i: int) -> float:
+        dt = self.times[i - 1] - self.times[i]
+        return (self.cum[i] - self.cum[i - 1]) / dt if dt > 0 else 0.0
+
+    def at(self, t: float) -> float:
+        ts, cum = self.times, self.cum
+        if len(ts) < 2:
+            return 0.0
+        if t >= ts[0]:
+            return -(t - ts[0]) * self._rate(1)
+        if t <= ts[-1]:
+            return cum[-1] + (ts[-1] - t) * self._rate(len(ts) - 1)
+        for i in range(1, len(ts)):
+            if t >= ts[i]:
+                span = ts[i - 1] - ts[i]
+                w = (ts[i - 1] - t) / span if span > 0 else 1.0
+                return cum[i - 1] + w * (cum[i] - cum[i - 1])
+        return cum[-1]
+
+    def on(self, times: list[float]) -> list[float]:
+        return [self.at(t) for t in times]
+
+
+def load_profile(path_or_profile, adapter=None) -> Profile:
+    """Load and validate a profile file (or pass a Profile through); check it fits ``adapter``."""
+    if isinstance(path_or_profile, Profile):
+        profile = path_or_profile
+    else:
+        path = Path(path_or_profile)
+        if not path.is_file():
+            raise ProfileError(f"Profile file {str(path)!r} does not exist. Create one with `diffaccel profile MODEL --out {path}`.")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ProfileError(f"Profile file {str(path)!r} is corrupted (not valid JSON: {err}). Re-create it with `diffaccel profile`.") from None
+        profile = from_json(data, str(path))
+    if adapter is not None:
+        profile.check_matches(adapter)
+    return profile
+
+
+def from_json(data, where: str = "profile") -> Profile:
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise ProfileError(f"{where} is not a diffaccel profile (no \"format\": \"{PROFILE_FORMAT}\"). Create one with `diffaccel profile`.")
+    version = data.get("version")
+    if version != PROFILE_VERSION:
+        raise ProfileError(
+            f"{where} has profile format version {version!r}; this diffaccel reads version {PROFILE_VERSION}. "
+            "Re-create the profile with this diffaccel (`diffaccel profile`) or use the diffaccel that wrote it."
+        )
+    names = ("model", "pipeline", "family", "fingerprint", "times", "modules", "stats", "costs")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ProfileError(f"{where} is corrupted: missing {', '.join(missing)}. Re-create it with `diffaccel profile`.")
+    profile = Profile(**{n: data[n] for n in names}, measured=data.get("measured", {}), version=version)
+    steps, cols = len(profile.times), len(profile.modules)
+    for metric, s in profile.stats.items():
+        rows = s.get("mean") if isinstance(s, dict) else None
+        if not isinstance(rows, list) or len(rows) != steps or any(not isinstance(r, list) or len(r) != cols for r in rows):
+            raise ProfileError(f"{where} is corrupted: stats[{metric!r}] is not a {steps} x {cols} table (steps x modules).")
+    if "rel_l1" not in profile.stats or not isinstance(profile.costs.get("call"), (int, float)):
+        raise ProfileError(f"{where} is corrupted: it lacks rel_l1 statistics or the per-call cost.")
+    return profile
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write then rename, so an interrupted run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _round(v):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return None
+    return float(f"{v:.5g}")
+
+
+def _plain(obj):
+    """Fingerprints compared as JSON would store them (tuples become lists)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d

@@ -1,0 +1,486 @@
+"""Pick, from a redundancy Profile, the caching schedule that meets a speed-up with the least error.
+
+Cost model: one denoiser call costs F FLOPs (counted when profiling); a step where a method
+reuses saves the FLOPs of the modules it skips. Predicted speed-up = full cost / expected cost,
+in denoiser FLOPs; the wall-clock prediction adds the part of a generation no method touches
+(text encoder, VAE), measured as the denoiser's share of wall time.
+
+Error model: a reused quantity is stale by the change its source module accumulated since it
+was last computed, read from the profile's cumulative change curve at the *actual* step times
+(so a 50-step DDIM profile plans 20 DPM-Solver++ steps). The predicted error of a schedule is
+the sum over reused (step, module) of that staleness, weighted by the module's share of the
+FLOPs -- a proxy, comparable between schedules and (roughly) between methods.
+
+* DeepCache: the number of full steps follows from the target; which steps are full is chosen
+  by dynamic programming to minimise the summed staleness of the deep features.
+* AdaptiveCache: its accumulate-and-reset rule is simulated on the profiled first-block residual
+  change; the smallest threshold (and cap on consecutive reuses) that meets the target is taken.
+* PAB: per attention kind, the interval and time range with the best error per saved FLOP.
+
+``methods_for_target`` returns the configs for ``diffaccel.accelerate``; a ``ProfileSchedule``
+entry re-plans DeepCache / AdaptiveCache at each call for the call's actual timesteps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+from diffaccel.methods.base import Installed, Method
+from diffaccel.profiler.profile import Cumulative, Profile, ProfileError, load_profile
+
+ATTENTION_KINDS = ("spatial", "temporal", "cross", "joint")
+
+
+class UnreachableTarget(ValueError):
+    """The target speed-up is beyond what any applicable method can reach for this model."""
+
+
+@dataclass
+class Plan:
+    method: str
+    config: Method
+    speedup: float  # predicted, denoiser FLOPs
+    wall_speedup: float  # predicted, whole generation
+    error: float  # predicted staleness (see module docstring)
+    computed: list[bool] = field(default_factory=list)  # per step: full (True) or reusing
+    note: str = ""
+
+    def describe(self) -> dict:
+        return {"method": self.method, "config": self.config.to_dict(), "predicted_speedup": round(self.speedup, 4),
+                "predicted_wall_speedup": round(self.wall_speedup, 4), "predicted_error": round(self.error, 6),
+                "computed_steps": [i for i, c in enumerate(self.computed) if c], "note": self.note}
+
+
+# ---- shared helpers --------------------------------------------------------------------
+def step_times(profile: Profile, steps: int | None = None) -> list[float]:
+    """The profiled step times, or ``steps`` times spread over the same range the same way."""
+    times = profile.times
+    if steps is None or steps == len(times):
+        return list(times)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    out = []
+    for i in range(steps):
+        x = i * (len(times) - 1) / max(1, steps - 1)
+        j = min(int(x), len(times) - 2)
+        out.append(times[j] + (x - j) * (times[j + 1] - times[j]))
+    return out
+
+
+def wall_speedup(profile: Profile, flops_speedup: float) -> float:
+    share = float(profile.costs.get("denoiser_share", 1.0))
+    return 1.0 / ((1.0 - share) + share / flops_speedup)
+
+
+def _flops_speedup(full: float, costs: list[float]) -> float:
+    return full * len(costs) / sum(costs)
+
+
+def _increments(curve: Cumulative, times: list[float]) -> list[float]:
+    cum = curve.on(times)
+    return [0.0] + [max(0.0, cum[i] - cum[i - 1]) for i in range(1, len(cum))]
+
+
+# ---- DeepCache ---------------------------------------------------------------------------
+def deepcache_source(profile: Profile, branch: int) -> str:
+    """The recorded block whose output the cached deep path hands to the shallow path."""
+    ups = [m["name"] for m in profile.modules if m["kind"] == "block" and m["name"].startswith("up_blocks.")]
+    depth = branch // 3
+    index = len(ups) - 2 - depth
+    return f"up_blocks.{index}" if index >= 0 else "mid_block"
+
+
+def deepcache_staleness(cum: list[float], full: list[int]) -> float:
+    total, last = 0.0, 0
+    fulls = set(full)
+    for s in range(len(cum)):
+        if s in fulls:
+            last = s
+        else:
+            total += cum[s] - cum[last]
+    return total
+
+
+def choose_full_steps(cum: list[float], k: int) -> list[int]:
+    """The k full steps (step 0 included) minimising summed staleness: DP over segment starts."""
+    n = len(cum)
+    k = max(1, min(k, n))
+    prefix = [0.0]
+    for c in cum:
+        prefix.append(prefix[-1] + c)
+
+    def seg(f, g):  # cost of steps f+1..g-1 served by full step f
+        return (prefix[g] - prefix[f + 1]) - (g - f - 1) * cum[f]
+
+    inf = math.inf
+    best = [[inf] * (n + 1) for _ in range(k + 1)]  # best[j][f]: j full steps chosen, the last at f
+    back = [[-1] * (n + 1) for _ in range(k + 1)]
+    best[1][0] = 0.0
+    for j in range(2, k + 1):
+        for g in range(j - 1, n):
+            for f in range(j - 2, g):
+                if best[j - 1][f] < inf:
+                    v = best[j - 1][f] + seg(f, g)
+                    if v < best[j][g]:
+                        best[j][g], back[j][g] = v, f
+    last = min(range(n), key=lambda f: best[k][f] + seg(f, n) if best[k][f] < inf else inf)
+    steps, j = [], k
+    while last >= 0 and j >= 1:
+        steps.append(last)
+        last, j = back[j][last], j - 1
+    return sorted(steps)
+
+
+def plan_deepcache(profile: Profile, times: list[float], target: float | None, branch: int = 0,
+                   full_steps: list[int] | None = None) -> Plan:
+    """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing."""
+    from diffaccel.methods.deepcache import DeepCache
+
+    saved = profile.costs.get("deepcache_saved", {}).get(str(branch))
+    if saved is None:
+        raise ProfileError(f"The profile has no DeepCache costs for branch {branch} (branches: {sorted(profile.costs.get('deepcache_saved', {}))}).")
+    full, n = float(profile.costs["call"]), len(times)
+    cost = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731
+    if full_steps is None:
+        k = max((k for k in range(1, n + 1) if n * full / cost(k) >= target - 1e-9), default=None)
+        if k is None:
+            raise UnreachableTarget(f"DeepCache reaches at most {n * full / cost(1):.2f}x here")
+        cum = profile.drift(deepcache_source(profile, branch)).on(times)
+        full_steps = choose_full_steps(cum, k)
+    else:
+        full_steps = sorted({0, *full_steps})
+        cum = profile.drift(deepcache_source(profile, branch)).on(times)
+    speedup = n * full / cost(len(full_steps))
+    error = deepcache_staleness(cum, full_steps) * saved / full
+    config = DeepCache(branch=branch, schedule=[float(times[s]) for s in full_steps])
+    computed = [s in set(full_steps) for s in range(n)]
+    return Plan("deepcache", config, speedup, wall_speedup(profile, speedup), error, computed)
+
+
+# ---- AdaptiveCache -------------------------------------------------------------------------
+def simulate_adaptive(increments: list[float], threshold: float, warmup: int, max_consecutive: int) -> list[bool]:
+    """AdaptiveCache's rule: compute while warming up, at the cap, or once accumulated change >= threshold."""
+    computed, acc, run = [], 0.0, 0
+    for i, d in enumerate(increments):
+        compute = i == 0 or i < warmup or run >= max_consecutive or acc + d >= threshold
+        if compute:
+            acc, run = 0.0, 0
+        else:
+            acc, run = acc + d, run + 1
+        computed.append(compute)
+    return computed
+
+
+def _adaptive_parts(profile: Profile, head_blocks: int):
+    blocks = profile.costs.get("blocks") or [m["name"] for m in profile.modules if m["kind"] == "block"]
+    head, middle = blocks[head_blocks - 1], blocks[head_blocks:]
+    metric = "residual_rel_l1" if "residual_rel_l1" in profile.stats and any(v is not None for v in profile.series(head, "residual_rel_l1")) else "rel_l1"
+    signal = profile.drift(head, metric)
+    saved = sum(profile.costs["modules"].get(b, 0) for b in middle)
+    idx = [profile.module_index(b) for b in middle]
+    rows = profile.stats[metric]["mean"]
+    staleness = Cumulative(profile.times, [None if s == 0 else sum(r[j] or 0.0 for j in idx) / len(idx) for s, r in enumerate(rows)])
+    return signal, saved, staleness
+
+
+def plan_adaptive(profile: Profile, times: list[float], target: float | None, head_blocks: int = 1, warmup: int = 2,
+                  threshold: float | None = None, max_consecutive: int | None = None) -> Plan:
+    """AdaptiveCache plan; with ``threshold`` given it evaluates that setting instead of choosing."""
+    from diffaccel.methods.adaptive_cache import AdaptiveCache
+
+    signal, saved, staleness = _adaptive_parts(profile, head_blocks)
+    full, n = float(profile.costs["call"]), len(times)
+    d = _increments(signal, times)
+    stale = staleness.on(times)
+
+    def evaluate(tau, cap):
+        computed = simulate_adaptive(d, tau, warmup, cap)
+        costs = [full if c else full - saved for c in computed]
+        return computed, _flops_speedup(full, costs)
+
+    if threshold is not None:
+        cap = max_consecutive or 3
+        computed, speedup = evaluate(threshold, cap)
+    else:
+        grid = [0.0] + [1e-4 * (1e6 ** (i / 399)) for i in range(400)]  # 1e-4 .. 100, geometric
+        found = None
+        for cap in (3, 5, 8, max(8, n)):
+            for tau in grid:
+                computed, speedup = evaluate(tau, cap)
+                if speedup >= target - 1e-9:
+                    found = (tau, cap, computed, speedup)
+                    break
+            if found:
+                break
+        if found is None:
+            _, best = evaluate(math.inf, max(8, n))
+            raise UnreachableTarget(f"AdaptiveCache reaches at most {best:.2f}x here (warm-up {warmup} steps)")
+        threshold, cap, computed, speedup = found
+    error, last = 0.0, 0
+    for i, c in enumerate(computed):
+        if c:
+            last = i
+        else:
+            error += (stale[i] - stale[last]) * saved / full
+    config = AdaptiveCache(threshold=float(f"{threshold:.6g}"), warmup=warmup, max_consecutive=cap, head_blocks=head_blocks)
+    return Plan("adaptive_cache", config, speedup, wall_speedup(profile, speedup), error, computed)
+
+
+# ---- PAB -----------------------------------------------------------------------------------
+def simulate_pab(times: list[float], interval: int, t_range: tuple[float, float]) -> list[bool]:
+    computed, last = [], None
+    for i, t in enumerate(times):
+        reuse = last is not None and t_range[0] < t < t_range[1] and i - last < interval
+        if not reuse:
+            last = i
+        computed.append(not reuse)
+    return computed
+
+
+def plan_pab(profile: Profile, times: list[float], target: float) -> Plan:
+    from diffaccel.methods.pab import PAB
+
+    full, n = float(profile.costs["call"]), len(times)
+    need = n * full * (1.0 - 1.0 / target)  # FLOPs to save
+    groups: dict[str, list[str]] = {}
+    for m in profile.modules:
+        if m["kind"] in ATTENTION_KINDS:
+            groups.setdefault("spatial" if m["kind"] == "joint" else m["kind"], []).append(m["name"])
+    options: dict[str, list[tuple[float, float, int, tuple]]] = {}
+    for kind, names in groups.items():
+        flops = sum(profile.costs["modules"].get(x, 0) for x in names)
+        series = [None if s == 0 else sum(profile.series(x)[s] or 0.0 for x in names) / len(names) for s in range(len(profile.times))]
+        cum = Cumulative(profile.times, series).on(times)
+        opts = [(0.0, 0.0, 1, (0.0, 1.0))]
+        for interval in range(2, 7):
+            for lo in (0.05, 0.1, 0.2, 0.3):
+                for hi in (0.6, 0.7, 0.8, 0.9, 0.95):
+                    computed = simulate_pab(times, interval, (lo, hi))
+                    err, last = 0.0, 0
+                    for i, c in enumerate(computed):
+                        last = i if c else last
+                        err += 0.0 if c else (cum[i] - cum[last]) * flops / full
+                    opts.append((flops * computed.count(False), err, interval, (lo, hi)))
+        options[kind] = _pareto(opts)
+    best = None
+    for combo in _combinations(list(options.values())):
+        saved, err = sum(o[0] for o in combo), sum(o[1] for o in combo)
+        if saved >= need - 1e-6 * full and (best is None or err < best[1]):
+            best = (saved, err, combo)
+    if best is None:
+        top = sum(max(o[0] for o in opts) for opts in options.values())
+        raise UnreachableTarget(f"PAB reaches at most {n * full / (n * full - top):.2f}x here")
+    saved, err, combo = best
+    kw = {}
+    for kind, (_, _, interval, t_range) in zip(options, combo):
+        kw[f"{kind}_interval"], kw[f"{kind}_range"] = interval, t_range
+    speedup = n * full / (n * full - saved)
+    return Plan("pab", PAB(**kw), speedup, wall_speedup(profile, speedup), err, [True] * n)
+
+
+def _pareto(opts):
+    """Options not beaten in both saving (higher) and error (lower)."""
+    opts = sorted(opts, key=lambda o: (-o[0], o[1]))
+    front, best_err = [], math.inf
+    for o in opts:
+        if o[1] < best_err:
+            front.append(o)
+            best_err = o[1]
+    return front
+
+
+def _combinations(lists):
+    if not lists:
+        yield ()
+        return
+    for head in lists[0]:
+        for rest in _combinations(lists[1:]):
+            yield (head, *rest)
+
+
+# ---- choosing a method -------------------------------------------------------------------
+PLANNERS = {"unet": ("deepcache",), "image_dit": ("adaptive_cache", "pab"), "video_dit": ("adaptive_cache", "pab")}
+
+
+def plan_method(method: str, profile: Profile, times: list[float], target: float) -> Plan:
+    if method == "deepcache":
+        return plan_deepcache(profile, times, target)
+    if method == "adaptive_cache":
+        return plan_adaptive(profile, times, target)
+    if method == "pab":
+        return plan_pab(profile, times, target)
+    raise ValueError(f"No planner for method {method!r}; planners exist for deepcache, adaptive_cache, pab.")
+
+
+def plan_all(profile: Profile, target: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
+    """(chosen plan, every applicable method's plan) for ``target``; the least predicted error wins."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not target >= 1.0 or math.isinf(target):
+        raise ValueError(f"target speed-up must be a number >= 1 (e.g. 2.0), got {target!r}.")
+    times = step_times(profile, steps)
+    plans, reasons = [], []
+    for method in PLANNERS.get(profile.family, ()):
+        try:
+            plans.append(plan_method(method, profile, times, target))
+        except UnreachableTarget as err:
+            reasons.append(str(err))
+    if not plans:
+        raise UnreachableTarget(
+            f"A {target:g}x speed-up is out of reach for {profile.model} at {len(times)} steps: "
+            f"{'; '.join(reasons) or 'no planner for family ' + profile.family}. Ask for a lower target "
+            f"(reachable: up to {max_reachable(profile, times):.2f}x in denoiser FLOPs)."
+        )
+    return min(plans, key=lambda p: p.error), plans
+
+
+def max_reachable(profile: Profile, times: list[float]) -> float:
+    best = 1.0
+    for method in PLANNERS.get(profile.family, ()):
+        lo, hi = 1.0, 1000.0
+        for _ in range(30):  # bisection on the target: reachability is monotone
+            mid = (lo + hi) / 2
+            try:
+                plan_method(method, profile, times, mid)
+                lo = mid
+            except UnreachableTarget:
+                hi = mid
+        best = max(best, lo)
+    return best
+
+
+def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
+    """The fastest plan whose predicted error stays within ``max_error``."""
+    times = step_times(profile, steps)
+    best = None
+    for method in PLANNERS.get(profile.family, ()):
+        lo, hi, found = 1.0, max_reachable(profile, times), None
+        for _ in range(25):
+            mid = (lo + hi) / 2
+            plan = plan_method(method, profile, times, mid)
+            if plan.error <= max_error:
+                lo, found = mid, plan
+            else:
+                hi = mid
+        if found is not None and (best is None or found.speedup > best.speedup):
+            best = found
+    if best is None:
+        raise UnreachableTarget(f"No schedule keeps the predicted error within {max_error:g}; raise --max-error.")
+    return best, [best]
+
+
+# ---- the per-call re-planner ------------------------------------------------------------
+@dataclass
+class ProfileSchedule(Method):
+    """Re-plans another method's schedule at every call from a profile, for the call's timesteps.
+
+    Put it before the method it controls; it sets DeepCache's full steps or AdaptiveCache's
+    threshold / max_consecutive when step 0's first denoiser call arrives.
+    """
+
+    name: ClassVar[str] = "profile_schedule"
+    profile: Profile | None = None
+    target_speedup: float = 2.0
+    controlled: Method | None = None
+
+    def validate(self) -> None:
+        if self.profile is None or self.controlled is None:
+            raise ValueError("ProfileSchedule needs a profile and the method config it controls.")
+
+    def apply(self, session) -> Installed:
+        return _ReplanInstalled(self, session)
+
+
+class _ReplanInstalled(Installed):
+    def __init__(self, config: ProfileSchedule, session):
+        super().__init__(config, session)
+        handle = session.adapter.denoiser.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        self.on_remove(handle.remove)
+        self.info: dict = {}
+
+    def reset_cache(self) -> None:
+        self.planned = False
+
+    def _on_call(self, module, args, kwargs):
+        ctx = self.session.ctx
+        if not ctx.active or self.planned:
+            return None
+        self.planned = True
+        cfg: ProfileSchedule = self.config
+        timesteps = [float(t) for t in getattr(self.session.pipe.scheduler, "timesteps", [])]
+        n = int(ctx.num_steps or len(timesteps))
+        times = [self.session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]] or cfg.profile.times
+        method = cfg.controlled.name
+        try:
+            plan, note = plan_method(method, cfg.profile, times, cfg.target_speedup), ""
+        except UnreachableTarget as err:  # never fail a running call: use the most the method reaches
+            plan = plan_method(method, cfg.profile, times, max_reachable_for(method, cfg.profile, times))
+            note = f"target {cfg.target_speedup:g}x unreachable at {n} steps ({err}); used {plan.speedup:.2f}x"
+        if method == "deepcache":
+            cfg.controlled.schedule = [i for i, c in enumerate(plan.computed) if c]
+        elif method == "adaptive_cache":
+            cfg.controlled.threshold, cfg.controlled.max_consecutive = plan.config.threshold, plan.config.max_consecutive
+        self.info = {"method": method, "steps": n, "predicted_speedup": round(plan.speedup, 3),
+                     "predicted_wall_speedup": round(plan.wall_speedup, 3), **({"note": note} if note else {})}
+        return None
+
+    def stats(self) -> dict:
+        return {**self.counters, **self.info}
+
+
+def max_reachable_for(method: str, profile: Profile, times: list[float]) -> float:
+    lo, hi = 1.0, 1000.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        try:
+            plan_method(method, profile, times, mid)
+            lo = mid
+        except UnreachableTarget:
+            hi = mid
+    return lo
+
+
+# ---- entry point used by diffaccel.accelerate ------------------------------------------------
+def methods_for_target(pipe, adapter, profile, target_speedup: float) -> list[Method]:
+    """Method configs meeting ``target_speedup`` on ``pipe``, planned from ``profile``.
+
+    ``profile`` is a path or Profile; None uses a profile shipped for the model (matched by
+    architecture fingerprint) or, failing that, a quick built-in calibration.
+    """
+    if profile is None:
+        profile = shipped_profile(adapter) or calibrate(pipe, adapter)
+    profile = load_profile(profile, adapter)
+    chosen, _ = plan_all(profile, target_speedup)
+    controlled = chosen.config
+    if chosen.method in ("deepcache", "adaptive_cache"):
+        controlled = replace(controlled)  # a fresh config the re-planner may tune
+        return [ProfileSchedule(profile=profile, target_speedup=float(target_speedup), controlled=controlled), controlled]
+    return [controlled]
+
+
+def shipped_profile(adapter) -> Profile | None:
+    """A profile in the bundled assets whose fingerprint matches ``adapter``'s model."""
+    from diffaccel.bundled.loader import bundled_dir
+
+    for path in sorted(bundled_dir().glob("*/profile.json")):
+        try:
+            profile = load_profile(path)
+            profile.check_matches(adapter)
+            return profile
+        except ProfileError:
+            continue
+    return None
+
+
+def calibrate(pipe, adapter, prompts=("a photo", "a drawing"), steps: int = 20) -> Profile:
+    """Quick built-in calibration for a model with no profile: two short generations."""
+    from diffaccel.profiler.measure import measure
+
+    try:
+        return measure(pipe, list(prompts), {"num_inference_steps": steps}, model=adapter.name, progress=False,
+                       describe={"calibration": "built-in quick calibration"})
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"No profile is shipped for this {adapter.name} and the quick calibration could not call it with a plain "
+            f"prompt ({type(err).__name__}: {err}). Profile it with `diffaccel profile MODEL --out p.json` and pass "
+            "profile='p.json'."
+        ) from None
