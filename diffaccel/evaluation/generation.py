@@ -26,6 +26,9 @@ GENERIC_PROMPTS = [  # for hub / local models that have no caption set of their 
 ]
 
 
+BUILTIN_SETS = ("bundled", "heldout", "generic")
+
+
 def builtin_prompts(name: str, video: bool) -> list[str]:
     """``bundled`` / ``heldout``: the synthetic captions (train / held-out colour-shape pairs),
     in a fixed shuffled order so consecutive seeds see different captions; ``generic``."""
@@ -42,7 +45,7 @@ def builtin_prompts(name: str, video: bool) -> list[str]:
 
 def read_prompts(source: str, model: str, video: bool) -> list[str]:
     """Prompts from a file (one per line) or a built-in set name."""
-    if source in ("bundled", "heldout", "generic"):
+    if source in BUILTIN_SETS:
         return builtin_prompts(source, video)
     path = Path(source)
     if not path.is_file():

@@ -130,6 +130,8 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
     from diffaccel.loading import load_pipeline
 
     check_manifest(out, {"model": model_identity(options.model)})  # fail before loading anything
+    if options.prompts not in (None, *generation.BUILTIN_SETS):
+        generation.read_prompts(options.prompts, options.model, video=False)  # a missing file fails here too
     pipe = options.pipe or load_pipeline(options.model, device=ranks.device(options.device), dtype=options.dtype)
     pipe.set_progress_bar_config(disable=True)
     video = generation.is_video_pipeline(pipe)
