@@ -9,6 +9,7 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "info": ("diffaccel.commands.info", "show how diffaccel sees a model: family, blocks, attention, presets"),
+    "demo": ("diffaccel.commands.demo", "offline demo: bundled models, baseline vs presets, table + image grids"),
 }
 
 

@@ -1,0 +1,119 @@
+"""``diffaccel demo``: the bundled models, baseline vs the presets, same seeds, offline.
+
+For each bundled model it generates a few samples per config, times every config (median of
+interleaved runs), and prints one table: latency, speed-up, FLOPs saved, PSNR/SSIM against the
+baseline sample of the same seed, prompt-following. It writes a side-by-side grid (PNG; an
+animated GIF for the video model) per model into the output folder. Everything runs through
+diffaccel.evaluation, the same code as eval/evaluate.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+UPSCALE = 4  # the bundled models draw 32x32 pixels: enlarge for viewing
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", default="tiny-sd,tiny-dit,tiny-video", help="comma-separated bundled models")
+    parser.add_argument("--presets", default=None,
+                        help="comma-separated presets to compare with the baseline (default: every preset that has "
+                             "methods for the model's family; balanced if none has)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: each model's own, 20)")
+    parser.add_argument("--seeds", default="0-1", help="seeds, e.g. 0-3 (one sample per seed and config)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per config; the median is reported")
+    parser.add_argument("--out", type=Path, default=Path("diffaccel-demo"), help="output folder (default ./diffaccel-demo)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def demo_configs(family: str, presets: str | None) -> str:
+    from diffaccel.presets import PRESETS
+
+    if presets:
+        return "baseline," + presets
+    chosen = [name for name, per_family in PRESETS.items() if per_family.get(family)] or ["balanced"]
+    return "baseline," + ",".join(chosen)
+
+
+def main(args) -> int:
+    import os
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffaccel.evaluation.runner import EvalOptions, parse_seeds, run_evaluation
+    from diffaccel.loading import load_pipeline
+    from diffaccel.pipelines import detect
+
+    start = time.perf_counter()
+    seeds = parse_seeds(args.seeds)
+    rows, written = [], []
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        pipe = load_pipeline(model, device=args.device)
+        configs = demo_configs(detect(pipe).family, args.presets)
+        out = args.out / model
+        results = run_evaluation(EvalOptions(model=model, out=out, configs=configs, seeds=seeds, steps=args.steps,
+                                             device=args.device, repeats=args.repeats, warmup=0,
+                                             progress=not args.no_progress, pipe=pipe))
+        rows += [(model, name, r) for name, r in results["configs"].items()]
+        written.append(write_grid(out, results, args.out))
+    print(summary_table(rows))
+    print(f"\nwrote {', '.join(str(w) for w in written)} (per-model results.md/json under {args.out}/<model>) "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    if value is None:
+        return none
+    return "identical" if value == "inf" else format(value, spec)
+
+
+def summary_table(rows) -> str:
+    head = ["model", "config", "latency s", "speed-up", "FLOPs saved", "PSNR dB", "SSIM", "prompt-following %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, name, r in rows:
+        s = r["speed"]
+        saved = None if s["flops_saved"] is None else 100 * s["flops_saved"]
+        lines.append("| " + " | ".join([model, name, _fmt(s["e2e_median_s"], ".2f"), _fmt(s["speedup"], ".2f") + "x",
+                                        _fmt(saved, ".0f") + "%", _fmt(r.get("psnr"), ".1f"), _fmt(r.get("ssim"), ".3f"),
+                                        _fmt(r.get("prompt_following"), ".0f")]) + " |")
+    return "\n".join(lines)
+
+
+def write_grid(out: Path, results: dict, folder: Path) -> Path:
+    """Rows = configs, columns = seeds, the captions underneath; a GIF for a video model."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from diffaccel.evaluation.generation import load_sample, sample_paths, to_uint8
+
+    configs, seeds, video = list(results["configs"]), results["seeds"], results["video"]
+    samples = {(c, s): to_uint8(load_sample(sample_paths(out, c, s, video)[1])) for c in configs for s in seeds}
+    frames = len(next(iter(samples.values()))) if video else 1
+    h, w = next(iter(samples.values())).shape[-3:-1]
+    cell_h, cell_w, label_w, line = h * UPSCALE, w * UPSCALE, 110, 14
+    prompts = {r["seed"]: r["prompt"] for r in results["samples"]}
+    width = max(label_w + cell_w * len(seeds), 8 + 6 * max(len(p) for p in prompts.values()) + 60)
+    height = line + cell_h * len(configs) + line * len(seeds) + 6
+    pictures = []
+    for t in range(frames):
+        canvas = Image.new("RGB", (width, height), (128, 128, 128))
+        draw = ImageDraw.Draw(canvas)
+        for j, seed in enumerate(seeds):
+            draw.text((label_w + j * cell_w + 4, 1), f"seed {seed}", fill=(255, 255, 255))
+            draw.text((4, line + cell_h * len(configs) + j * line + 3), f"seed {seed}: {prompts[seed]}", fill=(255, 255, 255))
+        for i, config in enumerate(configs):
+            r = results["configs"][config]
+            psnr = "" if config == "baseline" else f"{_fmt(r.get('psnr'), '.1f')} dB"
+            draw.text((4, line + i * cell_h + 4), f"{config}\n{r['speed']['speedup']:.2f}x\n{psnr}", fill=(255, 255, 255))
+            for j, seed in enumerate(seeds):
+                pixels = samples[(config, seed)][t] if video else samples[(config, seed)]
+                tile = Image.fromarray(np.ascontiguousarray(pixels)).resize((cell_w, cell_h), Image.NEAREST)
+                canvas.paste(tile, (label_w + j * cell_w, line + i * cell_h))
+        pictures.append(canvas)
+    path = folder / f"{results['model']}.{'gif' if video else 'png'}"
+    if video:
+        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=150, loop=0)
+    else:
+        pictures[0].save(path)
+    return path
