@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole GPU session in one command (device time is scarce): train the bundled models,
+# then check and time the attention kernels. Every part writes under $OUT; a failing part
+# does not stop the next one.
+#   bash eval/gpu_all.sh        # carry: [".whl"]
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT" /tmp/bin
+# The GPU image names its interpreter python3 only.
+command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python
+export PATH=/tmp/bin:$PATH
+SECONDS=0
+timeout "${TRAIN_LIMIT:-330}" bash eval/gpu_train.sh || echo "gpu_train.sh ended with $?"
+echo "== training part took ${SECONDS} s"
+timeout "${KERNELS_LIMIT:-200}" bash eval/gpu_kernels.sh || echo "gpu_kernels.sh ended with $?"
+echo "== all parts took ${SECONDS} s"
+ls -l "$OUT"
