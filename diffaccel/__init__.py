@@ -10,7 +10,7 @@ from diffaccel import methods as _methods  # noqa: F401  (registers the method c
 from diffaccel.api import accelerate, disable, stats
 from diffaccel.methods import instrument
 from diffaccel.methods.base import METHODS, Method
-from diffaccel.methods import DeepCache
+from diffaccel.methods import DeepCache, ToMe
 from diffaccel.methods.instrument import Instrument
 from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
 from diffaccel.methods.faster_cache import FasterCache  # noqa: E402
@@ -20,5 +20,5 @@ from diffaccel.bundled.loader import load_bundled
 
 __version__ = "0.1.0"
 
-__all__ = ["accelerate", "disable", "stats", "METHODS", "Method", "PRESETS", "Instrument", "instrument", "DeepCache", "__version__"]
+__all__ = ["accelerate", "disable", "stats", "METHODS", "Method", "PRESETS", "Instrument", "instrument", "DeepCache", "ToMe", "__version__"]
 __all__ += ["AdaptiveCache", "FasterCache", "PAB", "load_bundled"]

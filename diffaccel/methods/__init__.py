@@ -7,6 +7,8 @@ from diffaccel.methods.instrument import Instrument, record
 __all__ += ["Instrument", "record"]
 from diffaccel.methods.deepcache import DeepCache  # noqa: E402
 __all__ += ["DeepCache"]
+from diffaccel.methods.tome import ToMe  # noqa: E402
+__all__ += ["ToMe"]
 from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
 __all__ += ["AdaptiveCache"]
 from diffaccel.methods.pab import PAB  # noqa: E402
