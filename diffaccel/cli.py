@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "info": ("diffaccel.commands.info", "show how diffaccel sees a model: family, blocks, attention, presets"),
     "demo": ("diffaccel.commands.demo", "offline demo: bundled models, baseline vs presets, table + image grids"),
+    "profile": ("diffaccel.commands.profile", "measure a model's step-to-step redundancy into a profile (JSON, PNG)"),
+    "schedule": ("diffaccel.commands.schedule", "pick the caching schedule that meets a speed-up target from a profile"),
 }
 
 

@@ -1,0 +1,104 @@
+"""``diffaccel profile MODEL --out P.json``: measure how much each block changes step to step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+GENERIC_PROMPTS = ("a photo of a cat", "a watercolor landscape", "a red car on a street", "a bowl of fruit",
+                   "a city at night", "a portrait of an old man", "a forest in autumn", "a sailing boat at sea")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="bundled name (tiny-sd, tiny-dit, tiny-video), local pipeline folder or hub id")
+    parser.add_argument("--out", required=True, help="profile JSON to write (progress is kept in OUT.partial.json)")
+    parser.add_argument("--plot", help="also write a PNG: step x block heatmap and per-step curves")
+    parser.add_argument("--prompts", help="text file, one prompt per line (default: built-in prompts)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="how many prompts to use (default 8)")
+    parser.add_argument("--steps", type=int, default=25, help="num_inference_steps (default 25)")
+    parser.add_argument("--scheduler", help="diffusers scheduler class, e.g. DDIMScheduler (default: the pipeline's)")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--frames", type=int, help="video models: number of frames")
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: GPU when available)")
+    parser.add_argument("--dtype", help="fp32, fp16 or bf16 (default: as stored)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def read_prompts(path: str | None, count: int, model: str) -> list[str]:
+    if count < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {count}.")
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"Prompts file {path!r} does not exist.")
+        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"Prompts file {path!r} is empty: put one prompt per line.")
+    else:
+        prompts = default_prompts(model)
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def default_prompts(model: str) -> list[str]:
+    """Varied captions for the bundled models (spread over their caption set), else generic ones."""
+    from diffaccel.bundled.dataset import all_image_captions, all_video_captions
+
+    if model == "tiny-video":
+        captions = all_video_captions("train")
+    elif model in ("tiny-sd", "tiny-dit"):
+        captions = all_image_captions("train")
+    else:
+        return list(GENERIC_PROMPTS)
+    stride = max(1, len(captions) // 16)
+    return captions[7::stride]
+
+
+def call_arguments(model: str, args) -> dict:
+    from diffaccel.bundled.loader import BUNDLED_MODELS, default_call_kwargs
+
+    kwargs = default_call_kwargs(model) if model in BUNDLED_MODELS else {}
+    kwargs["num_inference_steps"] = args.steps
+    for name, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames),
+                        ("guidance_scale", args.guidance_scale)):
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    if name is None:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config") or not name.endswith("Scheduler"):
+        options = sorted(c.__name__ for c in getattr(pipe.scheduler, "compatibles", []))
+        raise ValueError(f"Unknown scheduler {name!r}; schedulers compatible with this pipeline: {', '.join(options)}.")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def main(args) -> int:
+    from diffaccel.loading import load_pipeline, resolve_device
+    from diffaccel.profiler.measure import measure
+
+    if args.steps < 2:
+        raise ValueError(f"--steps must be >= 2 (change is measured between steps), got {args.steps}.")
+    prompts = read_prompts(args.prompts, args.num_prompts, args.model)
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+    set_scheduler(pipe, args.scheduler)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial.json")
+    profile = measure(pipe, prompts, call_arguments(args.model, args), model=args.model,
+                      seeds=[args.seed + i for i in range(len(prompts))], partial_path=partial,
+                      progress=not args.no_progress, describe={"device": device, "dtype": str(pipe.dtype).replace("torch.", "")})
+    profile.save(out)
+    partial.unlink(missing_ok=True)
+    print(f"wrote {out}: {len(profile.times)} steps x {len(profile.modules)} modules, {len(prompts)} prompts, "
+          f"{profile.measured['seconds']:.1f} s")
+    if args.plot:
+        from diffaccel.profiler.plot import plot_profile
+
+        print(f"wrote {plot_profile(profile, args.plot)}")
+    return 0

@@ -1,0 +1,45 @@
+"""``diffaccel schedule P.json --target-speedup 2``: pick the schedule that meets a target."""
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("profile", help="profile JSON from `diffaccel profile`")
+    goal = parser.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-speedup", type=float, help="wanted speed-up in denoiser FLOPs, e.g. 2")
+    goal.add_argument("--max-error", type=float, help="fastest schedule whose predicted error (profile staleness units) stays below this")
+    parser.add_argument("--steps", type=int, help="plan for this many steps (default: the profiled count)")
+    parser.add_argument("--out", help="schedule JSON to write")
+
+
+def main(args) -> int:
+    from diffaccel.profiler.profile import load_profile
+    from diffaccel.profiler.schedule import plan_all, plan_for_max_error, step_times
+    from diffaccel.profiler.schedule_file import save_schedule
+
+    profile = load_profile(args.profile)
+    steps = len(step_times(profile, args.steps))
+    if args.target_speedup is not None:
+        chosen, plans = plan_all(profile, args.target_speedup, args.steps)
+        request = {"target_speedup": args.target_speedup}
+    else:
+        chosen, plans = plan_for_max_error(profile, args.max_error, args.steps)
+        request = {"max_error": args.max_error}
+    print(f"{profile.model} ({profile.pipeline}), {steps} steps")
+    print(f"{'method':<16}{'speed-up':>10}{'wall':>8}{'error':>10}  schedule")
+    for plan in plans:
+        mark = "*" if plan is chosen else " "
+        print(f"{mark}{plan.method:<15}{plan.speedup:>9.2f}x{plan.wall_speedup:>7.2f}x{plan.error:>10.4f}  {_summary(plan)}")
+    print(f"predicted speed-up: {chosen.speedup:.2f}x denoiser FLOPs, {chosen.wall_speedup:.2f}x wall ({chosen.method})")
+    if args.out:
+        print(f"wrote {save_schedule(args.out, profile, chosen, plans, request, steps)}")
+    return 0
+
+
+def _summary(plan) -> str:
+    c = plan.config
+    if plan.method == "deepcache":
+        return f"branch {c.branch}, full steps {[i for i, x in enumerate(plan.computed) if x]}"
+    if plan.method == "adaptive_cache":
+        return f"threshold {c.threshold:g}, max_consecutive {c.max_consecutive}, warmup {c.warmup}"
+    return ", ".join(f"{k} {getattr(c, k + '_interval')} in {getattr(c, k + '_range')}" for k in ("spatial", "temporal", "cross")
+                     if getattr(c, k + "_interval") not in (None, 1))

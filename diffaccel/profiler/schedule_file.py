@@ -1,0 +1,45 @@
+"""The schedule file written by ``diffaccel schedule``: the chosen method configs, as JSON.
+
+    methods = load_schedule("s.json")          # method configs, ready for accelerate
+    pipe = diffaccel.accelerate(pipe, methods=methods)
+
+DeepCache's full steps are stored as normalised times, so the file also works at other step
+counts (re-plan with ``accelerate(pipe, profile=..., target_speedup=...)`` to keep the exact
+speed-up there: the number of full steps is what sets it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffaccel.profiler.profile import ProfileError, write_json_atomic
+
+SCHEDULE_FORMAT = "diffaccel-schedule"
+SCHEDULE_VERSION = 1
+
+
+def save_schedule(path, profile, chosen, plans, request: dict, steps: int) -> Path:
+    data = {"format": SCHEDULE_FORMAT, "version": SCHEDULE_VERSION, "model": profile.model,
+            "pipeline": profile.pipeline, "fingerprint": profile.fingerprint, "planned_for_steps": steps,
+            "request": request, "chosen": chosen.describe(), "candidates": [p.describe() for p in plans]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+    return path
+
+
+def load_schedule(path) -> list:
+    """Method configs of a schedule file (the chosen plan)."""
+    from diffaccel.methods.base import METHODS
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"Schedule file {str(path)!r} does not exist; write one with `diffaccel schedule P.json --out {path}`.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProfileError(f"Schedule file {str(path)!r} is corrupted ({err}).") from None
+    if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT or data.get("version") != SCHEDULE_VERSION:
+        raise ProfileError(f"{path} is not a version-{SCHEDULE_VERSION} diffaccel schedule file.")
+    config = dict(data["chosen"]["config"])
+    name = config.pop("method")
+    return [METHODS[name](**config)]
