@@ -104,7 +104,7 @@ def write_grid(out: Path, results: dict, folder: Path) -> Path:
             draw.text((4, line + cell_h * len(configs) + j * line + 3), f"seed {seed}: {prompts[seed]}", fill=(255, 255, 255))
         for i, config in enumerate(configs):
             r = results["configs"][config]
-            psnr = "" if config == "baseline" else f"{_fmt(r.get('psnr'), '.1f')} dB"
+            psnr = "" if config == "baseline" else _fmt(r.get("psnr"), ".1f") + (" dB" if r.get("psnr") != "inf" else "")
             draw.text((4, line + i * cell_h + 4), f"{config}\n{r['speed']['speedup']:.2f}x\n{psnr}", fill=(255, 255, 255))
             for j, seed in enumerate(seeds):
                 pixels = samples[(config, seed)][t] if video else samples[(config, seed)]
