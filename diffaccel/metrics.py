@@ -97,6 +97,17 @@ def fid_feature_extractor(path: str | None = None) -> tuple[torch.nn.Module, str
     return module, f"FID Inception-v3 (2048 features, antialias=False) from {path}"
 
 
+class ColourGridFeatures(torch.nn.Module):
+    """Weight-free FID features for the bundled synthetic images: the mean colour of each cell of
+    a 4x4 grid (48 numbers). It sees colour, position and rough size, which is what the bundled
+    captions vary; it is not Inception FID and its values are not comparable with published FIDs."""
+
+    name = "colour-grid 4x4 (48 weight-free features; not Inception)"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+
+
 def make_fid(feature: torch.nn.Module):
     """torchmetrics FID on a custom feature module; reference features survive ``reset()`` and
     states are summed across ranks on ``compute()`` under torch.distributed."""

@@ -176,8 +176,13 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
 
     fid, fid_note = None, None
     try:
-        feature, feature_name = ((options.fid_feature, "injected feature module") if options.fid_feature is not None
-                                 else metrics.fid_feature_extractor(options.inception))
+        if options.fid_feature is not None:
+            feature, feature_name = options.fid_feature, getattr(options.fid_feature, "name", "injected feature module")
+        elif options.inception is None and options.model in BUNDLED_MODELS:
+            feature = metrics.ColourGridFeatures()  # the bundle's own extractor: no Inception offline
+            feature_name = feature.name
+        else:
+            feature, feature_name = metrics.fid_feature_extractor(options.inception)
         if len(options.seeds) < 2:
             raise metrics.MetricUnavailable("FID skipped: it needs at least 2 seeds (a covariance).")
         fid = metrics.make_fid(feature.to(pipe.device) if hasattr(feature, "to") else feature)
