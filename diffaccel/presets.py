@@ -15,6 +15,19 @@ PRESETS: dict[str, dict[str, list[tuple[str, dict]]]] = {
 }
 
 
+# Image and video DiTs: block-residual caching (AdaptiveCache) first; "fast" adds FasterCache's
+# CFG-Cache (attention reuse off: it compounds with skipped blocks). Not yet tuned on trained
+# bundled DiTs (none shipped when these were set); see eval/results/bench_dit.md.
+PRESETS["quality"]["image_dit"] = [("adaptive_cache", dict(threshold=0.05, warmup=2, max_consecutive=2))]
+PRESETS["balanced"]["image_dit"] = [("adaptive_cache", dict(threshold=0.1, warmup=2, max_consecutive=3))]
+PRESETS["fast"]["image_dit"] = [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
+                                ("faster_cache", dict(attention_interval=1, cfg_interval=3))]
+PRESETS["quality"]["video_dit"] = [("adaptive_cache", dict(threshold=0.05, warmup=2, max_consecutive=2))]
+PRESETS["balanced"]["video_dit"] = [("adaptive_cache", dict(threshold=0.1, warmup=2, max_consecutive=3))]
+PRESETS["fast"]["video_dit"] = [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
+                                ("faster_cache", dict(attention_interval=1, cfg_interval=3))]
+
+
 def preset_methods(preset: str, family: str) -> list[Method]:
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)}.")

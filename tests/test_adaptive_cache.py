@@ -123,3 +123,14 @@ def test_no_block_left_to_cache_and_wrong_family():
         diffaccel.accelerate(pipe, methods=[diffaccel.AdaptiveCache(head_blocks=1, tail_blocks=1)])
     with pytest.raises(ValueError, match="cannot accelerate a unet pipeline"):
         diffaccel.accelerate(tp.build("sd"), methods=[diffaccel.AdaptiveCache()])
+
+
+@pytest.mark.parametrize("name", ["pixart", "wan"])
+def test_dit_presets_accelerate_and_order_by_savings(name):
+    saved = []
+    for preset in ("quality", "balanced", "fast"):
+        pipe = tp.build(name)
+        diffaccel.accelerate(pipe, preset=preset)
+        tp.run(name, pipe, steps=12)
+        saved.append(diffaccel.stats(pipe)["flops_saved_fraction"])
+    assert saved[0] <= saved[1] <= saved[2] and saved[2] > 0
