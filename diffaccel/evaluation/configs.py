@@ -38,17 +38,35 @@ class EvalConfig:
     def is_baseline(self) -> bool:
         return self.spec == BASELINE
 
+    resolved: list | None = None  # the method configs the first apply installed
+
     def apply(self, pipe):
-        """Put ``pipe`` in this configuration (replacing any previous acceleration)."""
+        """Put ``pipe`` in this configuration (replacing any previous acceleration).
+
+        The first apply resolves presets and profile targets to method configs; later applies
+        (timing re-applies every round) install copies of those, so a target is planned once.
+        """
+        import copy
+
         import diffaccel
+        from diffaccel.api import session_of
 
         if self.is_baseline:
+            self.resolved = []
             return diffaccel.disable(pipe)
+        if self.resolved is not None:
+            return diffaccel.accelerate(pipe, methods=copy.deepcopy(self.resolved))
         if self.preset is not None:
-            return diffaccel.accelerate(pipe, preset=self.preset)
-        if self.target_speedup is not None:
-            return diffaccel.accelerate(pipe, profile=self.profile, target_speedup=self.target_speedup)
-        return diffaccel.accelerate(pipe, methods=list(self.methods))
+            diffaccel.accelerate(pipe, preset=self.preset)
+        elif self.target_speedup is not None:
+            diffaccel.accelerate(pipe, profile=self.profile, target_speedup=self.target_speedup)
+        else:
+            diffaccel.accelerate(pipe, methods=copy.deepcopy(self.methods))
+        self.resolved = copy.deepcopy([handle.config for handle in session_of(pipe).installed])
+        return pipe
+
+    def method_dicts(self) -> list[dict] | None:
+        return None if self.resolved is None else [m.to_dict() for m in self.resolved]
 
 
 def _value(text: str):

@@ -27,8 +27,6 @@ def promise_check(name: str, summary: dict, baseline: dict, video: bool) -> dict
 
 
 def assemble(options, configs, records, fids, fid_note, speed, notes, video, clip_name) -> dict:
-    from diffaccel.evaluation.runner import finite_or_text
-
     base = configs[0].name
     per_config = {}
     for config in configs:
@@ -45,16 +43,24 @@ def assemble(options, configs, records, fids, fid_note, speed, notes, video, cli
             "flops_saved_estimate": s["flops_saved_estimate"], "e2e_s": s["e2e_s"], "denoiser_s": s["denoiser_s"],
         }
         summary["spec"] = config.spec
+        summary["methods"] = config.method_dicts()
         per_config[config.name] = summary
     for config in configs:
         check = promise_check(config.name, per_config[config.name], per_config[base], video)
         if check is not None:
             per_config[config.name]["promise"] = check
-    return finite_or_text({
+    return _plain({
         "model": options.model, "video": video, "seeds": list(options.seeds), "call": _call_of(options, video),
         "repeats": options.repeats, "clip_model": clip_name, "fid": fid_note, "skipped": notes,
         "configs": per_config, "samples": records,
     })
+
+
+def _plain(value):
+    """Exactly what results.json will hold (tuples become lists, odd values strings)."""
+    from diffaccel.evaluation.runner import finite_or_text
+
+    return json.loads(json.dumps(finite_or_text(value), default=str))
 
 
 def _call_of(options, video):
