@@ -199,3 +199,10 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(first_run, model_dir,
     assert "holds a different model" in capsys.readouterr().err
     assert list(other.iterdir()) == [other / "run.json"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    changed = tmp_path / "changed"  # a preset that changed since: its old samples must not be reused
+    shutil.copytree(out, changed)
+    meta = changed / "samples" / "deepcache-interval=2" / "config.json"
+    meta.write_text(meta.read_text().replace('"interval": 2', '"interval": 3'))
+    assert evaluate_cli(*common[:-3], "--seeds", "0-2", "--no-progress", "--out", str(changed),
+                        "--configs", "baseline,deepcache:interval=2", "--prompts", "bundled") == 2
+    assert "made with other methods" in capsys.readouterr().err

@@ -53,7 +53,8 @@ def main(args) -> int:
         out = args.out / model
         results = run_evaluation(EvalOptions(model=model, out=out, configs=configs, seeds=seeds, steps=args.steps,
                                              device=args.device, repeats=args.repeats, warmup=0,
-                                             progress=not args.no_progress, pipe=pipe))
+                                             progress=not args.no_progress, pipe=pipe,
+                                             replace_stale=True))
         rows += [(model, name, r) for name, r in results["configs"].items()]
         written.append(write_grid(out, results, args.out))
     print(summary_table(rows))

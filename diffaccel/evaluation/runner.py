@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class EvalOptions:
     fid_feature: torch.nn.Module | None = None  # injected extractor (tests, custom features)
     progress: bool = True
     pipe: object = None  # an already loaded pipeline (demo reuses it)
+    replace_stale: bool = False  # demo: regenerate configs whose methods changed (evaluate: refuse)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -145,10 +147,23 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
     import diffaccel
 
     diffaccel.disable(pipe)
+    stale = stale_configs(out, configs)
+    if stale and not options.replace_stale:
+        raise ValueError(f"Output folder {out} holds samples of {', '.join(stale)} made with other methods (the "
+                         "preset or profile changed). Use another --out; nothing was overwritten.")
     ranks.barrier()
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(manifest, indent=1))
+        for config in configs:
+            folder = out / "samples" / config.name
+            if config.name in stale:
+                shutil.rmtree(folder)
+                (out / "timing.json").unlink(missing_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / "config.json").is_file():
+                (folder / "config.json").write_text(_methods_json(config))
+    ranks.barrier()
 
     mine = ranks.mine(options.seeds)
     prompt_of = {seed: prompts[seed % len(prompts)] for seed in options.seeds}
@@ -222,6 +237,20 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
                               scorers["clip"].name if "clip" in scorers else None)
     report.write(out, results)
     return results
+
+
+def _methods_json(config: EvalConfig) -> str:
+    return json.dumps({"spec": config.spec, "methods": config.method_dicts()}, default=str, indent=1)
+
+
+def stale_configs(out: Path, configs: list[EvalConfig]) -> list[str]:
+    """Configs whose saved samples were made with other method settings than they resolve to now."""
+    stale = []
+    for config in configs:
+        meta = out / "samples" / config.name / "config.json"
+        if meta.is_file() and meta.read_text() != _methods_json(config):
+            stale.append(config.name)
+    return stale
 
 
 def _timings(pipe, configs, out: Path, options: EvalOptions, call, prompt: str, seed: int) -> dict:
