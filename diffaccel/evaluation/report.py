@@ -134,6 +134,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("PSNR vs baseline (dB)")
     ax.set_title(f"{results['model']}: speed vs fidelity", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.3, y=0.15)  # room for the labels
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
