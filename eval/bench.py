@@ -1,0 +1,33 @@
+"""Speed side by side with the peer implementations, one suite per denoiser family.
+
+    python eval/bench.py --suite unet     # DeepCache / tomesd vs diffaccel (eval/bench_unet.py)
+
+Each suite lives in its own module with ``add_arguments(parser)`` and ``main(args)``; add a
+suite by adding its module to SUITES.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SUITES = {
+    "unet": "bench_unet",
+}
+
+
+def main(argv=None) -> None:
+    suite_arg = argparse.ArgumentParser(add_help=False)
+    suite_arg.add_argument("--suite", choices=sorted(SUITES), required=True)
+    known, rest = suite_arg.parse_known_args(argv)
+    module = importlib.import_module(SUITES[known.suite])
+    parser = argparse.ArgumentParser(description=f"diffaccel bench, suite {known.suite}", parents=[suite_arg])
+    module.add_arguments(parser)
+    module.main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
