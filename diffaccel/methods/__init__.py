@@ -14,3 +14,6 @@ __all__ += ["AdaptiveCache"]
 from diffaccel.methods.pab import PAB  # noqa: E402
 from diffaccel.methods.faster_cache import FasterCache  # noqa: E402
 __all__ += ["PAB", "FasterCache"]
+from diffaccel.methods.sliding_tile import SlidingTileAttention  # noqa: E402
+from diffaccel.methods.mediator import MediatorAttention  # noqa: E402
+__all__ += ["SlidingTileAttention", "MediatorAttention"]

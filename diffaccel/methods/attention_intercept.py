@@ -1,0 +1,122 @@
+"""Shared machinery of the sparse-attention methods (sliding tile, mediators): replace the
+attention *math* of chosen self-attention modules, keep everything else of their processor.
+
+Why intercept SDPA instead of writing processors. Every diffusers processor (CogVideoX,
+SD3 joint, Flux, Wan, Hunyuan, plain AttnProcessor2_0 ...) does its own projections, norms,
+RoPE and text concatenation, then calls ``torch.nn.functional.scaled_dot_product_attention``
+(directly or through diffusers' native attention backend) on (batch, heads, seq, dim).
+Copying those processors would break whenever diffusers changes them (the flaw of tomesd).
+So a forward hook on the attention module (diffusers' HookRegistry, removed cleanly) sets
+an SDPA override for the duration of that module's forward only; the override runs the
+sparse kernel when the call is the module's self-attention over the known token layout
+(q, k, v of one shape, sequence = text + T*H*W, no real mask) and plain SDPA otherwise.
+Not thread-safe across concurrent pipeline calls in one process (the override is global
+while a hooked forward runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from diffaccel.methods.base import Installed, hook_forward
+
+_override = threading.local()
+_real_sdpa = F.scaled_dot_product_attention
+
+
+def _dispatching_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    handler = getattr(_override, "handler", None)
+    if handler is None:
+        return _real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, **kwargs)
+    _override.handler = None  # the kernels themselves call SDPA: no recursion
+    try:
+        return handler(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                       scale=scale, **kwargs)
+    finally:
+        _override.handler = handler
+
+
+@contextlib.contextmanager
+def sdpa_override(handler: Callable):
+    """While active (in this thread), SDPA calls go to ``handler(q, k, v, **sdpa_kwargs)``."""
+    replaced = F.scaled_dot_product_attention
+    installed_here = replaced is not _dispatching_sdpa
+    if installed_here:
+        F.scaled_dot_product_attention = _dispatching_sdpa
+    previous = getattr(_override, "handler", None)
+    _override.handler = handler
+    try:
+        yield
+    finally:
+        _override.handler = previous
+        if installed_here:
+            F.scaled_dot_product_attention = replaced
+
+
+def mask_is_trivial(attn_mask) -> bool:
+    """None, an all-True boolean mask or an all-zero additive mask: attention is unmasked."""
+    if attn_mask is None:
+        return True
+    if attn_mask.dtype == torch.bool:
+        return bool(attn_mask.all())
+    return bool((attn_mask == 0).all())
+
+
+class SparseAttentionHook:
+    """Hook on one self-attention module. Subclasses decide per call (``plan``) whether the
+    sparse path runs, and implement it (``attend`` on text-first q, k, v)."""
+
+    def __init__(self, installed: Installed, info):
+        self.installed, self.info = installed, info
+        hook_forward(installed, info.module, self.forward, f"diffaccel_{installed.config.name}")
+
+    def plan(self, layout) -> object | None:
+        """Per-call setting for the sparse path (e.g. a window), or None to compute densely."""
+        raise NotImplementedError
+
+    def attend(self, q, k, v, layout, setting, scale) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, original, *args, **kwargs):
+        session = self.installed.session
+        ctx = session.ctx
+        if not ctx.active or ctx.grid is None:
+            return original(*args, **kwargs)
+        layout = session.adapter.token_layout(self.info, ctx.grid)
+        setting = self.plan(layout)
+        if setting is None:
+            self.installed.count("dense_calls")
+            return original(*args, **kwargs)
+        with sdpa_override(lambda *a, **kw: self._sdpa(layout, setting, *a, **kw)):
+            return original(*args, **kwargs)
+
+    def _sdpa(self, layout, setting, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              **kwargs):
+        extra = {name: value for name, value in kwargs.items() if not (name == "enable_gqa" and value is False)}
+        matches = (query.dim() == 4 and query.shape == key.shape and value.shape[:3] == query.shape[:3]
+                   and query.shape[2] == layout.seq_len and not is_causal and dropout_p == 0.0 and not extra
+                   and mask_is_trivial(attn_mask))
+        if not matches:  # not this module's full self-attention (or masked): leave it dense
+            self.installed.count("dense_fallback_calls")
+            return _real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, **kwargs)
+        self.installed.count("sparse_calls")
+        text, visual = layout.text_tokens, layout.num_visual
+        if text and layout.text_position == "last":  # kernels take text first
+            first = lambda x: torch.cat([x[:, :, visual:], x[:, :, :visual]], dim=2)  # noqa: E731
+            out = self.attend(first(query), first(key), first(value), layout, setting, scale)
+            return torch.cat([out[:, :, text:], out[:, :, :text]], dim=2)
+        return self.attend(query, key, value, layout, setting, scale)
+
+
+def step_fraction(ctx) -> float | None:
+    """Position of the current step in the call, 0 = first step; None when unknown."""
+    if ctx.num_steps:
+        return ctx.step / ctx.num_steps
+    return None if ctx.t_norm is None else 1.0 - ctx.t_norm

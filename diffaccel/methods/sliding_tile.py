@@ -1,0 +1,177 @@
+"""Sliding tile attention (STA): each query tile of the (T, H, W) token grid attends only to
+a window of tiles around it (centre clamped inside the grid); text tokens of joint
+attention still attend to and are attended by everything. Training-free: the first
+fraction of steps keeps full attention (they fix the global layout), later steps, whose
+attention is local, use the windows. Windows can differ per layer and per head, e.g. as
+found by :func:`diffaccel.methods.window_search.search_windows`.
+
+Applies to the self-attention of U-Nets, image DiTs and video DiTs (modules the family
+adapter classifies as ``spatial`` or ``joint``), through the adapter's token layout. Where
+a window covers the whole grid, or the grid has fewer than ``min_tokens`` tokens, the
+module keeps its dense SDPA (FlashAttention / xformers / CPU flash).
+
+Example::
+
+    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.SlidingTileAttention(tile=(4, 8, 8), window=(3, 3, 3))])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from diffaccel.kernels import sliding_tile_attention, sliding_tile_density
+from diffaccel.methods.attention_intercept import SparseAttentionHook, step_fraction
+from diffaccel.methods.base import Installed, Method, fraction, register
+
+KINDS = ("spatial", "joint")
+DEFAULT_TILE = {"video_dit": (4, 8, 8), "image_dit": (1, 8, 8), "unet": (1, 8, 8)}
+DEFAULT_WINDOW = {"video_dit": (3, 3, 3), "image_dit": (1, 3, 3), "unet": (1, 3, 3)}
+
+
+def _check_triple(value, what: str, odd: bool) -> None:
+    ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 and (v % 2 == 1 or not odd) for v in value)
+    if not ok:
+        need = "odd positive ints (tiles, centred)" if odd else "positive ints (tokens)"
+        raise ValueError(f"{what} must be 3 {need} for (frames, height, width), got {value!r}; "
+                         f"for images use 1 frame, e.g. (1, 3, 3)")
+
+
+def _check_window(value, what: str) -> None:
+    """A (t, h, w) window or a list of per-head windows."""
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)):
+        for head, window in enumerate(value):
+            _check_triple(window, f"{what}[head {head}]", odd=True)
+    else:
+        _check_triple(value, what, odd=True)
+
+
+@register
+@dataclass
+class SlidingTileAttention(Method):
+    """Sliding tile attention for spatial / joint self-attention.
+
+    Attributes:
+        tile: tile size in tokens (frames, height, width); None = family default ((4, 8, 8)
+            for video, (1, 8, 8) for images).
+        window: window in tiles (odd per axis), or a list of per-head windows; None = family
+            default ((3, 3, 3) video, (1, 3, 3) images).
+        layer_windows: per attention module name (as in ``adapter.attention_modules()``), a
+            window or per-head list overriding ``window`` (what the window search returns).
+        full_attention_fraction: the first fraction of the steps keeps full attention
+            (STA keeps ~15 of 50 steps: 0.3).
+        min_tokens: grids with fewer visual tokens stay dense (sparse overhead not worth it).
+        backend: force a kernel backend ("triton", "flex", "cpu", "dense"); None = automatic.
+    """
+
+    name: ClassVar[str] = "sliding_tile"
+
+    tile: tuple[int, int, int] | None = None
+    window: tuple | list | None = None
+    layer_windows: dict = field(default_factory=dict)
+    full_attention_fraction: float = 0.3
+    min_tokens: int = 1024
+    backend: str | None = None
+
+    def validate(self) -> None:
+        if self.tile is not None:
+            _check_triple(self.tile, "SlidingTileAttention(tile=...)", odd=False)
+        if self.window is not None:
+            _check_window(self.window, "SlidingTileAttention(window=...)")
+        if not isinstance(self.layer_windows, dict):
+            raise ValueError("SlidingTileAttention(layer_windows=...) must map attention module names to windows, "
+                             f"got {type(self.layer_windows).__name__}")
+        for name, window in self.layer_windows.items():
+            _check_window(window, f"SlidingTileAttention(layer_windows[{name!r}])")
+        fraction(self.full_attention_fraction, "SlidingTileAttention(full_attention_fraction=...)")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"SlidingTileAttention(min_tokens=...) must be an int >= 0, got {self.min_tokens!r}")
+        if self.backend not in (None, "triton", "flex", "cpu", "boxes", "dense"):
+            raise ValueError(f"SlidingTileAttention(backend=...) must be None, 'triton', 'flex', 'cpu' or 'dense', "
+                             f"got {self.backend!r}")
+
+    @classmethod
+    def from_profile(cls, path, **overrides) -> "SlidingTileAttention":
+        """The config saved by the window search (``WindowSearchResult.save``)."""
+        data = json.loads(Path(path).read_text())
+        if "sliding_tile" not in data:
+            raise ValueError(f"{path} holds no 'sliding_tile' section; create it with "
+                             f"diffaccel.methods.window_search.search_windows(...).save(path)")
+        section = data["sliding_tile"]
+        windows = {name: _as_window(w) for name, w in section["layer_windows"].items()}
+        kwargs = dict(tile=tuple(section["tile"]), window=_as_window(section["window"]), layer_windows=windows)
+        return cls(**(kwargs | overrides))
+
+    def apply(self, session) -> Installed:
+        self.validate()
+        self.check_family(session.adapter.family)
+        return _SlidingTileInstalled(self, session)
+
+
+def _as_window(value):
+    if value and isinstance(value[0], (list, tuple)):
+        return [tuple(w) for w in value]
+    return tuple(value)
+
+
+class _SlidingTileInstalled(Installed):
+    def __init__(self, config: SlidingTileAttention, session):
+        super().__init__(config, session)
+        family = session.adapter.family
+        self.tile = tuple(config.tile or DEFAULT_TILE[family])
+        self.window = config.window or DEFAULT_WINDOW[family]
+        modules = [info for info in session.adapter.attention_modules() if info.kind in KINDS]
+        unknown = set(config.layer_windows) - {info.name for info in modules}
+        if unknown:
+            raise ValueError(f"layer_windows names modules that are not spatial/joint self-attention of this "
+                             f"pipeline: {sorted(unknown)[:5]}; known: {[i.name for i in modules][:5]} ...")
+        self.hooks = [_TileHook(self, info, config.layer_windows.get(info.name, self.window)) for info in modules]
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        densities = out.pop("_density_sum", None)
+        if densities is not None and out.get("sparse_calls"):
+            out["mean_density"] = densities / out["sparse_calls"]
+        return out
+
+
+class _TileHook(SparseAttentionHook):
+    def __init__(self, installed: _SlidingTileInstalled, info, window):
+        super().__init__(installed, info)
+        self.window = window
+
+    def plan(self, layout):
+        config = self.installed.config
+        where = step_fraction(self.installed.session.ctx)
+        if where is None or where < config.full_attention_fraction or layout.num_visual < config.min_tokens:
+            return None
+        grid = (layout.frames, layout.height, layout.width)
+        tile = tuple(min(t, s) for t, s in zip(self.installed.tile, grid))
+        per_head = isinstance(self.window[0], (tuple, list))
+        heads = len(self.window) if per_head else 1
+        density = sliding_tile_density(grid, tile, self.window, layout.text_tokens, heads)
+        if density >= 1.0 - 1e-9:  # the window covers everything: dense SDPA is the right kernel
+            return None
+        return grid, tile, density
+
+    def attend(self, q, k, v, layout, setting, scale):
+        grid, tile, density = setting
+        batch, heads, seq, dim = q.shape
+        self.installed.count("_density_sum", density)
+        self.installed.count("flops_saved", 4.0 * batch * heads * seq * seq * dim * (1.0 - density))
+        return sliding_tile_attention(q, k, v, grid, tile, self.window, layout.text_tokens, scale=scale,
+                                      backend=self.installed.config.backend)
+
+
+def uniform_window_for_density(grid, tile, density: float, text_tokens: int = 0, odd_sizes=range(1, 64, 2)):
+    """The isotropic-ish window whose density is closest to ``density`` (for comparisons)."""
+    n = [math.ceil(s / t) for s, t in zip(grid, tile)]
+    candidates = {(min(a, n[0] if n[0] % 2 else n[0] + 1), min(b, n[1] if n[1] % 2 else n[1] + 1),
+                   min(c, n[2] if n[2] % 2 else n[2] + 1))
+                  for a in odd_sizes for b in odd_sizes for c in odd_sizes if a <= n[0] + 1 and b <= n[1] + 1
+                  and c <= n[2] + 1}
+    return min(candidates, key=lambda w: abs(sliding_tile_density(grid, tile, w, text_tokens) - density))
