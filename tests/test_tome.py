@@ -189,3 +189,13 @@ def test_bad_input_messages():
         diffaccel.accelerate(pipe, methods=[ToMe()])
     with pytest.raises(ValueError, match="cannot accelerate a video_dit pipeline"):
         diffaccel.accelerate(build("wan"), methods=[ToMe()])
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(mode="kv"), dict(merge_crossattn=True, merge_mlp=True)])
+def test_flops_saved_matches_flop_counter(settings):
+    from diffaccel.flops import count_flops
+
+    baseline, _ = count_flops(call, deep_sd(), [item_inputs(7)], steps=1)
+    pipe = ours(deep_sd(), ToMe(ratio=0.5, gate=False, **settings))
+    merged, _ = count_flops(call, pipe, [item_inputs(7)], steps=1)
+    assert tome_stats(pipe)["flops_saved"] == baseline - merged > 0

@@ -166,7 +166,8 @@ class TokenMerge:
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(self.B * self.N, x.shape[-1])
         out = flat.index_select(0, self.keep_rows)
-        out.index_add_(0, self.into_rows, flat.index_select(0, self.src_rows))
+        # index_put_(accumulate) rather than index_add_/scatter_add_: several times faster on CPU.
+        out.index_put_((self.into_rows,), flat.index_select(0, self.src_rows), accumulate=True)
         out = out.view(self.B, self.M, -1)
         out[:, self.U:] /= self.counts.to(out.dtype)
         return out
