@@ -303,11 +303,12 @@ def _combinations(lists):
 PLANNERS = {"unet": ("deepcache",), "image_dit": ("adaptive_cache", "pab"), "video_dit": ("adaptive_cache", "pab")}
 
 
-def plan_method(method: str, profile: Profile, times: list[float], target: float) -> Plan:
+def plan_method(method: str, profile: Profile, times: list[float], target: float, like: Method | None = None) -> Plan:
+    """Plan ``method``; ``like`` is a config whose fixed settings (branch, warm-up, head blocks) are kept."""
     if method == "deepcache":
-        return plan_deepcache(profile, times, target)
+        return plan_deepcache(profile, times, target, branch=getattr(like, "branch", 0))
     if method == "adaptive_cache":
-        return plan_adaptive(profile, times, target)
+        return plan_adaptive(profile, times, target, head_blocks=getattr(like, "head_blocks", 1), warmup=getattr(like, "warmup", 2))
     if method == "pab":
         return plan_pab(profile, times, target)
     raise ValueError(f"No planner for method {method!r}; planners exist for deepcache, adaptive_cache, pab.")
@@ -334,18 +335,7 @@ def plan_all(profile: Profile, target: float, steps: int | None = None) -> tuple
 
 
 def max_reachable(profile: Profile, times: list[float]) -> float:
-    best = 1.0
-    for method in PLANNERS.get(profile.family, ()):
-        lo, hi = 1.0, 1000.0
-        for _ in range(30):  # bisection on the target: reachability is monotone
-            mid = (lo + hi) / 2
-            try:
-                plan_method(method, profile, times, mid)
-                lo = mid
-            except UnreachableTarget:
-                hi = mid
-        best = max(best, lo)
-    return best
+    return max([1.0] + [max_reachable_for(m, profile, times) for m in PLANNERS.get(profile.family, ())])
 
 
 def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
@@ -353,7 +343,7 @@ def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = N
     times = step_times(profile, steps)
     best = None
     for method in PLANNERS.get(profile.family, ()):
-        lo, hi, found = 1.0, max_reachable(profile, times), None
+        lo, hi, found = 1.0, max_reachable_for(method, profile, times), None
         for _ in range(25):
             mid = (lo + hi) / 2
             plan = plan_method(method, profile, times, mid)
@@ -411,9 +401,10 @@ class _ReplanInstalled(Installed):
         times = [self.session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]] or cfg.profile.times
         method = cfg.controlled.name
         try:
-            plan, note = plan_method(method, cfg.profile, times, cfg.target_speedup), ""
+            plan, note = plan_method(method, cfg.profile, times, cfg.target_speedup, cfg.controlled), ""
         except UnreachableTarget as err:  # never fail a running call: use the most the method reaches
-            plan = plan_method(method, cfg.profile, times, max_reachable_for(method, cfg.profile, times))
+            reach = max_reachable_for(method, cfg.profile, times, cfg.controlled)
+            plan = plan_method(method, cfg.profile, times, reach, cfg.controlled)
             note = f"target {cfg.target_speedup:g}x unreachable at {n} steps ({err}); used {plan.speedup:.2f}x"
         if method == "deepcache":
             cfg.controlled.schedule = [i for i, c in enumerate(plan.computed) if c]
@@ -427,12 +418,13 @@ class _ReplanInstalled(Installed):
         return {**self.counters, **self.info}
 
 
-def max_reachable_for(method: str, profile: Profile, times: list[float]) -> float:
+def max_reachable_for(method: str, profile: Profile, times: list[float], like: Method | None = None) -> float:
+    """Highest target ``method`` can plan for (bisection: reachability is monotone in the target)."""
     lo, hi = 1.0, 1000.0
     for _ in range(30):
         mid = (lo + hi) / 2
         try:
-            plan_method(method, profile, times, mid)
+            plan_method(method, profile, times, mid, like)
             lo = mid
         except UnreachableTarget:
             hi = mid

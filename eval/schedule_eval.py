@@ -1,0 +1,260 @@
+"""Evaluate profile-chosen schedules on the bundled models (issue 7's "must show").
+
+For each model: profile it (8 prompts x 25 steps, timed), then at the model's default call
+(20 steps):
+  * predicted vs measured speed-up (denoiser FLOPs and wall) for targets 1.5x, 2x, 3x;
+  * fidelity (PSNR vs the unaccelerated output, same seed) of the profile-chosen schedule vs the
+    uniform schedule at equal cost: DeepCache (U-Net) / AdaptiveCache (DiT, video) with a fixed
+    interval N, against the profile's plan for the speed-up that uniform schedule measured;
+  * the spread of the redundancy pattern across prompts;
+and on tiny-sd the portability check: a 50-step DDIM profile applied to 20 DPM-Solver++ steps and
+to 64x64 images.
+
+    python eval/schedule_eval.py --model tiny-sd            # trained bundled model from assets/
+    python eval/schedule_eval.py --model tiny-sd --random-weights   # architecture only (no assets)
+    python eval/schedule_eval.py --report                   # eval/results/schedules.md from the JSONs
+
+Wall times are single runs interleaved with the baseline on the same prompt (mean over prompts);
+on a shared CPU they are noisy, FLOPs are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import diffaccel
+from diffaccel.metrics import psnr
+from diffaccel.profiler.measure import measure
+from diffaccel.pipelines import detect
+from diffaccel.profiler.schedule import ProfileSchedule, plan_all
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = (1.5, 2.0, 3.0)
+INTERVALS = (2, 3, 4)
+
+
+def load(model: str, random_weights: bool):
+    if random_weights:
+        from diffaccel.bundled.models import build_pipeline
+
+        pipe = build_pipeline(model)
+    else:
+        pipe = diffaccel.load_bundled(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt, kwargs, seed=100):
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs)
+    images = out.frames if hasattr(out, "frames") else out.images
+    return images.float().clamp(0, 1), time.perf_counter() - start
+
+
+def flops_speedup(pipe) -> float:
+    return 1.0 / (1.0 - diffaccel.stats(pipe)["flops_saved_fraction"])
+
+
+def run_with(pipe, prompts, kwargs, baselines, *, methods=None, profile=None, target=None):
+    """Accelerated outputs for each prompt, interleaved with a fresh baseline timing."""
+    psnrs, times, base_times, speedups, info = [], [], [], [], {}
+    for prompt, (base_img, _) in zip(prompts, baselines):
+        diffaccel.disable(pipe)
+        base_times.append(generate(pipe, prompt, kwargs)[1])
+        if methods is not None:
+            diffaccel.accelerate(pipe, methods=methods())
+        else:
+            diffaccel.accelerate(pipe, profile=profile, target_speedup=target)
+        img, sec = generate(pipe, prompt, kwargs)
+        times.append(sec)
+        speedups.append(flops_speedup(pipe))
+        info = diffaccel.stats(pipe)["methods"]
+        psnrs.append(psnr(img, base_img))
+        diffaccel.disable(pipe)
+    return {"psnr": statistics.mean(psnrs), "flops_speedup": statistics.mean(speedups),
+            "wall_speedup": sum(base_times) / sum(times), "methods": _jsonable(info)}
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def uniform_methods(family, interval):
+    if family == "unet":
+        return lambda: [diffaccel.DeepCache(interval=interval, schedule="uniform")]
+    # Static caching every `interval` steps: threshold never reached, reuse capped at interval - 1.
+    return lambda: [diffaccel.AdaptiveCache(threshold=1e9, warmup=1, max_consecutive=interval - 1)]
+
+
+def profiled_methods(family, profile, target):
+    method = diffaccel.DeepCache() if family == "unet" else diffaccel.AdaptiveCache(warmup=1)
+
+    def make():
+        controlled = type(method)(**{k: v for k, v in method.to_dict().items() if k != "method"})
+        return [ProfileSchedule(profile=profile, target_speedup=target, controlled=controlled), controlled]
+
+    return make
+
+
+def prompt_spread(partial_path, profile) -> dict:
+    """Across prompts: coefficient of variation per (step, block) and correlation of prompt patterns."""
+    runs = list(json.loads(Path(partial_path).read_text())["runs"].values())
+    cols = [j for j, m in enumerate(profile.modules) if m["kind"] == "block"]
+    mean, std = profile.stats["rel_l1"]["mean"], profile.stats["rel_l1"]["std"]
+    cvs = [std[s][j] / mean[s][j] for s in range(1, len(mean)) for j in cols if mean[s][j]]
+    flat = [[r["values"]["rel_l1"][s][j] for s in range(1, len(mean)) for j in cols] for r in runs]
+    corr = [_pearson(flat[a], flat[b]) for a in range(len(flat)) for b in range(a + 1, len(flat))]
+    return {"cv_median": statistics.median(cvs), "cv_p90": sorted(cvs)[int(0.9 * (len(cvs) - 1))], "cv_max": max(cvs),
+            "pattern_corr_min": min(corr), "pattern_corr_mean": statistics.mean(corr), "prompts": len(runs)}
+
+
+def _pearson(x, y):
+    mx, my = statistics.mean(x), statistics.mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return sxy / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompts: int) -> dict:
+    from diffaccel.bundled.loader import default_call_kwargs
+    from diffaccel.bundled.dataset import all_image_captions, all_video_captions
+    from diffaccel.commands.profile import default_prompts
+
+    pipe = load(model, random_weights)
+    family = detect(pipe).family
+    kwargs = default_call_kwargs(model)
+    tag = model + ("-random" if random_weights else "")
+    work = RESULTS / "profiles" / tag
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"model": model, "random_weights": random_weights, "family": family, "call": _jsonable(kwargs),
+              "load_average_1min": os.getloadavg()[0]}
+
+    # Profile: 8 prompts x 25 steps with the model's own scheduler, timed.
+    prompts = default_prompts(model)[:profile_prompts]
+    partial = work / "p25.partial.json"
+    partial.unlink(missing_ok=True)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    profile = measure(pipe, prompts, {**kwargs, "num_inference_steps": 25}, model=model, partial_path=partial, progress=False)
+    result["profile_seconds"] = time.perf_counter() - start
+    result["profile_cpu_seconds"] = time.process_time() - cpu_start  # CPU time of this process, all threads
+    result["profile_load_average_1min"] = os.getloadavg()[0]
+    profile.save(work / "profile.json")
+    result["spread"] = prompt_spread(partial, profile)
+    print(model, "profiled in", round(result["profile_seconds"], 1), "s; spread", result["spread"], flush=True)
+
+    captions = all_video_captions("heldout") if family == "video_dit" else all_image_captions("heldout")
+    eval_set = captions[::max(1, len(captions) // eval_prompts)][:eval_prompts]
+    baselines = [generate(pipe, p, kwargs) for p in eval_set]
+
+    rows = []
+    for target in TARGETS:
+        chosen, _ = plan_all(profile, target, kwargs["num_inference_steps"])
+        got = run_with(pipe, eval_set, kwargs, baselines, profile=profile, target=target)
+        rows.append({"target": target, "method": chosen.method, "predicted_flops": chosen.speedup,
+                     "predicted_wall": chosen.wall_speedup, **got})
+        print(model, "target", target, rows[-1], flush=True)
+    result["targets"] = rows
+
+    pairs = []
+    for interval in INTERVALS:
+        uniform = run_with(pipe, eval_set, kwargs, baselines, methods=uniform_methods(family, interval))
+        target = uniform["flops_speedup"] * 0.999  # plan for the cost the uniform schedule measured
+        profiled = run_with(pipe, eval_set, kwargs, baselines, methods=profiled_methods(family, profile, target))
+        pairs.append({"interval": interval, "uniform": uniform, "profiled": profiled})
+        print(model, "interval", interval, "uniform", uniform["psnr"], uniform["flops_speedup"], "profiled",
+              profiled["psnr"], profiled["flops_speedup"], flush=True)
+    result["equal_cost"] = pairs
+
+    if model == "tiny-sd":
+        result["portability"] = portability(pipe, model, prompts[:4], kwargs, eval_set[:1], work)
+    return result
+
+
+def portability(pipe, model, prompts, kwargs, eval_set, work) -> list[dict]:
+    """Profile with 50 DDIM steps; apply to 20 DPM-Solver++ steps and to 64x64 images."""
+    import diffusers
+
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    p50 = measure(pipe, prompts, {**kwargs, "num_inference_steps": 50}, model=model, progress=False)
+    p50.save(work / "profile_ddim50.json")
+    rows = []
+    settings = {"DPM-Solver++ 20 steps, 32x32": ("dpm", kwargs),
+                "DDIM 20 steps, 64x64": ("ddim", {**kwargs, "height": 64, "width": 64})}
+    for label, (sched, call) in settings.items():
+        cls = diffusers.DPMSolverMultistepScheduler if sched == "dpm" else diffusers.DDIMScheduler
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        baselines = [generate(pipe, p, call) for p in eval_set]
+        for target in TARGETS:
+            got = run_with(pipe, eval_set, call, baselines, profile=p50, target=target)
+            rows.append({"setting": label, "target": target, **got})
+            print(model, label, target, got["flops_speedup"], got["psnr"], flush=True)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    return rows
+
+
+def report() -> str:
+    lines = ["# Profile-chosen schedules: measured", ""]
+    for path in sorted(RESULTS.glob("schedules_*.json")):
+        r = json.loads(path.read_text())
+        weights = "RANDOM weights (architecture of the bundled model, not trained)" if r["random_weights"] else "trained bundled weights"
+        lines += [f"## {r['model']} ({r['family']}), {weights}", "",
+                  f"Call: {r['call']}. Load average during the run: {r['load_average_1min']:.1f} on 2 cores.", "",
+                  f"Profiling {r['spread']['prompts']} prompts x 25 steps: {r['profile_seconds']:.0f} s "
+                  f"(1-min load average {r['profile_load_average_1min']:.1f}; process CPU time "
+                  f"{r.get('profile_cpu_seconds', float('nan')):.0f} s).", "",
+                  f"Prompt spread of the block rel-L1 change: coefficient of variation across prompts median "
+                  f"{r['spread']['cv_median']:.3f}, 90th percentile {r['spread']['cv_p90']:.3f}, max {r['spread']['cv_max']:.3f}; "
+                  f"correlation of per-prompt (step x block) patterns min {r['spread']['pattern_corr_min']:.3f}, "
+                  f"mean {r['spread']['pattern_corr_mean']:.3f}.", "",
+                  "| target | method | predicted FLOPs | measured FLOPs | err | predicted wall | measured wall | err | PSNR dB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for t in r["targets"]:
+            lines.append(f"| {t['target']}x | {t['method']} | {t['predicted_flops']:.2f}x | {t['flops_speedup']:.2f}x | "
+                         f"{_err(t['flops_speedup'], t['predicted_flops'])} | {t['predicted_wall']:.2f}x | {t['wall_speedup']:.2f}x | "
+                         f"{_err(t['wall_speedup'], t['predicted_wall'])} | {t['psnr']:.2f} |")
+        lines += ["", "Equal cost (uniform interval N vs the profile's plan for the speed-up uniform measured):", "",
+                  "| N | uniform FLOPs | uniform PSNR | profiled FLOPs | profiled PSNR | winner |", "|---|---|---|---|---|---|"]
+        for p in r["equal_cost"]:
+            u, q = p["uniform"], p["profiled"]
+            lines.append(f"| {p['interval']} | {u['flops_speedup']:.2f}x | {u['psnr']:.2f} | {q['flops_speedup']:.2f}x | "
+                         f"{q['psnr']:.2f} | {'profile' if q['psnr'] > u['psnr'] else 'uniform'} |")
+        if r.get("portability"):
+            lines += ["", "Portability (profile: 50 DDIM steps, 32x32):", "",
+                      "| applied to | target | measured FLOPs | off by | PSNR dB |", "|---|---|---|---|---|"]
+            for p in r["portability"]:
+                lines.append(f"| {p['setting']} | {p['target']}x | {p['flops_speedup']:.2f}x | {_err(p['flops_speedup'], p['target'])} | {p['psnr']:.2f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    (RESULTS / "schedules.md").write_text(text)
+    return text
+
+
+def _err(measured, predicted):
+    return f"{100 * (measured - predicted) / predicted:+.1f}%"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny-sd", "tiny-dit", "tiny-video"])
+    parser.add_argument("--random-weights", action="store_true", help="build the bundled architecture with random weights")
+    parser.add_argument("--eval-prompts", type=int, default=2)
+    parser.add_argument("--profile-prompts", type=int, default=8)
+    parser.add_argument("--report", action="store_true", help="only rebuild schedules.md from the saved JSONs")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        result = evaluate(args.model, args.random_weights, args.eval_prompts, args.profile_prompts)
+        tag = args.model + ("-random" if args.random_weights else "")
+        (RESULTS / f"schedules_{tag}.json").write_text(json.dumps(result, indent=1))
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
