@@ -15,6 +15,14 @@ PRESETS: dict[str, dict[str, list[tuple[str, dict]]]] = {
 }
 
 
+# U-Nets: DeepCache (branch 0) every 2 / 3 / 5 steps; "fast" adds ToMe, whose gate merges only
+# where merging is measured to pay (large token counts). Intervals from the DeepCache paper
+# (N=3 is its SD default); see eval/results/fidelity_unet.md for the bundled-model check.
+PRESETS["quality"]["unet"] = [("deepcache", dict(interval=2, branch=0))]
+PRESETS["balanced"]["unet"] = [("deepcache", dict(interval=3, branch=0))]
+PRESETS["fast"]["unet"] = [("deepcache", dict(interval=5, branch=0)), ("tome", dict(ratio=0.5, max_downsample=None))]
+
+
 # Image and video DiTs: block-residual caching (AdaptiveCache) first; "fast" adds FasterCache's
 # CFG-Cache (attention reuse off: it compounds with skipped blocks). Not yet tuned on trained
 # bundled DiTs (none shipped when these were set); see eval/results/bench_dit.md.

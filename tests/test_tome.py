@@ -199,3 +199,22 @@ def test_flops_saved_matches_flop_counter(settings):
     pipe = ours(deep_sd(), ToMe(ratio=0.5, gate=False, **settings))
     merged, _ = count_flops(call, pipe, [item_inputs(7)], steps=1)
     assert tome_stats(pipe)["flops_saved"] == baseline - merged > 0
+
+
+def test_largest_grid_blocks_when_max_downsample_is_none(always_merge):
+    # SDXL's tiny pipe has its only transformer blocks one level down: level 1 selects none.
+    with pytest.raises(ValueError, match="selects no transformer block.*at least 2"):
+        ours(build("sdxl"), ToMe(ratio=0.5))
+    pipe = ours(build("sdxl"), ToMe(ratio=0.5, max_downsample=None))
+    run("sdxl", pipe, steps=2)
+    from diffaccel.pipelines import detect
+    levels = [d for _, _, d in detect(pipe).transformer_blocks()]
+    assert min(levels) == 2 and tome_stats(pipe)["merged_blocks"] == 2 * levels.count(2)
+
+
+@pytest.mark.parametrize("preset", ["quality", "balanced", "fast"])
+def test_unet_presets_apply(preset):
+    for name in ("sd", "sdxl"):
+        pipe = diffaccel.accelerate(build(name), preset=preset)
+        run(name, pipe, steps=4)
+        assert diffaccel.stats(pipe)["methods"]["deepcache"]["reused"] >= 1

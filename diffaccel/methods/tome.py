@@ -48,7 +48,8 @@ class ToMe(Method):
     Args:
         ratio: share of a block's tokens merged away, at most 1 - 1/(sx*sy) (0.75 for 2x2).
         max_downsample: merge only in blocks whose grid is downsampled at most this much (1 =
-            the full-resolution blocks, where attention costs most).
+            the full-resolution blocks, where attention costs most). None: the model's
+            largest-grid transformer blocks, whatever their level (SDXL has none at level 1).
         sx, sy: destination stride: one destination token per sx x sy cell.
         use_rand: pick each cell's destination at random (reproducibly) instead of top-left.
         merge_attn / merge_crossattn / merge_mlp: which sub-layers run on merged tokens
@@ -64,7 +65,7 @@ class ToMe(Method):
     families: ClassVar[tuple[str, ...]] = ("unet", "image_dit")
 
     ratio: float = 0.5
-    max_downsample: int = 1
+    max_downsample: int | None = 1
     sx: int = 2
     sy: int = 2
     use_rand: bool = True
@@ -78,7 +79,8 @@ class ToMe(Method):
     def validate(self) -> None:
         positive_int(self.sx, "ToMe sx")
         positive_int(self.sy, "ToMe sy")
-        positive_int(self.max_downsample, "ToMe max_downsample", "1 merges only the full-resolution blocks.")
+        if self.max_downsample is not None:
+            positive_int(self.max_downsample, "ToMe max_downsample", "1 merges only the full-resolution blocks.")
         top = 1.0 - 1.0 / (self.sx * self.sy)
         try:
             fraction(self.ratio, "ToMe ratio", 0.0, top)
@@ -101,7 +103,8 @@ class ToMe(Method):
                 f"ToMe needs transformer blocks with self-attention over the image, and this "
                 f"{type(adapter.denoiser).__name__} has none. Use a caching method (e.g. diffaccel.DeepCache) instead."
             )
-        chosen = [b for b in blocks if b[2] <= self.max_downsample]
+        limit = min(b[2] for b in blocks) if self.max_downsample is None else self.max_downsample
+        chosen = [b for b in blocks if b[2] <= limit]
         if not chosen:
             levels = sorted({b[2] for b in blocks})
             raise ValueError(f"ToMe max_downsample={self.max_downsample} selects no transformer block: this model's "
