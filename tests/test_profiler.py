@@ -198,3 +198,8 @@ def test_cli_profile_and_schedule_from_pretrained(tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert main(["profile", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_no_profile_and_no_calibration_possible_says_how_to_profile():
+    with pytest.raises(ValueError, match="No profile is shipped.*diffaccel profile"):
+        diffaccel.accelerate(tp.build("sd"), target_speedup=2.0)
