@@ -208,7 +208,7 @@ class ToMeInstalled(Installed):
             if spatial is None:
                 continue
             cross = next((a for a in inside if a.kind == "cross"), None)
-            hook_forward(self, block, self._block_forward(name, index, spatial), HOOK_NAME)
+            hook_forward(self, block, self._block_forward(name, index, spatial, type(block).__name__), HOOK_NAME)
             if config.merge_attn:
                 hook_forward(self, spatial.module, self._self_attention_forward(name, spatial.module), HOOK_NAME)
             if config.merge_crossattn and cross is not None:
@@ -236,7 +236,7 @@ class ToMeInstalled(Installed):
         dst, src = split_tokens(h, w, config.sx, config.sy, offsets)
         return TokenMerge(hidden, dst, src, r)
 
-    def _block_forward(self, name: str, index: int, spatial):
+    def _block_forward(self, name: str, index: int, spatial, block_type: str):
         adapter = self.session.adapter
 
         def forward(original, *args, **kwargs):
@@ -250,7 +250,7 @@ class ToMeInstalled(Installed):
                 self.count("skipped_layout")
                 return original(*args, **kwargs)
             make = lambda: self._plan(hidden, h, w, index)  # noqa: E731
-            if self.config.gate and not self._gate_allows(name, hidden, original, args, kwargs, make):
+            if self.config.gate and not self._gate_allows(name, block_type, hidden, original, args, kwargs, make):
                 self.count("gated_blocks")
                 return original(*args, **kwargs)
             self.plans[name] = make()
@@ -309,10 +309,9 @@ class ToMeInstalled(Installed):
         return lambda plan, kw: per_token * plan.B * (plan.N - plan.M)
 
     # ---- measured gate ---------------------------------------------------------------
-    def _gate_allows(self, name, hidden, original, args, kwargs, make) -> bool:
+    def _gate_allows(self, name, block_type, hidden, original, args, kwargs, make) -> bool:
         config: ToMe = self.config
-        block = type(self.session.adapter.denoiser.get_submodule(name)).__name__
-        key = (block, tuple(hidden.shape), str(hidden.dtype), str(hidden.device), config.ratio, config.mode,
+        key = (block_type, tuple(hidden.shape), str(hidden.dtype), str(hidden.device), config.ratio, config.mode,
                config.merge_attn, config.merge_crossattn, config.merge_mlp, config.sx, config.sy)
         if key not in _GATE_DECISIONS:
             _GATE_DECISIONS[key] = self._measure(name, original, args, kwargs, make, hidden.device)
