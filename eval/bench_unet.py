@@ -215,7 +215,7 @@ def markdown(rows: list[dict], args, started: str, loads: list[str]) -> str:
     lines = [
         "# U-Net speed: DeepCache / tomesd vs diffaccel",
         "",
-        f"Command: `python eval/bench.py --suite unet --res {' '.join(map(str, args.res))} --steps {args.steps} "
+        f"Command: `python eval/bench.py --suite unet{'' if Path(args.out) == RESULTS else ' --out ' + args.out} --res {' '.join(map(str, args.res))} --steps {args.steps} "
         f"--rounds {args.rounds} --ratios {' '.join(map(str, args.ratios))}"
         + (f" --ratios-large {' '.join(map(str, args.ratios_large))}" if args.ratios_large else "") + "`  ",
         f"Started {started}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; load average "
@@ -273,14 +273,16 @@ def run(args) -> str:
         costs = module_flops(pipe.unet, res)
         rows += rows_for(res, args.steps, args.intervals, args.combined_interval, vs, costs, pipe.unet)
         loads.append(load())
-    text = markdown(rows, args, started, loads)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+        text = markdown(rows, args, started, loads)  # written after every resolution: a slow run keeps its results
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
     return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-dir", default=str(REPO.parent / "shared" / "configs"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--res", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="n of the n-step totals")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurements per variant")
