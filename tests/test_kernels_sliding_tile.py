@@ -175,6 +175,12 @@ TRITON_SCRIPT = textwrap.dedent("""
     args = (torch.randn(1, 2, 32, 16), torch.randn(1, 2, 48, 16), torch.randn(1, 2, 48, 16), torch.zeros(48),
             torch.ones(2, 3, dtype=torch.int32), 16, 1, 1, 2, 16, 0.25, 16, 16, 4, 2)
     torch.library.opcheck(sliding_tile_attn, args, test_utils=("test_schema", "test_faketensor"))
+    # torch.compile traces through the public function and the custom op without graph breaks
+    grid, tile, window, text = cases[0][:4]
+    q, k, v = (torch.randn(1, 2, text + math.prod(grid), 16) for _ in range(3))
+    run = lambda q, k, v: sliding_tile_attention(q, k, v, grid, tile, window, text, backend="triton")
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert (compiled - run(q, k, v)).abs().max() <= 1e-6
     print("opcheck ok")
 """)
 
