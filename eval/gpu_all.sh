@@ -11,8 +11,15 @@ mkdir -p "$OUT" /tmp/bin
 command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/bin/python
 export PATH=/tmp/bin:$PATH
 SECONDS=0
-timeout "${TRAIN_LIMIT:-330}" bash eval/gpu_train.sh || echo "gpu_train.sh ended with $?"
+timeout "${TRAIN_LIMIT:-420}" bash eval/gpu_train.sh || echo "gpu_train.sh ended with $?"
 echo "== training part took ${SECONDS} s"
-timeout "${KERNELS_LIMIT:-200}" bash eval/gpu_kernels.sh || echo "gpu_kernels.sh ended with $?"
+# If the time limit cut training short, pack every model that finished (it has its report).
+for name in tiny-sd tiny-dit tiny-video; do
+  dir=${WORK:-/tmp/diffaccel-train}/assets
+  if [ ! -f "$OUT/$name.tgz" ] && [ -f "$dir/$name/train_report.json" ]; then
+    tar -C "$dir" -czf "$OUT/$name.tgz" "$name" && echo "packed $name after the limit"
+  fi
+done
+timeout "${KERNELS_LIMIT:-170}" bash eval/gpu_kernels.sh || echo "gpu_kernels.sh ended with $?"
 echo "== all parts took ${SECONDS} s"
 ls -l "$OUT"
