@@ -9,7 +9,7 @@ merged set and its output is copied back to every merged token ("unmerge"). With
 (ToDo / AsymRnR).
 
 Compared with tomesd: the block is not copied, only its attention/MLP modules are wrapped
-through diffusers' HookRegistry; merge is one row gather plus an ``index_add_`` and unmerge is a
+through diffusers' HookRegistry; merge is one row gather plus an accumulating ``index_put_`` and unmerge is a
 single row gather; the random destination choice is drawn from a generator seeded by
 (seed, step, block), so the same seed gives the same image on every call and every batch item
 gets the same choice whatever the batch size; and a measured gate skips merging in blocks where
