@@ -116,7 +116,7 @@ if triton is not None:
         k_base = K + b * sk_b + h * sk_h + cols[None, :]
         v_base = V + b * sv_b + h * sv_h + cols[None, :]
 
-        m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a block of padding never makes NaN
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
