@@ -283,6 +283,8 @@ def run(args) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-dir", default=str(REPO.parent / "shared" / "configs"))
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--mode", choices=("pipeline", "block"), default="pipeline",
+                        help="block: time one transformer block, plain vs tomesd vs ours (eval/results/bench_unet_block.md)")
     parser.add_argument("--res", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--steps", type=int, default=10, help="n of the n-step totals")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurements per variant")
@@ -297,4 +299,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
-    print(run(args))
+    print(block_level(args) if args.mode == "block" else run(args))
+
+
+# ---- block level: one full-resolution transformer block, ToMe paths only ---------------
+BLOCK_RESULTS = REPO / "eval" / "results" / "bench_unet_block.md"
+
+
+def block_level(args) -> str:
+    """Time SD1.5's first transformer block alone: plain vs tomesd vs diffaccel ToMe (gate off).
+
+    Far less noisy than whole pipeline calls on a shared CPU, and it is where every ToMe saving
+    and cost sits. Our hooks need a call context; it is set as a pipeline call would set it.
+    """
+    import diffaccel
+    import tomesd
+    from diffaccel.api import session_of
+    from diffaccel.pipelines import TokenGrid
+    from diffaccel.state import CallContext
+
+    pipe = build_pipe(Path(args.config_dir))
+    name = "down_blocks.0.attentions.0.transformer_blocks.0"
+    block = pipe.unet.get_submodule(name)
+    lines = ["# SD1.5 full-resolution transformer block: plain vs tomesd vs diffaccel ToMe", "",
+             f"Command: `python eval/bench.py --suite unet --mode block --res {' '.join(map(str, args.res))} "
+             f"--ratios {' '.join(map(str, args.ratios))} --rounds {args.rounds}`  ",
+             f"`{name}` of the SD1.5 U-Net (random weights), batch 2 (CFG), 77 text tokens, CPU fp32, "
+             f"{torch.get_num_threads()} threads, load average at start {load()}. Median of {args.rounds} interleaved "
+             "calls each; ToMe merges self-attention only (defaults), diffaccel with gate=False so its merged path is "
+             "what is timed (with the gate on, a shape where this is slower than plain runs plain).", "",
+             "| res | tokens | ratio | plain ms | tomesd ms | diffaccel ms | tomesd speed-up | diffaccel speed-up | ours/ref |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for res in args.res:
+        h = w = res // 8
+        x, text = torch.randn(2, h * w, 320), torch.randn(2, 77, 768)
+
+        def plain():
+            return lambda: None
+
+        def reference(r):
+            tomesd.apply_patch(pipe, ratio=r)
+            pipe.unet._tome_info["size"] = (h, w)  # what tomesd's U-Net pre-hook records
+            return lambda: tomesd.remove_patch(pipe)
+
+        def ours(r):
+            diffaccel.accelerate(pipe, methods=[diffaccel.ToMe(ratio=r, gate=False)])
+            session = session_of(pipe)
+            session.ctx = CallContext(active=True, grid=TokenGrid(1, h, w, 77))
+
+            def undo():
+                assert session.installed[0].counters.get("merged_blocks") == 1, "ToMe did not merge"
+                diffaccel.disable(pipe)
+            return undo
+
+        variants = {("plain", 0): plain}
+        for r in args.ratios:
+            variants[("tomesd", r)] = lambda r=r: reference(r)
+            variants[("ours", r)] = lambda r=r: ours(r)
+        times = {k: [] for k in variants}
+        with torch.no_grad():
+            for round_ in range(args.rounds + 1):  # round 0 warms up
+                for key, install in variants.items():
+                    undo = install()
+                    start = time.perf_counter()
+                    block(x, encoder_hidden_states=text)
+                    elapsed = time.perf_counter() - start
+                    undo()
+                    if round_:
+                        times[key].append(elapsed)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        for r in args.ratios:
+            p, t, o = med[("plain", 0)], med[("tomesd", r)], med[("ours", r)]
+            lines.append(f"| {res} | {h * w} | {r} | {p:.0f} | {t:.0f} | {o:.0f} | {p / t:.2f}x | {p / o:.2f}x | {t / o:.2f} |")
+        print("\n".join(lines[-len(args.ratios):]), flush=True)
+    text = "\n".join(lines) + "\n"
+    BLOCK_RESULTS.write_text(text)
+    return text
