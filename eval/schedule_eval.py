@@ -33,6 +33,7 @@ import diffaccel
 from diffaccel.metrics import psnr
 from diffaccel.profiler.measure import measure
 from diffaccel.pipelines import detect
+from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.schedule import ProfileSchedule, plan_all
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -122,7 +123,8 @@ def _pearson(x, y):
     return sxy / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
 
 
-def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompts: int) -> dict:
+def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompts: int, existing_profile=None,
+             intervals=INTERVALS, portable: bool = True) -> dict:
     from diffaccel.bundled.loader import default_call_kwargs
     from diffaccel.bundled.dataset import all_image_captions, all_video_captions
     from diffaccel.commands.profile import default_prompts
@@ -136,18 +138,21 @@ def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompt
     result = {"model": model, "random_weights": random_weights, "family": family, "call": _jsonable(kwargs),
               "load_average_1min": os.getloadavg()[0]}
 
-    # Profile: 8 prompts x 25 steps with the model's own scheduler, timed.
     prompts = default_prompts(model)[:profile_prompts]
-    partial = work / "p25.partial.json"
-    partial.unlink(missing_ok=True)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    profile = measure(pipe, prompts, {**kwargs, "num_inference_steps": 25}, model=model, partial_path=partial, progress=False)
-    result["profile_seconds"] = time.perf_counter() - start
-    result["profile_cpu_seconds"] = time.process_time() - cpu_start  # CPU time of this process, all threads
-    result["profile_load_average_1min"] = os.getloadavg()[0]
-    profile.save(work / "profile.json")
-    result["spread"] = prompt_spread(partial, profile)
-    print(model, "profiled in", round(result["profile_seconds"], 1), "s; spread", result["spread"], flush=True)
+    if existing_profile:  # e.g. the shipped assets/<model>/profile.json: no re-profiling, no spread
+        profile = load_profile(existing_profile, detect(pipe))
+        result["profile_from"] = str(existing_profile)
+    else:  # Profile: 8 prompts x 25 steps with the model's own scheduler, timed.
+        partial = work / "p25.partial.json"
+        partial.unlink(missing_ok=True)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        profile = measure(pipe, prompts, {**kwargs, "num_inference_steps": 25}, model=model, partial_path=partial, progress=False)
+        result["profile_seconds"] = time.perf_counter() - start
+        result["profile_cpu_seconds"] = time.process_time() - cpu_start  # CPU time of this process, all threads
+        result["profile_load_average_1min"] = os.getloadavg()[0]
+        profile.save(work / "profile.json")
+        result["spread"] = prompt_spread(partial, profile)
+        print(model, "profiled in", round(result["profile_seconds"], 1), "s; spread", result["spread"], flush=True)
 
     captions = all_video_captions("heldout") if family == "video_dit" else all_image_captions("heldout")
     eval_set = captions[::max(1, len(captions) // eval_prompts)][:eval_prompts]
@@ -163,7 +168,7 @@ def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompt
     result["targets"] = rows
 
     pairs = []
-    for interval in INTERVALS:
+    for interval in intervals:
         uniform = run_with(pipe, eval_set, kwargs, baselines, methods=uniform_methods(family, interval))
         target = uniform["flops_speedup"] * 0.999  # plan for the cost the uniform schedule measured
         profiled = run_with(pipe, eval_set, kwargs, baselines, methods=profiled_methods(family, profile, target))
@@ -172,7 +177,7 @@ def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompt
               profiled["psnr"], profiled["flops_speedup"], flush=True)
     result["equal_cost"] = pairs
 
-    if model == "tiny-sd":
+    if model == "tiny-sd" and portable:
         result["portability"] = portability(pipe, model, prompts[:4], kwargs, eval_set[:1], work)
     return result
 
@@ -205,14 +210,18 @@ def report() -> str:
         r = json.loads(path.read_text())
         weights = "RANDOM weights (architecture of the bundled model, not trained)" if r["random_weights"] else "trained bundled weights"
         lines += [f"## {r['model']} ({r['family']}), {weights}", "",
-                  f"Call: {r['call']}. Load average during the run: {r['load_average_1min']:.1f} on 2 cores.", "",
-                  f"Profiling {r['spread']['prompts']} prompts x 25 steps: {r['profile_seconds']:.0f} s "
-                  f"(1-min load average {r['profile_load_average_1min']:.1f}; process CPU time "
-                  f"{r.get('profile_cpu_seconds', float('nan')):.0f} s).", "",
-                  f"Prompt spread of the block rel-L1 change: coefficient of variation across prompts median "
-                  f"{r['spread']['cv_median']:.3f}, 90th percentile {r['spread']['cv_p90']:.3f}, max {r['spread']['cv_max']:.3f}; "
-                  f"correlation of per-prompt (step x block) patterns min {r['spread']['pattern_corr_min']:.3f}, "
-                  f"mean {r['spread']['pattern_corr_mean']:.3f}.", "",
+                  f"Call: {r['call']}. Load average during the run: {r['load_average_1min']:.1f} on 2 cores.", ""]
+        if "spread" in r:
+            sp = r["spread"]
+            lines += [f"Profiling {sp['prompts']} prompts x 25 steps: {r['profile_seconds']:.0f} s wall "
+                      f"(1-min load average {r['profile_load_average_1min']:.1f}; process CPU time "
+                      f"{r.get('profile_cpu_seconds', float('nan')):.0f} s).", "",
+                      f"Prompt spread of the block rel-L1 change: coefficient of variation across prompts median "
+                      f"{sp['cv_median']:.3f}, 90th percentile {sp['cv_p90']:.3f}, max {sp['cv_max']:.3f}; correlation of "
+                      f"per-prompt (step x block) patterns min {sp['pattern_corr_min']:.3f}, mean {sp['pattern_corr_mean']:.3f}.", ""]
+        else:
+            lines += [f"Profile: {r.get('profile_from')}.", ""]
+        lines += [
                   "| target | method | predicted FLOPs | measured FLOPs | err | predicted wall | measured wall | err | PSNR dB |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for t in r["targets"]:
@@ -246,11 +255,15 @@ def main():
     parser.add_argument("--random-weights", action="store_true", help="build the bundled architecture with random weights")
     parser.add_argument("--eval-prompts", type=int, default=2)
     parser.add_argument("--profile-prompts", type=int, default=8)
+    parser.add_argument("--profile", help="use this profile instead of profiling (no spread / timing then)")
+    parser.add_argument("--intervals", type=int, nargs="+", default=list(INTERVALS), help="uniform intervals to compare")
+    parser.add_argument("--no-portability", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rebuild schedules.md from the saved JSONs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.model:
-        result = evaluate(args.model, args.random_weights, args.eval_prompts, args.profile_prompts)
+        result = evaluate(args.model, args.random_weights, args.eval_prompts, args.profile_prompts, args.profile,
+                          tuple(args.intervals), not args.no_portability)
         tag = args.model + ("-random" if args.random_weights else "")
         (RESULTS / f"schedules_{tag}.json").write_text(json.dumps(result, indent=1))
     print(report())
