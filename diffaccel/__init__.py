@@ -15,6 +15,8 @@ from diffaccel.methods.instrument import Instrument
 from diffaccel.methods.adaptive_cache import AdaptiveCache  # noqa: E402
 from diffaccel.methods.faster_cache import FasterCache  # noqa: E402
 from diffaccel.methods.pab import PAB  # noqa: E402
+from diffaccel.methods.sliding_tile import SlidingTileAttention  # noqa: E402
+from diffaccel.methods.mediator import MediatorAttention  # noqa: E402
 from diffaccel.presets import PRESETS
 from diffaccel.bundled.loader import load_bundled
 
@@ -22,3 +24,4 @@ __version__ = "0.1.0"
 
 __all__ = ["accelerate", "disable", "stats", "METHODS", "Method", "PRESETS", "Instrument", "instrument", "DeepCache", "ToMe", "__version__"]
 __all__ += ["AdaptiveCache", "FasterCache", "PAB", "load_bundled"]
+__all__ += ["SlidingTileAttention", "MediatorAttention"]
