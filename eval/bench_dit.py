@@ -66,12 +66,11 @@ def call_kwargs(suite: str, pipe, args) -> dict:
         return dict(prompt_embeds=emb, negative_prompt_embeds=neg, prompt_attention_mask=torch.ones(1, text),
                     negative_prompt_attention_mask=torch.ones(1, text), negative_prompt=None, guidance_scale=4.5,
                     height=args.size, width=args.size, num_inference_steps=args.steps, use_resolution_binning=False,
-                    output_type="latent", generator=torch.Generator().manual_seed(args.seed))
+                    output_type="latent", seed=args.seed)
     text, dim = cfg.max_text_seq_length, cfg.text_embed_dim
     emb, neg = torch.randn(1, text, dim, generator=g), torch.randn(1, text, dim, generator=g)
     return dict(prompt_embeds=emb, negative_prompt_embeds=neg, guidance_scale=6.0, height=args.size, width=args.size,
-                num_frames=args.frames, num_inference_steps=args.steps, output_type="latent",
-                generator=torch.Generator().manual_seed(args.seed))
+                num_frames=args.frames, num_inference_steps=args.steps, output_type="latent", seed=args.seed)
 
 
 class TimestepProbe:
@@ -151,15 +150,21 @@ def calibrate_magcache(pipe, kw, args) -> list[float]:
     tr.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=args.steps))
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), torch.no_grad(), tr.cache_context("cond"):
-        pipe(**kw)
+        call(pipe, kw)
     tr.disable_cache()
     line = [ln for ln in buf.getvalue().splitlines() if ln.strip().startswith("[")][-1]
     return json.loads(line)
 
 
+def call(pipe, kw):
+    """A fresh generator per call: a shared one advances, so repeated calls would start from other noise."""
+    kw = dict(kw)
+    return pipe(generator=torch.Generator().manual_seed(kw.pop("seed")), **kw)
+
+
 def run_once(pipe, kw) -> torch.Tensor:
     with torch.no_grad():
-        out = pipe(**kw)
+        out = call(pipe, kw)
     return (out.frames if hasattr(out, "frames") else out.images).float()
 
 
@@ -181,15 +186,21 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated substrings of method names to run")
     p.add_argument("--out", default="eval/results/bench_dit.md")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--check-repro", action="store_true", help="only check that two baseline calls are bit-identical")
     args = p.parse_args(argv)
     args.size = args.size or (128 if args.suite == "dit" else 64)
     args.steps = args.steps or (20 if args.suite == "dit" else 10)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     _register_cpu_sdpa_formula()
 
     pipe = build(args.suite, args.layers)
     probe = TimestepProbe(pipe)
     kw = call_kwargs(args.suite, pipe, args)
+    if args.check_repro:
+        a, b = run_once(pipe, kw), run_once(pipe, kw)
+        print(f"baseline vs baseline: bit-identical={torch.equal(a, b)}, max abs diff {(a - b).abs().max():.3g}")
+        return
     args.mag_ratios = calibrate_magcache(pipe, kw, args)
     table = methods(args.suite, pipe, probe, args)
     if args.only:
