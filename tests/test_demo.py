@@ -13,11 +13,12 @@ from diffaccel.bundled.loader import bundled_dir
                     reason="the trained bundled models are not in assets/ (eval/train_bundled.py makes them)")
 def test_demo_runs_offline_and_writes_its_files(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "diffaccel.cli", "demo", "--models", "tiny-sd", "--steps", "4",
+    proc = subprocess.run([sys.executable, "-m", "diffaccel.cli", "demo", "--models", "tiny-sd", "--presets", "fast", "--steps", "2",
                            "--seeds", "0", "--repeats", "1", "--out", str(out), "--no-progress"],
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| tiny-sd | baseline |" in proc.stdout and "prompt-following" in proc.stdout
     grid = Image.open(out / "tiny-sd.png")
-    assert grid.width >= 128 and grid.height >= 2 * 128  # baseline row + at least one preset row
+    assert grid.width >= 128 and grid.height >= 2 * 128  # baseline row + the preset row
+    assert "| tiny-sd | fast |" in proc.stdout
     assert (out / "tiny-sd" / "results.json").is_file() and (out / "tiny-sd" / "samples" / "baseline" / "seed0000.png").is_file()
