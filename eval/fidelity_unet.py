@@ -93,6 +93,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the bundled model's own")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated label substrings to run (baseline always runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -107,7 +108,10 @@ def main(argv=None) -> None:
     seeds = list(range(args.seeds))
 
     rows, baseline = [], None
+    wanted = [w for w in args.only.split(",") if w]
     for label, install in configs(max_downsample):
+        if wanted and label != "baseline" and not any(w in label for w in wanted):
+            continue
         undo = install(pipe)
         start = time.perf_counter()
         try:
@@ -127,7 +131,8 @@ def main(argv=None) -> None:
 
     lines = ["# Fidelity on the bundled tiny-sd U-Net", "",
              f"Command: `python eval/fidelity_unet.py --seeds {args.seeds}"
-             + (f" --steps {args.steps}" if args.steps else "") + f" --batch {args.batch}`  ",
+             + (f" --steps {args.steps}" if args.steps else "") + f" --batch {args.batch}"
+             + (f" --only '{args.only}'" if args.only else "") + "`  ",
              f"{args.seeds} seeds x bundled captions, {call_kwargs['num_inference_steps']} steps, guidance "
              f"{call_kwargs['guidance_scale']}, {call_kwargs['height']}x{call_kwargs['width']} px, CPU fp32, "
              f"ToMe on blocks downsampled <= {max_downsample} (the model's largest attention grid), gate off. "

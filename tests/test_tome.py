@@ -218,3 +218,15 @@ def test_unet_presets_apply(preset):
         pipe = diffaccel.accelerate(build(name), preset=preset)
         run(name, pipe, steps=4)
         assert diffaccel.stats(pipe)["methods"]["deepcache"]["reused"] >= 1
+
+
+def test_disable_leaves_modules_as_they_were():
+    # diffusers' HookRegistry leaves an instance forward behind on removal, which silently
+    # disabled tomesd (it swaps the class) after diffaccel.disable; hook_forward cleans up.
+    pipe = build("sd")
+    block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    diffaccel.accelerate(pipe, methods=[DeepCache(interval=2), ToMe(ratio=0.5)])
+    assert "forward" in vars(block)
+    diffaccel.disable(pipe)
+    for module in pipe.unet.modules():
+        assert "forward" not in vars(module) and not hasattr(module, "_diffusers_hook")

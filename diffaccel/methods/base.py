@@ -97,9 +97,20 @@ def hook_forward(installed: Installed, module: torch.nn.Module, new_forward: Cal
         def new_forward(self, mod, *args, **kwargs):
             return new_forward(self.fn_ref.original_forward, *args, **kwargs)
 
+    had_forward, had_registry = "forward" in vars(module), hasattr(module, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(module)
     registry.register_hook(_Hook(), hook_name)
-    installed.on_remove(lambda: registry.remove_hook(hook_name, recurse=False))
+
+    def undo():
+        registry.remove_hook(hook_name, recurse=False)
+        if not registry.hooks and not had_registry:
+            # HookRegistry leaves an instance ``forward`` (the class method, bound) and an empty
+            # registry behind; drop both, or class-swapping patchers such as tomesd stop working.
+            if not had_forward:
+                vars(module).pop("forward", None)
+            del module._diffusers_hook
+
+    installed.on_remove(undo)
 
 
 def swap_processor(installed: Installed, attention: torch.nn.Module, processor) -> None:
