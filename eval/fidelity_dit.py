@@ -5,8 +5,8 @@ trained DiTs, next to diffusers' own cache hooks at matched settings.
     python eval/fidelity_dit.py --model tiny-video --seeds 0-7
 
 A thin layer over diffaccel.evaluation (the same runner as eval/evaluate.py): every config
-generates the same seeds and bundled captions (seeds past the training captions' count reuse
-them with new noise; the bundled caption list includes held-out ones); PSNR / SSIM against the
+generates the same seeds and captions (--prompts bundled: training captions; heldout: the
+held-out colour-shape pairs); PSNR / SSIM against the
 baseline of the same seed, prompt-following read back from the pixels, measured denoiser FLOPs
 saved, and wall speed-up (median of interleaved rounds). Extra config specs (e.g. candidate
 preset values) go in with --configs. Writes eval/results/fidelity_dit_<model>.md.
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=("tiny-dit", "tiny-video"), default="tiny-dit")
     p.add_argument("--seeds", default="0-7")
     p.add_argument("--configs", default=OURS, help="our config specs (eval/evaluate.py syntax)")
+    p.add_argument("--prompts", choices=("bundled", "heldout"), default="bundled")
     p.add_argument("--no-peers", action="store_true", help="skip diffusers' hooks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     steps = default_call_kwargs(args.model)["num_inference_steps"]
     configs = wrap(parse_configs(args.configs), pipe, video, steps, not args.no_peers)
     results = run_evaluation(EvalOptions(model=args.model, out=args.out or Path("runs/fidelity_dit") / args.model,
-                                         configs=configs, seeds=parse_seeds(args.seeds), repeats=args.repeats,
+                                         configs=configs, seeds=parse_seeds(args.seeds), repeats=args.repeats, prompts=args.prompts,
                                          pipe=pipe, progress=False))
     command = "python eval/fidelity_dit.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = "\n".join([f"# DiT caches on the bundled {args.model}", "", f"Command: `OMP_NUM_THREADS=1 {command}`  ",
