@@ -23,17 +23,16 @@ PRESETS["balanced"]["unet"] = [("deepcache", dict(interval=3, branch=0))]
 PRESETS["fast"]["unet"] = [("deepcache", dict(interval=5, branch=0)), ("tome", dict(ratio=0.5, max_downsample=None))]
 
 
-# Image and video DiTs: block-residual caching (AdaptiveCache), with FasterCache's CFG-Cache (attention
-# reuse off: it compounds with skipped blocks) where that measured better (on tiny-video, CFG-Cache on top
-# of a stronger threshold cost prompt-following, so video "fast" is a higher threshold alone). Tuned on the bundled tiny-dit /
-# tiny-video (8 seeds, PSNR vs baseline and prompt-following): eval/results/fidelity_dit.md.
+# Image and video DiTs: block-residual caching (AdaptiveCache); image "fast" adds FasterCache's CFG-Cache
+# (attention reuse off: it compounds with skipped blocks). On tiny-video CFG-Cache on top of a strong threshold
+# cost prompt-following, so video uses thresholds alone. Tuned on the bundled tiny-dit / tiny-video (8 seeds,
+# PSNR vs baseline and prompt-following): eval/results/fidelity_dit.md.
 PRESETS["quality"]["image_dit"] = [("adaptive_cache", dict(threshold=0.12, warmup=1, max_consecutive=3))]
 PRESETS["balanced"]["image_dit"] = [("adaptive_cache", dict(threshold=0.15, warmup=2, max_consecutive=3))]
 PRESETS["fast"]["image_dit"] = [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
                                 ("faster_cache", dict(attention_interval=1, cfg_interval=3))]
-PRESETS["quality"]["video_dit"] = [("adaptive_cache", dict(threshold=0.25, warmup=2, max_consecutive=5))]
-PRESETS["balanced"]["video_dit"] = [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
-                                    ("faster_cache", dict(attention_interval=1, cfg_interval=3))]
+PRESETS["quality"]["video_dit"] = [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4))]
+PRESETS["balanced"]["video_dit"] = [("adaptive_cache", dict(threshold=0.25, warmup=2, max_consecutive=5))]
 PRESETS["fast"]["video_dit"] = [("adaptive_cache", dict(threshold=0.35, warmup=2, max_consecutive=6))]
 
 
