@@ -8,32 +8,30 @@ from __future__ import annotations
 
 from diffaccel.methods.base import METHODS, Method
 
-PRESETS: dict[str, dict[str, list[tuple[str, dict]]]] = {
-    "quality": {"unet": [], "image_dit": [], "video_dit": []},
-    "balanced": {"unet": [], "image_dit": [], "video_dit": []},
-    "fast": {"unet": [], "image_dit": [], "video_dit": []},
-}
-
-
-# U-Nets: DeepCache (branch 0) every 2 / 3 / 5 steps; "fast" adds ToMe, whose gate merges only
-# where merging is measured to pay (large token counts). Intervals from the DeepCache paper
-# (N=3 is its SD default); see eval/results/fidelity_unet.md for the bundled-model check.
-PRESETS["quality"]["unet"] = [("deepcache", dict(interval=2, branch=0))]
-PRESETS["balanced"]["unet"] = [("deepcache", dict(interval=3, branch=0))]
-PRESETS["fast"]["unet"] = [("deepcache", dict(interval=5, branch=0)), ("tome", dict(ratio=0.5, max_downsample=None))]
-
-
+# U-Nets: DeepCache (branch 0) every 2 / 3 / 5 steps; "fast" adds ToMe, whose gate merges only where
+# merging is measured to pay (large token counts). Checked on tiny-sd: eval/results/fidelity_unet.md.
 # Image and video DiTs: block-residual caching (AdaptiveCache); image "fast" adds FasterCache's CFG-Cache
-# (attention reuse off: it compounds with skipped blocks). On tiny-video CFG-Cache on top of a strong threshold
-# cost prompt-following, so video uses thresholds alone. Tuned on the bundled tiny-dit / tiny-video (8 seeds,
-# PSNR vs baseline and prompt-following): eval/results/fidelity_dit.md.
-PRESETS["quality"]["image_dit"] = [("adaptive_cache", dict(threshold=0.12, warmup=1, max_consecutive=3))]
-PRESETS["balanced"]["image_dit"] = [("adaptive_cache", dict(threshold=0.15, warmup=2, max_consecutive=3))]
-PRESETS["fast"]["image_dit"] = [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
-                                ("faster_cache", dict(attention_interval=1, cfg_interval=3))]
-PRESETS["quality"]["video_dit"] = [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4))]
-PRESETS["balanced"]["video_dit"] = [("adaptive_cache", dict(threshold=0.25, warmup=2, max_consecutive=5))]
-PRESETS["fast"]["video_dit"] = [("adaptive_cache", dict(threshold=0.35, warmup=2, max_consecutive=6))]
+# (attention reuse off: it compounds with skipped blocks). On tiny-video CFG-Cache on top of a strong
+# threshold cost prompt-following, so video uses thresholds alone. Tuned on tiny-dit / tiny-video
+# (8 seeds, PSNR vs baseline and prompt-following): eval/results/fidelity_dit.md.
+PRESETS: dict[str, dict[str, list[tuple[str, dict]]]] = {
+    "quality": {
+        "unet": [("deepcache", dict(interval=2, branch=0))],
+        "image_dit": [("adaptive_cache", dict(threshold=0.12, warmup=1, max_consecutive=3))],
+        "video_dit": [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4))],
+    },
+    "balanced": {
+        "unet": [("deepcache", dict(interval=3, branch=0))],
+        "image_dit": [("adaptive_cache", dict(threshold=0.15, warmup=2, max_consecutive=3))],
+        "video_dit": [("adaptive_cache", dict(threshold=0.25, warmup=2, max_consecutive=5))],
+    },
+    "fast": {
+        "unet": [("deepcache", dict(interval=5, branch=0)), ("tome", dict(ratio=0.5, max_downsample=None))],
+        "image_dit": [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
+                      ("faster_cache", dict(attention_interval=1, cfg_interval=3))],
+        "video_dit": [("adaptive_cache", dict(threshold=0.35, warmup=2, max_consecutive=6))],
+    },
+}
 
 
 def preset_methods(preset: str, family: str) -> list[Method]:
