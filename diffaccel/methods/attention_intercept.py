@@ -80,6 +80,15 @@ class SparseAttentionHook:
         """Per-call setting for the sparse path (e.g. a window), or None to compute densely."""
         raise NotImplementedError
 
+    def sparse_phase(self, layout) -> float | None:
+        """Where the call is in the trajectory (0 = first step) when the sparse path may run: past
+        the method's full-attention phase and on a grid of at least ``min_tokens``; else None."""
+        config = self.installed.config
+        where = step_fraction(self.installed.session.ctx)
+        if where is None or where < config.full_attention_fraction or layout.num_visual < config.min_tokens:
+            return None
+        return where
+
     def attend(self, q, k, v, layout, setting, scale) -> torch.Tensor:
         raise NotImplementedError
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from diffaccel.kernels import mediator_attention, mediator_grid
 from diffaccel.kernels.mediator import QUERY_SCALE_FACTOR, SHORTCUT
-from diffaccel.methods.attention_intercept import SparseAttentionHook, step_fraction
+from diffaccel.methods.attention_intercept import SparseAttentionHook
 from diffaccel.methods.base import Installed, Method, fraction, register
 
 KINDS = ("spatial", "joint")
@@ -84,12 +84,11 @@ class _MediatorInstalled(Installed):
 
 class _MediatorHook(SparseAttentionHook):
     def plan(self, layout):
-        config = self.installed.config
-        where = step_fraction(self.installed.session.ctx)
-        if where is None or where < config.full_attention_fraction or layout.num_visual < config.min_tokens:
+        where = self.sparse_phase(layout)
+        if where is None:
             return None
         grid = (layout.frames, layout.height, layout.width)
-        wanted = max(1, round(config.ratio_at(where) * layout.num_visual))
+        wanted = max(1, round(self.installed.config.ratio_at(where) * layout.num_visual))
         if math.prod(mediator_grid(grid, wanted)) >= layout.num_visual:  # no fewer mediators than tokens
             return None
         return grid, wanted

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from diffaccel.kernels import sliding_tile_attention, sliding_tile_density
-from diffaccel.methods.attention_intercept import SparseAttentionHook, step_fraction
+from diffaccel.methods.attention_intercept import SparseAttentionHook
 from diffaccel.methods.base import Installed, Method, fraction, register
 
 KINDS = ("spatial", "joint")
@@ -145,9 +145,7 @@ class _TileHook(SparseAttentionHook):
         self.window = window
 
     def plan(self, layout):
-        config = self.installed.config
-        where = step_fraction(self.installed.session.ctx)
-        if where is None or where < config.full_attention_fraction or layout.num_visual < config.min_tokens:
+        if self.sparse_phase(layout) is None:
             return None
         grid = (layout.frames, layout.height, layout.width)
         tile = tuple(min(t, s) for t, s in zip(self.installed.tile, grid))
