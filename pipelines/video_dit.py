@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from .base import Adapter, AttentionInfo, TokenGrid, TokenLayout, call_arg
 from .image_dit import _text_len

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 
 from diffaccel.kernels import sliding_tile_attention, sliding_tile_density
