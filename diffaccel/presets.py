@@ -17,7 +17,7 @@ from diffaccel.methods.base import METHODS, Method
 PRESETS: dict[str, dict[str, list[tuple[str, dict]]]] = {
     "quality": {
         "unet": [("deepcache", dict(interval=2, branch=0))],
-        "image_dit": [("adaptive_cache", dict(threshold=0.12, warmup=1, max_consecutive=3))],
+        "image_dit": [("adaptive_cache", dict(threshold=0.1, warmup=2, max_consecutive=3))],
         "video_dit": [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4))],
     },
     "balanced": {
