@@ -11,7 +11,9 @@ import tiny_pipes as tp
 from diffaccel.pipelines import detect
 from diffaccel.profiler.measure import measure
 from diffaccel.profiler.profile import PROFILE_VERSION, Cumulative, ProfileError, load_profile
-from diffaccel.profiler.schedule import UnreachableTarget, choose_full_steps, deepcache_staleness, plan_all, simulate_adaptive
+from diffaccel.profiler.plan_adaptive import simulate_adaptive
+from diffaccel.profiler.plan_deepcache import choose_full_steps, deepcache_staleness
+from diffaccel.profiler.schedule import UnreachableTarget, plan_all
 
 STEPS = 6
 

@@ -1,0 +1,77 @@
+"""AdaptiveCache planner: simulate its accumulate-and-reset rule on the profiled signal and pick
+the smallest threshold (and cap on consecutive reuses) that meets the target."""
+from __future__ import annotations
+
+import math
+
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget, _flops_speedup, _increments, wall_speedup
+from diffaccel.profiler.profile import Cumulative, Profile
+
+def simulate_adaptive(increments: list[float], threshold: float, warmup: int, max_consecutive: int) -> list[bool]:
+    """AdaptiveCache's rule: compute while warming up, at the cap, or once accumulated change >= threshold."""
+    computed, acc, run = [], 0.0, 0
+    for i, d in enumerate(increments):
+        compute = i == 0 or i < warmup or run >= max_consecutive or acc + d >= threshold
+        if compute:
+            acc, run = 0.0, 0
+        else:
+            acc, run = acc + d, run + 1
+        computed.append(compute)
+    return computed
+
+
+def _adaptive_parts(profile: Profile, head_blocks: int):
+    blocks = profile.costs.get("blocks") or [m["name"] for m in profile.modules if m["kind"] == "block"]
+    head, middle = blocks[head_blocks - 1], blocks[head_blocks:]
+    metric = "residual_rel_l1" if "residual_rel_l1" in profile.stats and any(v is not None for v in profile.series(head, "residual_rel_l1")) else "rel_l1"
+    signal = profile.drift(head, metric)
+    saved = sum(profile.costs["modules"].get(b, 0) for b in middle)
+    idx = [profile.module_index(b) for b in middle]
+    rows = profile.stats[metric]["mean"]
+    staleness = Cumulative(profile.times, [None if s == 0 else sum(r[j] or 0.0 for j in idx) / len(idx) for s, r in enumerate(rows)])
+    return signal, saved, staleness
+
+
+def plan_adaptive(profile: Profile, times: list[float], target: float | None, head_blocks: int = 1, warmup: int = 2,
+                  threshold: float | None = None, max_consecutive: int | None = None) -> Plan:
+    """AdaptiveCache plan; with ``threshold`` given it evaluates that setting instead of choosing."""
+    from diffaccel.methods.adaptive_cache import AdaptiveCache
+
+    signal, saved, staleness = _adaptive_parts(profile, head_blocks)
+    full, n = float(profile.costs["call"]), len(times)
+    d = _increments(signal, times)
+    stale = staleness.on(times)
+
+    def evaluate(tau, cap):
+        computed = simulate_adaptive(d, tau, warmup, cap)
+        costs = [full if c else full - saved for c in computed]
+        return computed, _flops_speedup(full, costs)
+
+    if threshold is not None:
+        cap = max_consecutive or 3
+        computed, speedup = evaluate(threshold, cap)
+    else:
+        grid = [0.0] + [1e-4 * (1e6 ** (i / 399)) for i in range(400)]  # 1e-4 .. 100, geometric
+        found = None
+        for cap in (3, 5, 8, max(8, n)):
+            for tau in grid:
+                computed, speedup = evaluate(tau, cap)
+                if speedup >= target - 1e-9:
+                    found = (tau, cap, computed, speedup)
+                    break
+            if found:
+                break
+        if found is None:
+            _, best = evaluate(math.inf, max(8, n))
+            raise UnreachableTarget(f"AdaptiveCache reaches at most {best:.2f}x here (warm-up {warmup} steps)")
+        threshold, cap, computed, speedup = found
+    error, last = 0.0, 0
+    for i, c in enumerate(computed):
+        if c:
+            last = i
+        else:
+            error += (stale[i] - stale[last]) * saved / full
+    config = AdaptiveCache(threshold=float(f"{threshold:.6g}"), warmup=warmup, max_consecutive=cap, head_blocks=head_blocks)
+    return Plan("adaptive_cache", config, speedup, wall_speedup(profile, speedup), error, computed)
+
+

@@ -1,0 +1,60 @@
+"""What every planner shares: the Plan record, the unreachable-target error, the step-time axis,
+and the FLOPs / wall-clock speed-up arithmetic (see diffaccel/profiler/schedule.py for the models)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffaccel.methods.base import Method
+from diffaccel.profiler.profile import Cumulative, Profile
+
+
+class UnreachableTarget(ValueError):
+    """The target speed-up is beyond what any applicable method can reach for this model."""
+
+
+@dataclass
+class Plan:
+    method: str
+    config: Method
+    speedup: float  # predicted, denoiser FLOPs
+    wall_speedup: float  # predicted, whole generation
+    error: float  # predicted staleness (see module docstring)
+    computed: list[bool] = field(default_factory=list)  # per step: full (True) or reusing
+    note: str = ""
+
+    def describe(self) -> dict:
+        return {"method": self.method, "config": self.config.to_dict(), "predicted_speedup": round(self.speedup, 4),
+                "predicted_wall_speedup": round(self.wall_speedup, 4), "predicted_error": round(self.error, 6),
+                "computed_steps": [i for i, c in enumerate(self.computed) if c], "note": self.note}
+
+
+# ---- shared helpers --------------------------------------------------------------------
+def step_times(profile: Profile, steps: int | None = None) -> list[float]:
+    """The profiled step times, or ``steps`` times spread over the same range the same way."""
+    times = profile.times
+    if steps is None or steps == len(times):
+        return list(times)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    out = []
+    for i in range(steps):
+        x = i * (len(times) - 1) / max(1, steps - 1)
+        j = min(int(x), len(times) - 2)
+        out.append(times[j] + (x - j) * (times[j + 1] - times[j]))
+    return out
+
+
+def wall_speedup(profile: Profile, flops_speedup: float) -> float:
+    share = float(profile.costs.get("denoiser_share", 1.0))
+    return 1.0 / ((1.0 - share) + share / flops_speedup)
+
+
+def _flops_speedup(full: float, costs: list[float]) -> float:
+    return full * len(costs) / sum(costs)
+
+
+def _increments(curve: Cumulative, times: list[float]) -> list[float]:
+    cum = curve.on(times)
+    return [0.0] + [max(0.0, cum[i] - cum[i - 1]) for i in range(1, len(cum))]
+
+
