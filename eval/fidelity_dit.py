@@ -28,11 +28,45 @@ OURS = ("quality,balanced,fast,faster_cache,faster_cache:attention_interval=1,pa
         "adaptive_cache:threshold=0.05,adaptive_cache:threshold=0.1,adaptive_cache:threshold=0.2,max_consecutive=4")
 
 
-def peers(video: bool, steps: int) -> dict:
+def calibrate_mag_ratios(pipe, call_kwargs: dict, prompts: list[str], steps: int) -> list[float]:
+    """diffusers MagCache prints per-step ratios after a calibration call (once per cache context:
+    cond and uncond for Wan); average them over contexts and calibration captions (seeds 1000+,
+    which no evaluation here uses)."""
+    import contextlib
+    import io
+    import json
+
+    import torch
+    from diffusers import MagCacheConfig
+
+    lists = []
+    for i, prompt in enumerate(prompts):
+        pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), torch.no_grad():
+            pipe(prompt, generator=torch.Generator().manual_seed(1000 + i), output_type="np", **call_kwargs)
+        pipe.transformer.disable_cache()
+        lists += [json.loads(ln) for ln in buf.getvalue().splitlines() if ln.strip().startswith("[1")]  # the ratio lists
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios.")
+    return [sum(col) / len(col) for col in zip(*lists)]
+
+
+def cache_dit_config(threshold: float, fn_blocks: int = 1, warmup: int = 2, max_continuous: int = -1):
+    """cache-dit's DBCache through its documented config. Its defaults (Fn_compute_blocks=8,
+    max_warmup_steps=8) cache nothing on the bundled 6-block, 20-step models: 8 head blocks leave
+    no block to cache, so Fn / warmup are set like ours (first block, 2 warm-up steps)."""
+    import cache_dit
+
+    return cache_dit.DBCacheConfig(residual_diff_threshold=threshold, Fn_compute_blocks=fn_blocks, Bn_compute_blocks=0,
+                                   max_warmup_steps=warmup, max_continuous_cached_steps=max_continuous)
+
+
+def peers(video: bool, steps: int, mag_ratios: list[float] | None = None) -> dict:
     """diffusers hook configs, settings matched to ours (same intervals and normalised time ranges).
     Its CFG skipping needs batched CFG: off for Wan (separate cond / uncond calls, each treated
-    as unguided)."""
-    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+    as unguided). cache-dit entries are ("cache-dit", DBCacheConfig) pairs."""
+    from diffusers import FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig
 
     fmt = "BFCHW" if video else "BCHW"
     return {
@@ -46,17 +80,23 @@ def peers(video: bool, steps: int) -> dict:
             is_guidance_distilled=video),
         "diffusers FirstBlockCache(0.1)": lambda now: FirstBlockCacheConfig(threshold=0.1),
         "diffusers FirstBlockCache(0.2)": lambda now: FirstBlockCacheConfig(threshold=0.2),
+        "diffusers MagCache(0.06)": lambda now: MagCacheConfig(threshold=0.06, num_inference_steps=steps,
+                                                               mag_ratios=mag_ratios),
+        "diffusers MagCache(0.12)": lambda now: MagCacheConfig(threshold=0.12, num_inference_steps=steps,
+                                                               mag_ratios=mag_ratios),
+        "cache-dit DBCache(0.1)": ("cache-dit", lambda: cache_dit_config(0.1)),
+        "cache-dit DBCache(0.2)": ("cache-dit", lambda: cache_dit_config(0.2)),
     }
 
 
 class _Peers:
-    """Installs / removes one diffusers cache hook on the pipeline's transformer."""
+    """Installs / removes one diffusers cache hook on the pipeline's transformer, or cache-dit."""
 
     def __init__(self, pipe):
         from bench_dit import TimestepProbe
         from diffusers.models.cache_utils import CacheMixin
 
-        self.tr, self.active = pipe.transformer, False
+        self.pipe, self.tr, self.active, self.cache_dit = pipe, pipe.transformer, False, False
         if not isinstance(self.tr, CacheMixin):  # PixArt: give it the mixin (as eval/bench_dit.py does)
             self.tr.__class__ = type(type(self.tr).__name__, (type(self.tr), CacheMixin), {})
             self.tr._cache_config = None
@@ -74,15 +114,26 @@ class _Peers:
         if self.active:
             self.tr.disable_cache()
             self.active = False
+        if self.cache_dit:
+            import cache_dit
+
+            cache_dit.disable_cache(self.pipe)
+            self.cache_dit = False
 
     def install(self, make):
         self.clear()
+        if isinstance(make, tuple):  # ("cache-dit", config factory)
+            import cache_dit
+
+            cache_dit.enable_cache(self.pipe, cache_config=make[1]())
+            self.cache_dit = True
+            return
         self.tr.enable_cache(make(lambda: self.probe.t))
         self.active = True
 
 
 def wrap(configs, pipe, video: bool, steps: int, with_peers: bool):
-    """Our configs first clear any diffusers hook; diffusers configs install theirs."""
+    """Our configs first clear any peer; peer configs install theirs (MagCache calibrated first)."""
     from diffaccel.evaluation.configs import EvalConfig
 
     hooks = _Peers(pipe)
@@ -103,7 +154,20 @@ def wrap(configs, pipe, video: bool, steps: int, with_peers: bool):
             return p
 
     out = [Ours(**{f.name: getattr(c, f.name) for f in dataclasses.fields(c)}) for c in configs]
-    for name, make in (peers(video, steps).items() if with_peers else ()):
+    table = {}
+    if with_peers:
+        from diffaccel.bundled.loader import default_call_kwargs
+        from diffaccel.evaluation.generation import builtin_prompts
+
+        calibration = builtin_prompts("bundled", video)[-2:]  # training captions no seed 0-15 run uses
+        ratios = calibrate_mag_ratios(pipe, default_call_kwargs("tiny-video" if video else "tiny-dit"), calibration, steps)
+        table = peers(video, steps, ratios)
+        try:
+            import cache_dit  # noqa: F401
+        except ImportError as exc:
+            print(f"cache-dit unavailable ({exc}): its rows are left out", file=sys.stderr)
+            table = {k: v for k, v in table.items() if not isinstance(v, tuple)}
+    for name, make in table.items():
         peer = Peer(name)
         peer.make = make
         out.append(peer)
