@@ -13,6 +13,8 @@ to 64x64 images.
     python eval/schedule_eval.py --model tiny-sd            # trained bundled model from assets/
     python eval/schedule_eval.py --model tiny-sd --random-weights   # architecture only (no assets)
     python eval/schedule_eval.py --report                   # eval/results/schedules.md from the JSONs
+    python eval/schedule_eval.py --model tiny-dit --eval-prompts 8 --resume --budget 240
+        # in pieces: stops after ~240 s, a rerun continues (profile per prompt, then row by row)
 
 Wall times are single runs interleaved with the baseline on the same prompt (mean over prompts);
 on a shared CPU they are noisy, FLOPs are exact.
@@ -123,8 +125,12 @@ def _pearson(x, y):
     return sxy / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
 
 
+class OutOfTime(Exception):
+    """The --budget ran out; what is done so far is saved and a --resume run continues."""
+
+
 def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompts: int, existing_profile=None,
-             intervals=INTERVALS, portable: bool = True) -> dict:
+             intervals=INTERVALS, portable: bool = True, resume: bool = False, budget: float | None = None) -> dict:
     from diffaccel.bundled.loader import default_call_kwargs
     from diffaccel.bundled.dataset import all_image_captions, all_video_captions
     from diffaccel.commands.profile import default_prompts
@@ -135,8 +141,21 @@ def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompt
     tag = model + ("-random" if random_weights else "")
     work = RESULTS / "profiles" / tag
     work.mkdir(parents=True, exist_ok=True)
+    out_path = RESULTS / f"schedules_{tag}.json"
+    settings = {"eval_prompts": eval_prompts, "profile_prompts": profile_prompts, "profile_from": existing_profile,
+                "intervals": list(intervals)}
     result = {"model": model, "random_weights": random_weights, "family": family, "call": _jsonable(kwargs),
-              "load_average_1min": os.getloadavg()[0]}
+              "load_average_1min": os.getloadavg()[0], "settings": settings}
+    if resume and out_path.is_file():
+        saved = json.loads(out_path.read_text())
+        if saved.get("settings") == settings and not saved.get("complete"):
+            result = saved
+    deadline = time.monotonic() + budget if budget else math.inf
+
+    def checkpoint():  # save after every finished piece; stop once the budget is spent
+        out_path.write_text(json.dumps(result, indent=1))
+        if time.monotonic() > deadline:
+            raise OutOfTime
 
     prompts = default_prompts(model)[:profile_prompts]
     if existing_profile:  # e.g. the shipped assets/<model>/profile.json: no re-profiling, no spread
@@ -144,41 +163,62 @@ def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompt
         result["profile_from"] = str(existing_profile)
     else:  # Profile: 8 prompts x 25 steps with the model's own scheduler, timed.
         partial = work / "p25.partial.json"
-        partial.unlink(missing_ok=True)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        profile = measure(pipe, prompts, {**kwargs, "num_inference_steps": 25}, model=model, partial_path=partial, progress=False)
-        result["profile_seconds"] = time.perf_counter() - start
-        result["profile_cpu_seconds"] = time.process_time() - cpu_start  # CPU time of this process, all threads
-        result["profile_load_average_1min"] = os.getloadavg()[0]
-        profile.save(work / "profile.json")
-        result["spread"] = prompt_spread(partial, profile)
-        print(model, "profiled in", round(result["profile_seconds"], 1), "s; spread", result["spread"], flush=True)
+        if "spread" in result:  # profiled by an earlier piece of this run
+            profile = load_profile(work / "profile.json", detect(pipe))
+        else:
+            if not resume:
+                partial.unlink(missing_ok=True)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            profile = measure(pipe, prompts, {**kwargs, "num_inference_steps": 25}, model=model, partial_path=partial,
+                              progress=False)
+            # Wall seconds summed over resumed pieces; CPU time only when one process did it all.
+            result["profile_seconds"] = profile.measured["seconds"]
+            resumed = profile.measured["seconds"] > time.perf_counter() - start + 1
+            result["profile_cpu_seconds"] = math.nan if resumed else time.process_time() - cpu_start
+            result["profile_load_average_1min"] = os.getloadavg()[0]
+            profile.save(work / "profile.json")
+            result["spread"] = prompt_spread(partial, profile)
+            print(model, "profiled in", round(result["profile_seconds"], 1), "s; spread", result["spread"], flush=True)
+            checkpoint()
 
     captions = all_video_captions("heldout") if family == "video_dit" else all_image_captions("heldout")
     eval_set = captions[::max(1, len(captions) // eval_prompts)][:eval_prompts]
-    baselines = [generate(pipe, p, kwargs) for p in eval_set]
+    baseline_file = work / f"baselines_{len(eval_set)}.pt"  # the same seed and prompts give the same images
+    if resume and baseline_file.is_file():
+        baselines = torch.load(baseline_file)
+    else:
+        baselines = [generate(pipe, p, kwargs) for p in eval_set]
+        torch.save(baselines, baseline_file)
 
-    rows = []
-    for target in TARGETS:
+    rows = result.setdefault("targets", [])
+    for target in TARGETS[len(rows):]:
         chosen, _ = plan_all(profile, target, kwargs["num_inference_steps"])
         got = run_with(pipe, eval_set, kwargs, baselines, profile=profile, target=target)
         rows.append({"target": target, "method": chosen.method, "predicted_flops": chosen.speedup,
                      "predicted_wall": chosen.wall_speedup, **got})
         print(model, "target", target, rows[-1], flush=True)
-    result["targets"] = rows
+        checkpoint()
 
-    pairs = []
+    pairs = result.setdefault("equal_cost", [])
     for interval in intervals:
-        uniform = run_with(pipe, eval_set, kwargs, baselines, methods=uniform_methods(family, interval))
+        pair = next((p for p in pairs if p["interval"] == interval), None)
+        if pair is None:
+            pair = {"interval": interval, "uniform": run_with(pipe, eval_set, kwargs, baselines,
+                                                              methods=uniform_methods(family, interval))}
+            pairs.append(pair)
+            checkpoint()
+        if "profiled" in pair:
+            continue
+        uniform = pair["uniform"]
         target = uniform["flops_speedup"] * 0.999  # plan for the cost the uniform schedule measured
-        profiled = run_with(pipe, eval_set, kwargs, baselines, methods=profiled_methods(family, profile, target))
-        pairs.append({"interval": interval, "uniform": uniform, "profiled": profiled})
+        pair["profiled"] = run_with(pipe, eval_set, kwargs, baselines, methods=profiled_methods(family, profile, target))
         print(model, "interval", interval, "uniform", uniform["psnr"], uniform["flops_speedup"], "profiled",
-              profiled["psnr"], profiled["flops_speedup"], flush=True)
-    result["equal_cost"] = pairs
+              pair["profiled"]["psnr"], pair["profiled"]["flops_speedup"], flush=True)
+        checkpoint()
 
     if model == "tiny-sd" and portable:
         result["portability"] = portability(pipe, model, prompts[:4], kwargs, eval_set[:1], work)
+    result["complete"] = True
     return result
 
 
@@ -208,6 +248,8 @@ def report() -> str:
     lines = ["# Profile-chosen schedules: measured", ""]
     for path in sorted(RESULTS.glob("schedules_*.json")):
         r = json.loads(path.read_text())
+        if "settings" in r and not r.get("complete"):  # a --budget run still in pieces
+            continue
         weights = "RANDOM weights (architecture of the bundled model, not trained)" if r["random_weights"] else "trained bundled weights"
         lines += [f"## {r['model']} ({r['family']}), {weights}", "",
                   f"Call: {r['call']}. Load average during the run: {r['load_average_1min']:.1f} on 2 cores.", ""]
@@ -259,11 +301,17 @@ def main():
     parser.add_argument("--intervals", type=int, nargs="+", default=list(INTERVALS), help="uniform intervals to compare")
     parser.add_argument("--no-portability", action="store_true")
     parser.add_argument("--report", action="store_true", help="only rebuild schedules.md from the saved JSONs")
+    parser.add_argument("--resume", action="store_true", help="continue an unfinished run with the same settings")
+    parser.add_argument("--budget", type=float, help="stop (saving what is done) after about this many seconds")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.model:
-        result = evaluate(args.model, args.random_weights, args.eval_prompts, args.profile_prompts, args.profile,
-                          tuple(args.intervals), not args.no_portability)
+        try:
+            result = evaluate(args.model, args.random_weights, args.eval_prompts, args.profile_prompts, args.profile,
+                              tuple(args.intervals), not args.no_portability, args.resume, args.budget)
+        except OutOfTime:
+            print(f"budget of {args.budget:g} s spent; rerun with --resume to continue")
+            return
         tag = args.model + ("-random" if args.random_weights else "")
         (RESULTS / f"schedules_{tag}.json").write_text(json.dumps(result, indent=1))
     print(report())

@@ -8,6 +8,8 @@ output at the previous step. The profiler builds on it::
     with diffaccel.instrument.record(pipe, targets=("blocks", "attention")) as rec:
         pipe(prompt, num_inference_steps=25)
     rec.rows  # [{"step", "branch", "t_norm", "module", "kind", "rel_l1", "cosine", ...}, ...]
+
+Block rows also carry ``branch_residual_rel_l1``: the residual change per CFG branch name.
 """
 from __future__ import annotations
 
@@ -102,11 +104,27 @@ class InstalledInstrument(Installed):
                     row["rel_l1" if tag == "out" else "residual_rel_l1"] = rel
                     row["cosine" if tag == "out" else "residual_cosine"] = cos
                 self.previous[key] = value.detach().clone()
+            if len(series) > 1:
+                row.update(self._branch_changes(name, series[1][1]))
             self.config.rows.append(row)
             self.count("records")
             return None
 
         return hook
+
+    def _branch_changes(self, name: str, residual: torch.Tensor) -> dict:
+        """Residual change per CFG branch ("cond"/"uncond"): AdaptiveCache decides per branch, so its
+        planner needs each branch's signal, not the batch-wide one (batched CFG mixes both halves)."""
+        from diffaccel.methods.cache_common import branch_rows
+
+        changes = {}
+        for branch, rows in branch_rows(self.session, int(residual.shape[0])):
+            value, key = residual[rows], (name, branch, "branch_res")
+            prev = self.previous.get(key)
+            if prev is not None and prev.shape == value.shape:
+                changes[branch] = change(value, prev)[0]
+            self.previous[key] = value.detach().clone()
+        return {"branch_residual_rel_l1": changes} if changes else {}
 
 
 @contextlib.contextmanager

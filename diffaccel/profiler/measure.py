@@ -35,11 +35,19 @@ def run_summary(rows: list[dict]) -> dict:
         for metric in METRICS:
             if r.get(metric) is not None:
                 sums.setdefault((metric, r["step"], r["module"]), []).append(r[metric])
+        for branch, value in r.get("branch_residual_rel_l1", {}).items():  # AdaptiveCache's per-branch signal
+            sums.setdefault((branch_metric(branch), r["step"], r["module"]), []).append(value)
     steps = max(times) + 1 if times else 0
+    metrics = list(METRICS) + sorted({key[0] for key in sums} - set(METRICS))
     values = {
-        metric: [[_mean(sums.get((metric, s, name))) for name, _ in modules] for s in range(steps)] for metric in METRICS
+        metric: [[_mean(sums.get((metric, s, name))) for name, _ in modules] for s in range(steps)] for metric in metrics
     }
     return {"times": [times.get(s) for s in range(steps)], "modules": [list(m) for m in modules], "values": values}
+
+
+def branch_metric(branch: str) -> str:
+    """Stats key of the block residual change of one CFG branch, e.g. ``residual_rel_l1@cond``."""
+    return f"residual_rel_l1@{branch}"
 
 
 def _mean(vals):
@@ -53,7 +61,7 @@ def aggregate(runs: list[dict]) -> tuple[list[float], list[dict], dict]:
         if r["modules"] != first["modules"] or len(r["times"]) != len(first["times"]):
             raise ProfileError("Profiled generations disagree on steps or modules; profile with one scheduler and step count.")
     stats = {}
-    for metric in METRICS:
+    for metric in [m for m in first["values"] if all(m in r["values"] for r in runs)]:
         mean_rows, std_rows = [], []
         for s in range(len(first["times"])):
             mean_row, std_row = [], []

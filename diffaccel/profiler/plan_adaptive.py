@@ -21,57 +21,81 @@ def simulate_adaptive(increments: list[float], threshold: float, warmup: int, ma
 
 
 def _adaptive_parts(profile: Profile, head_blocks: int):
+    """(per-branch head signals, FLOPs the cached blocks cost, their staleness curve)."""
     blocks = profile.costs.get("blocks") or [m["name"] for m in profile.modules if m["kind"] == "block"]
     head, middle = blocks[head_blocks - 1], blocks[head_blocks:]
-    metric = "residual_rel_l1" if "residual_rel_l1" in profile.stats and any(v is not None for v in profile.series(head, "residual_rel_l1")) else "rel_l1"
-    signal = profile.drift(head, metric)
+    signals = branch_signals(profile, head)
     saved = sum(profile.costs["modules"].get(b, 0) for b in middle)
     idx = [profile.module_index(b) for b in middle]
-    rows = profile.stats[metric]["mean"]
+    rows = profile.stats["rel_l1"]["mean"]
     staleness = Cumulative(profile.times, [None if s == 0 else sum(r[j] or 0.0 for j in idx) / len(idx) for s, r in enumerate(rows)])
-    return signal, saved, staleness
+    return signals, saved, staleness
+
+
+def branch_signals(profile: Profile, head: str) -> list[Cumulative]:
+    """The head block's residual change, one curve per CFG branch where the profile recorded them.
+
+    AdaptiveCache accumulates and decides per branch; simulating one batch-wide average instead
+    mispredicts where the branches cross the threshold at different steps. Older profiles (and
+    models without CFG) have one curve.
+    """
+    keys = sorted(k for k in profile.stats if k.startswith("residual_rel_l1@"))
+    keys = [k for k in keys if any(v is not None for v in profile.series(head, k))]
+    if not keys:
+        has_residual = "residual_rel_l1" in profile.stats and any(v is not None for v in profile.series(head, "residual_rel_l1"))
+        keys = ["residual_rel_l1" if has_residual else "rel_l1"]
+    return [profile.drift(head, k) for k in keys]
 
 
 def plan_adaptive(profile: Profile, times: list[float], target: float | None, head_blocks: int = 1, warmup: int = 2,
-                  threshold: float | None = None, max_consecutive: int | None = None) -> Plan:
-    """AdaptiveCache plan; with ``threshold`` given it evaluates that setting instead of choosing."""
+                  threshold: float | None = None, max_consecutive: int | None = None, caps: tuple[int, ...] | None = None) -> Plan:
+    """AdaptiveCache plan; with ``threshold`` given it evaluates that setting instead of choosing.
+
+    Each CFG branch is simulated on its own signal and stands for an equal share of the cost (half
+    of a batched call, or one of two separate calls); ``computed`` is True where any branch computes.
+    """
     from diffaccel.methods.adaptive_cache import AdaptiveCache
 
-    signal, saved, staleness = _adaptive_parts(profile, head_blocks)
+    signals, saved, staleness = _adaptive_parts(profile, head_blocks)
     full, n = float(profile.costs["call"]), len(times)
-    d = _increments(signal, times)
+    increments = [_increments(signal, times) for signal in signals]
     stale = staleness.on(times)
 
     def evaluate(tau, cap):
-        computed = simulate_adaptive(d, tau, warmup, cap)
-        costs = [full if c else full - saved for c in computed]
-        return computed, _flops_speedup(full, costs)
+        per_branch = [simulate_adaptive(d, tau, warmup, cap) for d in increments]
+        costs = [full - saved * sum(not b[i] for b in per_branch) / len(per_branch) for i in range(n)]
+        return per_branch, _flops_speedup(full, costs)
 
     if threshold is not None:
         cap = max_consecutive or 3
-        computed, speedup = evaluate(threshold, cap)
+        per_branch, speedup = evaluate(threshold, cap)
     else:
         grid = [0.0] + [1e-4 * (1e6 ** (i / 399)) for i in range(400)]  # 1e-4 .. 100, geometric
         found = None
-        for cap in (3, 5, 8, max(8, n)):
+        for cap in caps or (3, 5, 8, max(8, n)):
             for tau in grid:
-                computed, speedup = evaluate(tau, cap)
+                per_branch, speedup = evaluate(tau, cap)
                 if speedup >= target - 1e-9:
-                    found = (tau, cap, computed, speedup)
+                    found = (tau, cap, per_branch, speedup)
                     break
             if found:
                 break
         if found is None:
             _, best = evaluate(math.inf, max(8, n))
             raise UnreachableTarget(f"AdaptiveCache reaches at most {best:.2f}x here (warm-up {warmup} steps)")
-        threshold, cap, computed, speedup = found
+        threshold, cap, per_branch, speedup = found
+    error = sum(staleness_error(computed, stale) for computed in per_branch) * saved / full / len(per_branch)
+    computed = [any(b[i] for b in per_branch) for i in range(n)]
+    config = AdaptiveCache(threshold=float(f"{threshold:.6g}"), warmup=warmup, max_consecutive=cap, head_blocks=head_blocks)
+    return Plan("adaptive_cache", config, speedup, wall_speedup(profile, speedup), error, computed)
+
+
+def staleness_error(computed: list[bool], stale: list[float]) -> float:
+    """Summed change the cached blocks accumulated since their last full step, over reused steps."""
     error, last = 0.0, 0
     for i, c in enumerate(computed):
         if c:
             last = i
         else:
-            error += (stale[i] - stale[last]) * saved / full
-    config = AdaptiveCache(threshold=float(f"{threshold:.6g}"), warmup=warmup, max_consecutive=cap, head_blocks=head_blocks)
-    return Plan("adaptive_cache", config, speedup, wall_speedup(profile, speedup), error, computed)
-
-
+            error += stale[i] - stale[last]
+    return error

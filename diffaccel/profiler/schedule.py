@@ -218,12 +218,17 @@ class _ReplanInstalled(Installed):
             cfg.controlled.schedule = [i for i, c in enumerate(plan.computed) if c]
         elif method == "adaptive_cache":
             cfg.controlled.threshold, cfg.controlled.max_consecutive = plan.config.threshold, plan.config.max_consecutive
-        self.info = {"method": method, "steps": n, "predicted_speedup": round(plan.speedup, 3),
+        self.info = {"method": method, "steps": n, "planned": _jsonable_config(cfg.controlled), "predicted_speedup": round(plan.speedup, 3),
                      "predicted_wall_speedup": round(plan.wall_speedup, 3), **({"note": note} if note else {})}
         return None
 
     def stats(self) -> dict:
         return {**self.counters, **self.info}
+
+
+def _jsonable_config(config: Method) -> dict:
+    """The settings the re-planner chose, for stats (DeepCache's full steps, AdaptiveCache's threshold)."""
+    return {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, list))}
 
 
 def max_reachable_for(method: str, profile: Profile, times: list[float], like: Method | None = None) -> float:
