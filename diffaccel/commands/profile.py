@@ -22,6 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: GPU when available)")
     parser.add_argument("--dtype", help="fp32, fp16 or bf16 (default: as stored)")
+    parser.add_argument("--calibration-prompts", type=int, default=2,
+                        help="prompts on which probe schedules are compared with the unaccelerated output, to map "
+                             "predicted error to PSNR for `diffaccel schedule --min-psnr` (default 2; 0 skips)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -90,9 +93,15 @@ def main(args) -> int:
     set_scheduler(pipe, args.scheduler)
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial.json")
-    profile = measure(pipe, prompts, call_arguments(args.model, args), model=args.model,
-                      seeds=[args.seed + i for i in range(len(prompts))], partial_path=partial,
+    seeds = [args.seed + i for i in range(len(prompts))]
+    call = call_arguments(args.model, args)
+    profile = measure(pipe, prompts, call, model=args.model, seeds=seeds, partial_path=partial,
                       progress=not args.no_progress, describe={"device": device, "dtype": str(pipe.dtype).replace("torch.", "")})
+    if args.calibration_prompts > 0:
+        from diffaccel.profiler.calibrate_psnr import calibrate_psnr
+
+        count = min(args.calibration_prompts, len(prompts))
+        profile.calibration = calibrate_psnr(pipe, profile, prompts[:count], call, seeds[:count])
     profile.save(out)
     partial.unlink(missing_ok=True)
     print(f"wrote {out}: {len(profile.times)} steps x {len(profile.modules)} modules, {len(prompts)} prompts, "

@@ -11,6 +11,7 @@ resumes from there.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -165,9 +166,9 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
         if str(i) in partial["runs"]:
             continue
-        with record(pipe, targets=TARGETS) as rec:
+        with record(pipe, targets=TARGETS) as rec, _reuse_probe(pipe, adapter) as probe:
             _generate(pipe, prompt, call_kwargs, seed)
-        partial["runs"][str(i)] = run_summary(rec.rows)
+        partial["runs"][str(i)] = {**run_summary(rec.rows), **({"reuse_error": probe.errors} if probe else {})}
         partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
         _save_partial(partial_path, partial)
@@ -186,8 +187,39 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
         **(describe or {}),
     }
     profile = Profile(model=model, pipeline=adapter.name, family=adapter.family, fingerprint=_plain(adapter.fingerprint()),
-                      times=[float(t) for t in times], modules=modules, stats=stats, costs=partial["costs"], measured=measured)
+                      times=[float(t) for t in times], modules=modules, stats=stats, costs=partial["costs"], measured=measured,
+                      reuse_error=_reuse_tables(pipe, runs))
     return profile
+
+
+# DeepCache's measured output error (reuse_error.py): branch 0, the one presets and plans use,
+# at ages up to REUSE_AGES steps; older ages are extrapolated by the planner.
+REUSE_BRANCH, REUSE_AGES = 0, 8
+
+
+@contextlib.contextmanager
+def _reuse_probe(pipe, adapter):
+    if adapter.family != "unet" or REUSE_BRANCH not in {b.branch_id for b in adapter.skip_branches()}:
+        yield None
+        return
+    from diffaccel.profiler.reuse_error import ReuseProbe
+
+    with ReuseProbe(pipe, REUSE_BRANCH, REUSE_AGES) as probe:
+        yield probe
+
+
+def _reuse_tables(pipe, runs: list[dict]) -> dict:
+    if not all("reuse_error" in r for r in runs):
+        return {}
+    from diffaccel.profiler.reuse_error import aggregate_reuse, sigma_curve
+
+    sigma = sigma_curve(pipe.scheduler)
+    if sigma is None:
+        return {}
+    return {"deepcache": {str(REUSE_BRANCH): aggregate_reuse([r["reuse_error"] for r in runs])}, "sigma": sigma,
+            "statistic": "RMS change of the guided denoiser output when DeepCache's deep features are [age] steps "
+                         "old (age 1..K), at the profiled trajectory's inputs, mean over prompts; sigma = "
+                         "sqrt((1 - alpha_bar) / alpha_bar) over normalised time"}
 
 
 def _bar(total, enabled, initial=0):

@@ -17,7 +17,11 @@ Layout of the JSON (``version`` 1)::
                                                       # [step][module], null at step 0
      "costs": {"call": F, "modules": {path: flops}, "deepcache_saved": {branch: flops},
                "calls_per_step": 1, "denoiser_share": 0.9},
-     "measured": {"prompts": 8, "steps": 25, "scheduler": "DDIMScheduler", ...}}
+     "measured": {"prompts": 8, "steps": 25, "scheduler": "DDIMScheduler", ...},
+     # optional (absent in older files, which still load; planners then fall back to drift):
+     "reuse_error": {"deepcache": {"0": {"mean": [[e_age1, ..., e_ageK], ...], "std": ...}},  # [step][age-1]
+                     "sigma": [[t, sigma], ...]},      # the scheduler's noise level over normalised time
+     "calibration": {"deepcache": {"pairs": [[predicted_error, psnr_db], ...], ...}}}
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ class Profile:
     costs: dict
     measured: dict = field(default_factory=dict)
     version: int = PROFILE_VERSION
+    reuse_error: dict = field(default_factory=dict)  # measured output error of reuse (reuse_error.py)
+    calibration: dict = field(default_factory=dict)  # (predicted error, measured PSNR) per method
 
     # ---- lookup ------------------------------------------------------------------------
     def module_index(self, name: str) -> int:
@@ -98,6 +104,7 @@ class Profile:
     def to_json(self) -> dict:
         data = {"format": PROFILE_FORMAT, **asdict(self)}
         data["stats"] = {m: {k: [[_round(v) for v in row] for row in rows] for k, rows in s.items()} for m, s in self.stats.items()}
+        data["reuse_error"] = _round_all(self.reuse_error)
         return data
 
     def save(self, path) -> Path:
@@ -176,7 +183,8 @@ def from_json(data, where: str = "profile") -> Profile:
     missing = [n for n in names if n not in data]
     if missing:
         raise ProfileError(f"{where} is corrupted: missing {', '.join(missing)}. Re-create it with `diffaccel profile`.")
-    profile = Profile(**{n: data[n] for n in names}, measured=data.get("measured", {}), version=version)
+    profile = Profile(**{n: data[n] for n in names}, measured=data.get("measured", {}), version=version,
+                      reuse_error=data.get("reuse_error") or {}, calibration=data.get("calibration") or {})
     steps, cols = len(profile.times), len(profile.modules)
     for metric, s in profile.stats.items():
         rows = s.get("mean") if isinstance(s, dict) else None
@@ -198,6 +206,16 @@ def _round(v):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return None
     return float(f"{v:.5g}")
+
+
+def _round_all(obj):
+    if isinstance(obj, float) or obj is None:
+        return _round(obj)
+    if isinstance(obj, dict):
+        return {k: _round_all(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round_all(v) for v in obj]
+    return obj
 
 
 def _plain(obj):

@@ -1,0 +1,126 @@
+"""From predicted error to PSNR: the profiler checks its error model against real outputs.
+
+After profiling, the plans for a few targets (``PROBE_TARGETS``) of each planner method are run on
+the first profiled prompts and compared with the unaccelerated output of the same seed. The pairs
+(predicted error, measured PSNR) go into the profile; ``diffaccel schedule --min-psnr X`` fits
+``psnr = a + b * log10(error)`` to them (PSNR = 10 log10(1 / MSE) and the error model predicts a
+latent RMS, so b should be near -20; with fewer than two usable points b = -20 is assumed) and
+takes the fastest plan whose predicted PSNR is at least X.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget, step_times
+from diffaccel.profiler.profile import Profile, ProfileError
+
+PROBE_TARGETS = (1.5, 2.0, 3.0)
+DEFAULT_SLOPE = -20.0
+
+
+def _images(pipe, prompt, call_kwargs, seed) -> torch.Tensor:
+    device = getattr(pipe, "device", torch.device("cpu"))
+    kwargs = {**call_kwargs, "output_type": "pt"}
+    if prompt is not None:
+        kwargs["prompt"] = prompt
+    with torch.no_grad():
+        out = pipe(generator=torch.Generator(device=device).manual_seed(seed), **kwargs)
+    images = out.frames if hasattr(out, "frames") else out.images
+    return images.float().clamp(0, 1)
+
+
+def run_config(plan: Plan):
+    """The method config that reproduces ``plan`` at the planned step count."""
+    if plan.method == "deepcache":
+        from dataclasses import replace
+
+        return replace(plan.config, schedule=[i for i, c in enumerate(plan.computed) if c])
+    return plan.config
+
+
+def calibrate_psnr(pipe, profile: Profile, prompts: list, call_kwargs: dict, seeds: list[int],
+                   targets=PROBE_TARGETS) -> dict:
+    """{method: {"pairs": [[predicted error, PSNR dB, predicted speed-up], ...], ...}} measured on ``pipe``."""
+    import diffaccel
+    from diffaccel.metrics import psnr
+    from diffaccel.profiler.schedule import PLANNERS, plan_method
+
+    call_kwargs = {k: v for k, v in call_kwargs.items() if k != "output_type"}
+    times = profile.times
+    baselines = [_images(pipe, p, call_kwargs, s) for p, s in zip(prompts, seeds)]
+    out = {}
+    for method in PLANNERS.get(profile.family, ()):
+        pairs = []
+        for target in targets:
+            try:
+                plan = plan_method(method, profile, times, target)
+            except (UnreachableTarget, ProfileError):  # out of reach, or the profile lacks this method's data
+                continue
+            values = []
+            for prompt, seed, base in zip(prompts, seeds, baselines):
+                diffaccel.accelerate(pipe, methods=[run_config(plan)])
+                try:
+                    values.append(psnr(_images(pipe, prompt, call_kwargs, seed), base))
+                finally:
+                    diffaccel.disable(pipe)
+            pairs.append([plan.error, statistics.mean(values), plan.speedup])
+        if not pairs:
+            continue
+        out[method] = {"pairs": pairs, "prompts": len(prompts), "steps": len(times),
+                       "statistic": "PSNR of the decoded output vs the unaccelerated output of the same seed, mean over prompts"}
+    return out
+
+
+def fit(pairs: list) -> tuple[float, float]:
+    """(a, b) of psnr = a + b log10(error) over the usable pairs (finite PSNR, error > 0)."""
+    pts = [(math.log10(e), p) for e, p, *_ in pairs if e and e > 0 and math.isfinite(p)]
+    if not pts:
+        raise ProfileError("The profile's PSNR calibration has no usable points (all probe schedules were exact).")
+    xs = [x for x, _ in pts]
+    if len(pts) >= 2 and max(xs) - min(xs) > 1e-6:
+        mx, my = statistics.mean(xs), statistics.mean(p for _, p in pts)
+        b = sum((x - mx) * (p - my) for x, p in pts) / sum((x - mx) ** 2 for x in xs)
+        if b < 0:
+            return my - b * mx, b
+    b = DEFAULT_SLOPE  # one point, or a fit that makes more error look better: keep the physics
+    return statistics.mean(p - b * x for x, p in pts), b
+
+
+def predicted_psnr(profile: Profile, plan: Plan) -> float | None:
+    """The calibrated PSNR prediction for ``plan`` (None without a calibration for its method)."""
+    cal = (profile.calibration or {}).get(plan.method)
+    if not cal or not cal.get("pairs"):
+        return None
+    a, b = fit(cal["pairs"])
+    return math.inf if plan.error <= 0 else a + b * math.log10(plan.error)
+
+
+def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
+    """The fastest plan whose calibrated predicted PSNR is at least ``min_psnr`` dB."""
+    from diffaccel.profiler.schedule import PLANNERS, max_reachable_for, plan_method
+
+    if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
+        raise ValueError(f"--min-psnr must be a number of dB (e.g. 35), got {min_psnr!r}.")
+    methods = [m for m in PLANNERS.get(profile.family, ()) if (profile.calibration or {}).get(m, {}).get("pairs")]
+    if not methods:
+        raise ProfileError(f"This profile of {profile.model} has no PSNR calibration, which --min-psnr needs. Re-profile "
+                           "with this diffaccel (`diffaccel profile MODEL --out P.json`) or use --target-speedup / --max-error.")
+    times = step_times(profile, steps)
+    best, closest = None, None
+    for method in methods:
+        top = max_reachable_for(method, profile, times)
+        for i in range(61):  # speed-ups from 1x to the most reachable, geometric
+            plan = plan_method(method, profile, times, top ** (i / 60))
+            value = predicted_psnr(profile, plan)
+            if plan.speedup > 1.0 + 1e-9 and (closest is None or value > closest[0]):
+                closest = (value, plan)
+            if value >= min_psnr and (best is None or plan.speedup > best.speedup):
+                best = plan
+    if best is None or best.speedup <= 1.0 + 1e-9:
+        reach = f"the most accurate schedule that saves anything is predicted at {closest[0]:.1f} dB" if closest else "nothing saves compute"
+        raise UnreachableTarget(f"No schedule is predicted to keep PSNR >= {min_psnr:g} dB for {profile.model} at "
+                                f"{len(times)} steps ({reach}); ask for a lower --min-psnr.")
+    return best, [best]

@@ -1,0 +1,169 @@
+"""Measured DeepCache error: what reusing k-step-old deep features does to the denoiser output.
+
+The change curves of the profile say how fast the deep features move, not how much that moves
+the *output*: on a trained U-Net the deep features change most at the noisy start, where the
+output barely depends on them. So during one ordinary generation every denoiser call is replayed,
+right after it ran, with the deep modules (those a DeepCache step skips) returning their outputs
+from 1..``max_age`` steps earlier, exactly as a DeepCache step would; the ages go through the
+U-Net as one batch, so the replay costs about one shallow forward per step. Recorded per step
+and age: the RMS of the change of the guided denoiser output (what the scheduler consumes).
+
+The scheduler turns an output error at step s into a latent error of about
+``sqrt(alpha_bar_{s+1}) |d sigma_s|`` times it (sigma = sqrt((1 - alpha_bar) / alpha_bar)),
+so the profile also keeps sigma as a function of normalised time (:func:`sigma_curve`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from diffaccel.api import session_of
+
+
+def _cat(outputs: list):
+    """Concatenate module outputs (tensors, or tuples / lists of them) along the batch."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([o[i] for o in outputs]) for i in range(len(first)))
+    return first
+
+
+def _repeat(x, times: int, batch: int):
+    """Repeat every batch-sized tensor in ``x`` ``times`` times along dim 0 (others unchanged)."""
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x] * times) if x.ndim and x.shape[0] == batch else x
+    if isinstance(x, dict):
+        return {k: _repeat(v, times, batch) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_repeat(v, times, batch) for v in x)
+    return x
+
+
+def _sample(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.sample
+
+
+class ReuseProbe:
+    """Hooks on a U-Net that measure error[step][age - 1] during a normal pipeline call.
+
+    One denoiser call per step is assumed (U-Net pipelines batch the CFG halves).
+    """
+
+    def __init__(self, pipe, branch: int, max_age: int):
+        from diffaccel.methods.deepcache import cached_modules
+
+        self.pipe, self.unet, self.max_age = pipe, pipe.unet, max_age
+        self.paths = cached_modules(self.unet, branch)
+        self.mode, self.replay, self.current = "record", {}, {}
+        self.kept: dict[int, dict] = {}  # step -> deep outputs of that step's full call
+        self.errors: list[list] = []  # [step][age - 1]
+        self.output_rms: list[float] = []  # RMS of the guided output per step (for relative numbers)
+        self.calls, self.busy, self.handles, self.restore = 0, False, [], []
+
+    def __enter__(self):
+        for path in self.paths:  # forward replaced (not a forward hook): a replay must not compute them
+            module = self.unet.get_submodule(path)
+            self.restore.append((module, vars(module).get("forward")))
+            module.forward = self._module_forward(path, module.forward)
+        self.handles.append(self.unet.register_forward_hook(self._after_call, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        for module, own in self.restore:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self.kept.clear()
+
+    def _module_forward(self, path: str, original):
+        def forward(*args, **kwargs):
+            if self.mode == "replay":
+                return self.replay[path]  # what a DeepCache step would hand on
+            out = original(*args, **kwargs)
+            self.current[path] = out
+            return out
+
+        return forward
+
+    def _guided(self, out: torch.Tensor) -> torch.Tensor:
+        """The output the scheduler sees: CFG halves combined when the call batches them."""
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        if cfg and out.shape[0] % 2 == 0:
+            uncond, cond = out.float().chunk(2)
+            return uncond + float(self.pipe.guidance_scale) * (cond - uncond)
+        return out.float()
+
+    def _after_call(self, module, args, kwargs, output):
+        if self.busy:
+            return None
+        step = self.calls
+        self.calls += 1
+        self.kept[step] = self.current
+        self.current = {}
+        full = self._guided(_sample(output))
+        ages = [a for a in range(1, self.max_age + 1) if step - a in self.kept]
+        row: list = [None] * self.max_age  # None: the age reaches back before step 0
+        if ages:
+            sample = args[0] if args else kwargs["sample"]
+            batch = sample.shape[0]
+            self.replay = {p: _cat([self.kept[step - a][p] for a in ages]) for p in self.paths}
+            # Inside a recorded call (the profiler's instrumentation), the replay must be invisible
+            # to the session: it is no step of the pipeline and changes no statistics.
+            session = session_of(self.pipe)
+            was_active = session.ctx.active if session is not None else None
+            self.mode, self.busy = "replay", True
+            try:
+                if session is not None:
+                    session.ctx.active = False
+                with torch.no_grad():  # .forward: the U-Net's own hooks (call counters) must not see it
+                    out = _sample(module.forward(*_repeat(args, len(ages), batch), **_repeat(kwargs, len(ages), batch)))
+            finally:
+                self.mode, self.busy, self.replay = "record", False, {}
+                if session is not None:
+                    session.ctx.active = was_active
+            for a, chunk in zip(ages, out.chunk(len(ages))):
+                row[a - 1] = float((self._guided(chunk) - full).pow(2).mean().sqrt())
+        self.errors.append(row)
+        self.output_rms.append(float(full.pow(2).mean().sqrt()))
+        self.kept.pop(step - self.max_age, None)
+        return None
+
+
+def aggregate_reuse(runs: list[list[list[float]]]) -> dict:
+    """Mean and spread over prompts of error[step][age - 1] (None where no prompt has a value)."""
+    mean, std = [], []
+    for s in range(len(runs[0])):
+        mean_row, std_row = [], []
+        for a in range(len(runs[0][s])):
+            vals = [r[s][a] for r in runs if r[s][a] is not None and not math.isnan(r[s][a])]
+            m = sum(vals) / len(vals) if vals else None
+            mean_row.append(m)
+            std_row.append(None if m is None else (sum((v - m) ** 2 for v in vals) / len(vals)) ** 0.5)
+        mean.append(mean_row)
+        std.append(std_row)
+    return {"mean": mean, "std": std}
+
+
+def sigma_curve(scheduler, points: int = 101) -> list[list[float]] | None:
+    """[[t_norm, sigma], ...] from the scheduler's alpha_bar (None for schedulers without one)."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        return None
+    alphas = alphas.double()
+    n = len(alphas)
+    out = []
+    for i in range(points):
+        index = min(n - 1, round(i * (n - 1) / (points - 1)))
+        a = float(alphas[index])
+        out.append([index / n, math.sqrt(max(1.0 - a, 0.0) / max(a, 1e-12))])
+    return out
