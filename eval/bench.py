@@ -1,6 +1,8 @@
 """Speed side by side with the peer implementations, one suite per denoiser family.
 
     python eval/bench.py --suite unet     # DeepCache / tomesd vs diffaccel (eval/bench_unet.py)
+    python eval/bench.py --suite dit      # PixArt-alpha: diffusers' caches, cache-dit vs ours (eval/bench_dit.py)
+    python eval/bench.py --suite video    # CogVideoX-2b: the same (eval/bench_dit.py)
 
 Each suite lives in its own module with ``add_arguments(parser)`` and ``main(args)``; add a
 suite by adding its module to SUITES.
@@ -16,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SUITES = {
     "unet": "bench_unet",
+    "dit": "bench_dit",
+    "video": "bench_dit",
 }
 
 

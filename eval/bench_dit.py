@@ -1,7 +1,7 @@
 """Side by side with the peers on DiT architectures with random weights: speed, FLOPs, fidelity.
 
-    python eval/bench_dit.py --suite dit   [--layers 28 --size 128 --steps 20 --repeats 3]
-    python eval/bench_dit.py --suite video [--layers 30 --size 64 --frames 9 --steps 10]
+    python eval/bench.py --suite dit   [--layers 28 --size 256 --steps 10 --repeats 3]
+    python eval/bench.py --suite video [--layers 10 --size 96 --frames 9 --steps 10]
 
 The PixArt-alpha / CogVideoX-2b transformers are built from the public configs in
 /work/shared/configs (random weights; ``--layers`` may shorten them to fit a CPU budget) and
@@ -175,9 +175,7 @@ def fidelity(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return psnr(a, b), ssim(a, b)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["dit", "video"], default="dit")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="shorten the transformer (default: the config's)")
     p.add_argument("--size", type=int, default=None, help="pixels (default 128 dit, 64 video)")
     p.add_argument("--frames", type=int, default=9)
@@ -185,10 +183,13 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated substrings of method names to run")
-    p.add_argument("--out", default="eval/results/bench_dit.md")
+    p.add_argument("--out", default="eval/results/bench_dit.md", help="the table is appended to this file")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--check-repro", action="store_true", help="only check that two baseline calls are bit-identical")
-    args = p.parse_args(argv)
+
+
+def main(args) -> None:
+    """Run one suite; ``args`` from :func:`add_arguments` plus ``suite`` ("dit" or "video")."""
     args.size = args.size or (128 if args.suite == "dit" else 64)
     args.steps = args.steps or (20 if args.suite == "dit" else 10)
     torch.set_num_threads(args.threads)
@@ -230,10 +231,10 @@ def main(argv=None) -> None:
             results[name]["times"].append(time.perf_counter() - t0)
             disable()
         print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
-    write_report(args, results, failed, argv)
+    write_report(args, results, failed)
 
 
-def write_report(args, results, failed, argv) -> None:
+def write_report(args, results, failed) -> None:
     base = results["baseline"]
     t_base, f_base = statistics.median(base["times"]), base["flops"]
     arch = "PixArt-alpha (pixart_alpha_512_transformer.json)" if args.suite == "dit" else "CogVideoX-2b (cogvideox_2b_transformer.json)"
@@ -241,7 +242,7 @@ def write_report(args, results, failed, argv) -> None:
     lines = [
         f"## {arch}, random weights, {args.layers or 'all'} layers, {shape}, {args.steps} steps, CFG, batch 1",
         "",
-        f"`python eval/bench_dit.py {' '.join(argv or sys.argv[1:])}` — CPU, {torch.get_num_threads()} threads, fp32, "
+        f"`python eval/bench.py --suite {args.suite} {' '.join(sys.argv[1:]).replace(f'--suite {args.suite}', '').strip()}` — CPU, {torch.get_num_threads()} threads, fp32, "
         f"torch {torch.__version__}; median of {args.repeats} interleaved runs; baseline {t_base:.1f} s, {f_base / 1e12:.2f} TFLOP.",
         "",
         "| method | wall speed-up | FLOPs ratio | achieved/ideal | PSNR (dB) | SSIM |",
@@ -262,4 +263,7 @@ def write_report(args, results, failed, argv) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["dit", "video"], default="dit")
+    add_arguments(parser)
+    main(parser.parse_args())
