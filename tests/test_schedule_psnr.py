@@ -85,6 +85,11 @@ def test_profile_stores_the_table_and_old_profiles_still_plan(sd_profile, tmp_pa
     assert plan.speedup >= 2.0 and "drift" in plan.note
     with pytest.raises(ProfileError, match="no PSNR calibration.*Re-profile"):
         plan_for_min_psnr(old_profile, 30.0)
+    bad = json.loads(path.read_text())
+    bad["reuse_error"]["deepcache"]["0"]["mean"] = bad["reuse_error"]["deepcache"]["0"]["mean"][:2]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ProfileError, match="corrupted: reuse_error.*6-step table"):
+        load_profile(tmp_path / "bad.json")
 
 
 def test_planner_is_never_predicted_worse_than_any_uniform_schedule(sd_profile):

@@ -190,6 +190,11 @@ def from_json(data, where: str = "profile") -> Profile:
         rows = s.get("mean") if isinstance(s, dict) else None
         if not isinstance(rows, list) or len(rows) != steps or any(not isinstance(r, list) or len(r) != cols for r in rows):
             raise ProfileError(f"{where} is corrupted: stats[{metric!r}] is not a {steps} x {cols} table (steps x modules).")
+    for branch, table in (profile.reuse_error.get("deepcache") or {}).items():
+        rows = table.get("mean") if isinstance(table, dict) else None
+        if not isinstance(rows, list) or len(rows) != steps or any(not isinstance(r, list) or not r for r in rows):
+            raise ProfileError(f"{where} is corrupted: reuse_error of DeepCache branch {branch} is not a {steps}-step "
+                               "table (steps x ages). Re-create it with `diffaccel profile`.")
     if "rel_l1" not in profile.stats or not isinstance(profile.costs.get("call"), (int, float)):
         raise ProfileError(f"{where} is corrupted: it lacks rel_l1 statistics or the per-call cost.")
     return profile
