@@ -110,7 +110,7 @@ def test_fit_and_min_psnr_pick_the_fastest_plan_over_the_bar(sd_profile):
     assert fit([[0.1, 40.0, 2.0]]) == pytest.approx((20.0, -20.0))  # one point: physics slope
     profile = load_profile(sd_profile[1])
     pairs = profile.calibration["deepcache"]["pairs"]
-    assert len(pairs) >= 2 and all(math.isfinite(p) and p > 0 for _, p, _ in pairs)
+    assert len(pairs) >= 2 and all(math.isfinite(p) and p > 0 for _, p, *_ in pairs)
     low, high = sorted(predicted_psnr(profile, plan_deepcache(profile, profile.times, t)) for t in (1.5, 3.0))
     bar = (low + high) / 2
     chosen, _ = plan_for_min_psnr(profile, bar)
