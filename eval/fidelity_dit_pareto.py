@@ -19,7 +19,10 @@ max_skip_steps K, ratios calibrated on seeds/captions outside the evaluation),
 interval N), ``cachedit:T[:F[:W[:C]]]`` (cache-dit DBCache: residual_diff_threshold T, Fn_compute_blocks F,
 max_warmup_steps W, max_continuous_cached_steps C; here 1, 2, -1 unless given; cache-dit's own
 defaults are 0.08, 8, 8, -1). Experiment:
-``xanchor:<adaptive_cache params>`` = our AdaptiveCache with FirstBlockCache's decision rule.
+``xanchor:<adaptive_cache params>`` = our AdaptiveCache with FirstBlockCache's decision rule
+(compare with the last computed step, no accumulation); ``xjoint:`` = CFG branches decide
+together (all compute when one must); ``xboth:`` = both; ``xlead:`` = the conditional branch
+decides for both (batched or separate CFG alike).
 After the configs, baseline seed 0 is generated again and compared with the stored one: the
 peers' removal must leave the pipeline as it was.
 """
@@ -68,6 +71,63 @@ def anchor_rule(pipe) -> None:
     handle._decide = decide  # anchors live on the branch states, which every call rebuilds
 
 
+def joint_rule(pipe) -> None:
+    """Experiment: the CFG branches keep separate state but decide together -- when one must
+    compute, all compute (a stale conditional next to a fresh unconditional output is amplified
+    by the guidance scale; both stale partly cancel). Only the counters in stats go wrong."""
+    from diffaccel.api import session_of
+    from diffaccel.methods.adaptive_cache import _AdaptiveInstalled
+
+    handle = next(h for h in session_of(pipe).installed if isinstance(h, _AdaptiveInstalled))
+    original = handle._decide
+
+    def decide(head_residual):
+        plan = original(head_residual)
+        if any(c for _, c in plan) and not all(c for _, c in plan):
+            for name, compute in plan:
+                if not compute:
+                    state = handle.branches[name]
+                    state.accumulated, state.consecutive = 0.0, 0
+                    if getattr(state, "anchor", None) is not None:  # xboth: a computed step is the new anchor
+                        state.anchor = state.signal
+            plan = [(name, True) for name, _ in plan]
+        return plan
+
+    handle._decide = decide
+
+
+def lead_rule(pipe) -> None:
+    """Experiment: the conditional branch decides, the unconditional one follows it in the same
+    step -- the same in batched and in separate CFG calls (cond runs first in both)."""
+    from diffaccel.api import session_of
+    from diffaccel.methods.adaptive_cache import _AdaptiveInstalled
+
+    handle = next(h for h in session_of(pipe).installed if isinstance(h, _AdaptiveInstalled))
+    original, lead = handle._decide, {}
+
+    def decide(head_residual):
+        plan = original(head_residual)
+        step = handle.session.ctx.step
+        for name, compute in plan:
+            if name == "cond":
+                lead.update(step=step, compute=compute)
+        out = []
+        for name, compute in plan:
+            state = handle.branches[name]
+            has_cache = state.residual is not None or bool(state.block_residuals)
+            follow = lead.get("compute", compute) if name == "uncond" and lead.get("step") == step else compute
+            if follow and not compute:
+                state.accumulated, state.consecutive = 0.0, 0
+            elif compute and not follow and has_cache:
+                state.consecutive = 1
+            else:
+                follow = compute if not has_cache else follow
+            out.append((name, follow))
+        return out
+
+    handle._decide = decide
+
+
 class Installer:
     """Puts one config (ours, a diffusers hook, or cache-dit) on the pipeline, removing the last."""
 
@@ -100,9 +160,16 @@ class Installer:
         kind, _, rest = spec.partition(":")
         if spec == "baseline":
             return
-        if kind == "xanchor":  # experiment: our cache with FirstBlockCache's decision rule
+        if kind == "xlead":
             parse_config("adaptive_cache:" + rest).apply(self.pipe)
-            anchor_rule(self.pipe)
+            lead_rule(self.pipe)
+            return
+        if kind in ("xanchor", "xjoint", "xboth"):  # experiments: our cache with other decision rules
+            parse_config("adaptive_cache:" + rest).apply(self.pipe)
+            if kind != "xjoint":
+                anchor_rule(self.pipe)
+            if kind != "xanchor":
+                joint_rule(self.pipe)  # wraps the anchored decision for xboth
             return
         if kind not in PEER_KINDS:
             parse_config(spec).apply(self.pipe)

@@ -20,8 +20,10 @@ def group_of(spec: str) -> str:
     kind = spec.partition(":")[0]
     if kind in GROUPS:
         return GROUPS[kind]
-    if kind == "xanchor":
-        return "experiment: AdaptiveCache, FBC's anchored rule"
+    experiments = {"xanchor": "anchored rule", "xjoint": "joint CFG decision", "xboth": "anchored + joint",
+                   "xlead": "cond decides for uncond"}
+    if kind in experiments:
+        return f"experiment: AdaptiveCache, {experiments[kind]}"
     return "baseline" if spec == "baseline" else "ours " + kind
 
 
