@@ -194,8 +194,11 @@ def evaluate(model: str, random_weights: bool, eval_prompts: int, profile_prompt
     for target in TARGETS[len(rows):]:
         chosen, _ = plan_all(profile, target, kwargs["num_inference_steps"])
         got = run_with(pipe, eval_set, kwargs, baselines, profile=profile, target=target)
-        rows.append({"target": target, "method": chosen.method, "predicted_flops": chosen.speedup,
-                     "predicted_wall": chosen.wall_speedup, **got})
+        # The re-planner's own prediction (for the call's actual timesteps) where there is one.
+        replanned = got["methods"].get("profile_schedule", {})
+        rows.append({"target": target, "method": chosen.method,
+                     "predicted_flops": replanned.get("predicted_speedup", chosen.speedup),
+                     "predicted_wall": replanned.get("predicted_wall_speedup", chosen.wall_speedup), **got})
         print(model, "target", target, rows[-1], flush=True)
         checkpoint()
 
@@ -263,6 +266,11 @@ def report() -> str:
                       f"per-prompt (step x block) patterns min {sp['pattern_corr_min']:.3f}, mean {sp['pattern_corr_mean']:.3f}.", ""]
         else:
             lines += [f"Profile: {r.get('profile_from')}.", ""]
+            if "spread_of_profiling_run" in r:  # measured when this model was profiled by this script
+                sp = r["spread_of_profiling_run"]
+                lines += [f"Prompt spread ({sp['prompts']} prompts x 25 steps): coefficient of variation across prompts "
+                          f"median {sp['cv_median']:.3f}, 90th percentile {sp['cv_p90']:.3f}, max {sp['cv_max']:.3f}; "
+                          f"correlation of per-prompt patterns min {sp['pattern_corr_min']:.3f}, mean {sp['pattern_corr_mean']:.3f}.", ""]
         lines += [
                   "| target | method | predicted FLOPs | measured FLOPs | err | predicted wall | measured wall | err | PSNR dB |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -7,7 +7,7 @@ import torch
 import diffaccel
 import tiny_pipes as tp
 from diffaccel.profiler.measure import measure
-from diffaccel.profiler.plan_adaptive import branch_signals, plan_adaptive
+from diffaccel.profiler.plan_adaptive import branch_signals, fitted_feedback, plan_adaptive, simulate_adaptive
 from diffaccel.profiler.plan_common import step_times
 from diffaccel.profiler.profile import Profile
 
@@ -66,3 +66,25 @@ def test_profile_records_branches_and_predicts_the_method(name):
         checked += measured > 1.01
         assert measured == pytest.approx(plan.speedup, rel=0.05), threshold
     assert checked >= 2  # the thresholds exercised reuse, not only full computation
+
+
+def test_feedback_adds_the_staleness_a_reuse_leaves_behind():
+    d, stale = [0, 0.1, 0.1, 0.1, 0.1, 0.1], [0, 1, 2, 3, 4, 5]  # the cached blocks change by 1 per step
+    assert simulate_adaptive(d, 0.35, 1, 8) == [True, False, False, False, True, False]
+    # Step 2 sees 0.1 + 0.1 * (stale[1] - stale[0]) = 0.2 (accumulated 0.3), step 3 sees 0.1 + 0.1 * 2: 0.6 computes.
+    assert simulate_adaptive(d, 0.35, 1, 8, stale, feedback=0.1) == [True, False, False, True, False, False]
+
+
+def test_feedback_is_fitted_to_the_calibration_runs():
+    profile = _two_branch_profile([0] + [0.1] * 11, [0] + [0.1] * 11)
+    profile.stats["rel_l1"]["mean"] = [[None, None]] + [[0.1, 0.3]] * 11  # the cached block moves 0.3 per step
+    assert fitted_feedback(profile) == 0.0  # no calibration runs: the plain simulation
+    settings = [{"threshold": t, "warmup": 1, "max_consecutive": 8} for t in (0.25, 0.45, 0.8)]
+    measured = [plan_adaptive(profile, profile.times, None, warmup=1, threshold=s["threshold"], max_consecutive=8,
+                              feedback=0.4).speedup for s in settings]
+    profile.calibration = {"adaptive_cache": {"settings": settings, "pairs": [[0, 30, 0, m] for m in measured]}}
+    kappa = fitted_feedback(profile)
+    assert kappa > 0  # some feedback is needed to explain the measured speed-ups ...
+    for s, m in zip(settings, measured):  # ... and the fitted one reproduces them (the smallest that does)
+        assert plan_adaptive(profile, profile.times, None, warmup=1, threshold=s["threshold"], max_consecutive=8).speedup == pytest.approx(m)
+    assert plan_adaptive(profile, profile.times, None, warmup=1, threshold=0.45, max_consecutive=8, feedback=0.0).speedup > measured[1]

@@ -43,7 +43,8 @@ def run_config(plan: Plan):
 
 def calibrate_psnr(pipe, profile: Profile, prompts: list, call_kwargs: dict, seeds: list[int],
                    targets=PROBE_TARGETS) -> dict:
-    """{method: {"pairs": [[predicted error, PSNR dB, predicted speed-up], ...], ...}} measured on ``pipe``."""
+    """{method: {"pairs": [[predicted error, PSNR dB, predicted speed-up, measured speed-up], ...],
+    "settings": [config of each pair], ...}} measured on ``pipe``."""
     import diffaccel
     from diffaccel.metrics import psnr
     from diffaccel.profiler.schedule import PLANNERS, plan_method
@@ -53,23 +54,26 @@ def calibrate_psnr(pipe, profile: Profile, prompts: list, call_kwargs: dict, see
     baselines = [_images(pipe, p, call_kwargs, s) for p, s in zip(prompts, seeds)]
     out = {}
     for method in PLANNERS.get(profile.family, ()):
-        pairs = []
+        pairs, settings = [], []
         for target in targets:
             try:
                 plan = plan_method(method, profile, times, target)
             except (UnreachableTarget, ProfileError):  # out of reach, or the profile lacks this method's data
                 continue
-            values = []
+            values, speedups = [], []
             for prompt, seed, base in zip(prompts, seeds, baselines):
                 diffaccel.accelerate(pipe, methods=[run_config(plan)])
                 try:
                     values.append(psnr(_images(pipe, prompt, call_kwargs, seed), base))
+                    speedups.append(1.0 / (1.0 - diffaccel.stats(pipe)["flops_saved_fraction"]))
                 finally:
                     diffaccel.disable(pipe)
-            pairs.append([plan.error, statistics.mean(values), plan.speedup])
+            # The measured speed-up lets a planner correct its cost model (plan_adaptive's feedback).
+            pairs.append([plan.error, statistics.mean(values), plan.speedup, statistics.mean(speedups)])
+            settings.append({k: v for k, v in plan.config.to_dict().items() if isinstance(v, (int, float, str, bool))})
         if not pairs:
             continue
-        out[method] = {"pairs": pairs, "prompts": len(prompts), "steps": len(times),
+        out[method] = {"pairs": pairs, "settings": settings, "prompts": len(prompts), "steps": len(times),
                        "statistic": "PSNR of the decoded output vs the unaccelerated output of the same seed, mean over prompts"}
     return out
 
