@@ -64,7 +64,7 @@ def test_profile_records_branches_and_predicts_the_method(name):
         finally:
             diffaccel.disable(pipe)
         checked += measured > 1.01
-        assert measured == pytest.approx(plan.speedup, rel=0.05), threshold
+        assert measured == pytest.approx(plan.speedup, rel=0.01), threshold  # batch-wide signal: wan 3% off at 0.2
     assert checked >= 2  # the thresholds exercised reuse, not only full computation
 
 
