@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget, _flops_speedup, _increments, wall_speedup
+from diffaccel.profiler.plan_common import (Plan, UnreachableTarget, _flops_speedup, _increments, skipped_time_share,
+                                            wall_speedup, wall_speedup_per_step)
 from diffaccel.profiler.profile import Cumulative, Profile
 
 def simulate_adaptive(increments: list[float], threshold: float, warmup: int, max_consecutive: int,
@@ -62,9 +63,13 @@ def fitted_feedback(profile: Profile, head_blocks: int = 1) -> float:
     return cached[key]
 
 
+def _blocks(profile: Profile) -> list[str]:
+    return profile.costs.get("blocks") or [m["name"] for m in profile.modules if m["kind"] == "block"]
+
+
 def _adaptive_parts(profile: Profile, head_blocks: int):
     """(per-branch head signals, FLOPs the cached blocks cost, their staleness curve)."""
-    blocks = profile.costs.get("blocks") or [m["name"] for m in profile.modules if m["kind"] == "block"]
+    blocks = _blocks(profile)
     head, middle = blocks[head_blocks - 1], blocks[head_blocks:]
     signals = branch_signals(profile, head)
     saved = sum(profile.costs["modules"].get(b, 0) for b in middle)
@@ -139,7 +144,32 @@ def plan_adaptive(profile: Profile, times: list[float], target: float | None, he
     error = error_of(per_branch)
     computed = [any(b[i] for b in per_branch) for i in range(n)]
     config = AdaptiveCache(threshold=float(f"{threshold:.6g}"), warmup=warmup, max_consecutive=cap, head_blocks=head_blocks)
-    return Plan("adaptive_cache", config, speedup, wall_speedup(profile, speedup), error, computed)
+    return Plan("adaptive_cache", config, speedup, adaptive_wall_speedup(profile, per_branch, head_blocks, speedup),
+                error, computed)
+
+
+def adaptive_wall_speedup(profile: Profile, per_branch: list[list[bool]], head_blocks: int, flops_speedup: float) -> float:
+    """Wall-clock prediction from the measured time of the cached blocks.
+
+    With batched CFG a step where only one branch reuses runs the blocks at half the batch, which
+    on small models takes well over half the time (the profile measures the ratio); with separate
+    CFG calls a reusing branch skips a whole call's blocks.
+    """
+    skipped = _blocks(profile)[head_blocks:]
+    share = skipped_time_share(profile, skipped)
+    if share is None:
+        return wall_speedup(profile, flops_speedup, skipped)
+    half = profile.costs.get("half_batch_time_ratio") if profile.costs.get("calls_per_step", 1) == 1 else None
+    saved = []
+    for i in range(len(per_branch[0])):
+        reusing = sum(not b[i] for b in per_branch)
+        if reusing == len(per_branch):
+            saved.append(share)
+        elif reusing and half is not None:  # the rest of the batch still runs the blocks
+            saved.append(share * (1.0 - half))
+        else:
+            saved.append(share * reusing / len(per_branch))
+    return wall_speedup_per_step(profile, saved)
 
 
 def staleness_error(computed: list[bool], stale: list[float]) -> float:

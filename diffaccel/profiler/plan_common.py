@@ -44,9 +44,39 @@ def step_times(profile: Profile, steps: int | None = None) -> list[float]:
     return out
 
 
-def wall_speedup(profile: Profile, flops_speedup: float) -> float:
+def wall_speedup(profile: Profile, flops_speedup: float, skipped=()) -> float:
+    """Whole-generation speed-up for a denoiser FLOPs speed-up.
+
+    ``skipped``: the modules whose work the method saves. With the profile's per-module wall
+    seconds, the FLOPs saving is scaled by those modules' share of the call's time over their
+    share of its FLOPs (on small models a block's time is not proportional to its FLOPs);
+    without them (old profiles) time is assumed proportional to FLOPs.
+    """
+    costs = profile.costs
+    share = float(costs.get("denoiser_share", 1.0))
+    saved = 1.0 - 1.0 / flops_speedup  # share of the denoiser's FLOPs not computed
+    seconds, call_seconds = costs.get("module_seconds"), costs.get("call_seconds")
+    if skipped and seconds and call_seconds:
+        flops = sum(costs["modules"].get(m, 0) for m in skipped) / float(costs["call"])
+        wall = sum(seconds.get(m, 0.0) for m in skipped) / float(call_seconds)
+        if flops > 0 and wall > 0:
+            saved = min(0.99, saved * wall / flops)
+    return 1.0 / ((1.0 - share) + share * (1.0 - saved))
+
+
+def wall_speedup_per_step(profile: Profile, time_saved: list[float]) -> float:
+    """Whole-generation speed-up when step i saves ``time_saved[i]`` of a denoiser step's wall time."""
     share = float(profile.costs.get("denoiser_share", 1.0))
-    return 1.0 / ((1.0 - share) + share / flops_speedup)
+    kept = 1.0 - sum(time_saved) / max(1, len(time_saved))
+    return 1.0 / ((1.0 - share) + share * kept)
+
+
+def skipped_time_share(profile: Profile, skipped) -> float | None:
+    """Measured share of a denoiser call's wall time spent in ``skipped`` (None: not measured)."""
+    seconds, call_seconds = profile.costs.get("module_seconds"), profile.costs.get("call_seconds")
+    if not (seconds and call_seconds):
+        return None
+    return min(0.99, sum(seconds.get(m, 0.0) for m in skipped) / float(call_seconds))
 
 
 def _flops_speedup(full: float, costs: list[float]) -> float:

@@ -199,4 +199,5 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, b
     error = schedule_error(cost, n, full_steps)
     config = DeepCache(branch=branch, schedule=[float(times[s]) for s in full_steps])
     computed = [s in set(full_steps) for s in range(n)]
-    return Plan("deepcache", config, speedup, wall_speedup(profile, speedup), error, computed, note)
+    skipped = profile.costs.get("deepcache_paths", {}).get(str(branch), ())
+    return Plan("deepcache", config, speedup, wall_speedup(profile, speedup, skipped), error, computed, note)

@@ -80,11 +80,12 @@ def plan_pab(profile: Profile, times: list[float], target: float) -> Plan:
         top = sum(max(o[0] for o in opts) for opts in options.values())
         raise UnreachableTarget(f"PAB reaches at most {n * full / (n * full - top):.2f}x here")
     saved, err, combo = best
-    kw = {}
+    kw, skipped = {}, []
     for kind, (_, _, interval, t_range) in zip(options, combo):
         kw[f"{kind}_interval"], kw[f"{kind}_range"] = interval, t_range
+        skipped += groups[kind] if interval > 1 else []
     speedup = n * full / (n * full - saved)
-    return Plan("pab", PAB(**kw), speedup, wall_speedup(profile, speedup), err, [True] * n)
+    return Plan("pab", PAB(**kw), speedup, wall_speedup(profile, speedup, skipped), err, [True] * n)
 
 
 def _pareto(opts):

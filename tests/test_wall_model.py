@@ -1,0 +1,73 @@
+"""The profiler's wall-clock model: measured module seconds, half-batch cost, per-step prediction."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import tiny_pipes as tp
+from diffaccel.profiler.measure import measure
+from diffaccel.profiler.plan_adaptive import adaptive_wall_speedup
+from diffaccel.profiler.plan_common import skipped_time_share, wall_speedup, wall_speedup_per_step
+
+STEPS = 4
+
+
+def _profile(name):
+    kw = tp.call_kwargs(name, steps=STEPS)
+    kw.pop("generator"), kw.pop("output_type")
+    return measure(tp.build(name), [None], kw, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pixart_profile():
+    return _profile("pixart")
+
+
+def test_profile_records_module_seconds_and_half_batch_ratio(pixart_profile):
+    costs = pixart_profile.costs
+    blocks = costs["blocks"]
+    assert costs["call_seconds"] > 0
+    assert set(blocks) <= set(costs["module_seconds"])
+    block_time = sum(costs["module_seconds"][b] for b in blocks)
+    assert 0 < block_time <= costs["call_seconds"] * 1.05  # blocks run inside the call
+    # PixArt batches its CFG halves: half the batch is measured, and costs at most about the whole batch.
+    assert costs["calls_per_step"] == 1
+    assert 0 < costs["half_batch_time_ratio"] < 1.5
+
+
+def test_wall_prediction_uses_measured_time_not_flops(pixart_profile):
+    profile = copy.deepcopy(pixart_profile)
+    costs = profile.costs
+    costs["denoiser_share"] = 1.0
+    blocks = costs["blocks"][1:]
+    flops_share = sum(costs["modules"][b] for b in blocks) / costs["call"]
+    # Pretend those blocks take half the call's time: a FLOPs saving of their full cost saves half the time.
+    costs["module_seconds"] = {b: 0.5 * costs["call_seconds"] / len(blocks) for b in blocks}
+    assert skipped_time_share(profile, blocks) == pytest.approx(0.5)
+    speedup = 1.0 / (1.0 - flops_share)  # every step skips them
+    assert wall_speedup(profile, speedup, blocks) == pytest.approx(2.0)
+    assert wall_speedup_per_step(profile, [0.5, 0.0]) == pytest.approx(1 / 0.75)
+
+
+def test_half_batch_steps_save_what_the_other_half_does_not_cost(pixart_profile):
+    profile = copy.deepcopy(pixart_profile)
+    costs = profile.costs
+    costs["denoiser_share"] = 1.0
+    blocks = costs["blocks"][1:]
+    costs["module_seconds"] = {b: 0.8 * costs["call_seconds"] / len(blocks) for b in blocks}
+    costs["half_batch_time_ratio"] = 0.75
+    both = [[False, False], [False, False]]  # two steps, both branches reuse
+    one = [[False, False], [True, True]]  # one branch reuses, the other computes
+    assert adaptive_wall_speedup(profile, both, 1, 99.0) == pytest.approx(1 / 0.2)
+    assert adaptive_wall_speedup(profile, one, 1, 99.0) == pytest.approx(1 / (1 - 0.8 * 0.25))
+    costs["calls_per_step"] = 2  # separate CFG calls: a reusing branch skips its own call's blocks
+    assert adaptive_wall_speedup(profile, one, 1, 99.0) == pytest.approx(1 / (1 - 0.8 * 0.5))
+
+
+def test_old_profiles_fall_back_to_flops(pixart_profile):
+    profile = copy.deepcopy(pixart_profile)
+    for key in ("module_seconds", "call_seconds"):
+        profile.costs.pop(key)
+    profile.costs["denoiser_share"] = 1.0
+    assert wall_speedup(profile, 2.0, profile.costs["blocks"][1:]) == pytest.approx(2.0)
