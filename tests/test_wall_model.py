@@ -71,3 +71,25 @@ def test_old_profiles_fall_back_to_flops(pixart_profile):
         profile.costs.pop(key)
     profile.costs["denoiser_share"] = 1.0
     assert wall_speedup(profile, 2.0, profile.costs["blocks"][1:]) == pytest.approx(2.0)
+
+
+def test_replanner_plans_once_per_step_schedule(pixart_profile, monkeypatch):
+    """Planning costs milliseconds; repeated calls with the same timesteps reuse the plan."""
+    import diffaccel
+    from diffaccel.profiler import schedule
+
+    calls = []
+    real = schedule.plan_method
+    monkeypatch.setattr(schedule, "plan_method", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    pipe = tp.build("pixart")
+    profile = copy.deepcopy(pixart_profile)
+    profile.costs["denoiser_share"] = 1.0
+    from diffaccel.methods.adaptive_cache import AdaptiveCache
+
+    controlled = AdaptiveCache(threshold=0.1)
+    diffaccel.accelerate(pipe, methods=[schedule.ProfileSchedule(profile=profile, target_speedup=1.2, controlled=controlled),
+                                        controlled])
+    for steps in (STEPS, STEPS, STEPS + 1):
+        pipe(**tp.call_kwargs("pixart", steps=steps))
+    assert calls == ["adaptive_cache", "adaptive_cache"]  # one plan per distinct step schedule
+    diffaccel.disable(pipe)

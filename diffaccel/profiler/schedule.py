@@ -195,6 +195,9 @@ class _ReplanInstalled(Installed):
         handle = session.adapter.denoiser.register_forward_pre_hook(self._on_call, with_kwargs=True)
         self.on_remove(handle.remove)
         self.info: dict = {}
+        # Plans by step times: planning AdaptiveCache for 3x takes ~20 ms, a real share of a small
+        # model's generation, and the same schedule of timesteps always gives the same plan.
+        self.plans: dict[tuple, tuple] = {}
 
     def reset_cache(self) -> None:
         self.planned = False
@@ -209,12 +212,10 @@ class _ReplanInstalled(Installed):
         n = int(ctx.num_steps or len(timesteps))
         times = [self.session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]] or cfg.profile.times
         method = cfg.controlled.name
-        try:
-            plan, note = plan_method(method, cfg.profile, times, cfg.target_speedup, cfg.controlled), ""
-        except UnreachableTarget as err:  # never fail a running call: use the most the method reaches
-            reach = max_reachable_for(method, cfg.profile, times, cfg.controlled)
-            plan = plan_method(method, cfg.profile, times, reach, cfg.controlled)
-            note = f"target {cfg.target_speedup:g}x unreachable at {n} steps ({err}); used {plan.speedup:.2f}x"
+        key = (method, cfg.target_speedup, tuple(round(t, 6) for t in times))
+        if key not in self.plans:
+            self.plans[key] = self._plan(method, times, n)
+        plan, note = self.plans[key]
         if method == "deepcache":
             cfg.controlled.schedule = [i for i, c in enumerate(plan.computed) if c]
         elif method == "adaptive_cache":
@@ -222,6 +223,15 @@ class _ReplanInstalled(Installed):
         self.info = {"method": method, "steps": n, "planned": _jsonable_config(cfg.controlled), "predicted_speedup": round(plan.speedup, 3),
                      "predicted_wall_speedup": round(plan.wall_speedup, 3), **({"note": note} if note else {})}
         return None
+
+    def _plan(self, method: str, times: list[float], n: int):
+        cfg: ProfileSchedule = self.config
+        try:
+            return plan_method(method, cfg.profile, times, cfg.target_speedup, cfg.controlled), ""
+        except UnreachableTarget as err:  # never fail a running call: use the most the method reaches
+            reach = max_reachable_for(method, cfg.profile, times, cfg.controlled)
+            plan = plan_method(method, cfg.profile, times, reach, cfg.controlled)
+            return plan, f"target {cfg.target_speedup:g}x unreachable at {n} steps ({err}); used {plan.speedup:.2f}x"
 
     def stats(self) -> dict:
         return {**self.counters, **self.info}
