@@ -11,8 +11,9 @@ The family of FirstBlockCache / TeaCache / cache-dit's DBCache, with what they g
   step-to-step changes counts back-and-forth wobble of the signal as drift. On the bundled
   tiny-dit it saves more FLOPs at higher PSNR (eval/results/fidelity_dit_peers.md).
 * The decision and all cached tensors are kept per CFG branch: with separate CFG calls the
-  conditional call is never compared with the unconditional one (diffusers' FirstBlockCache
-  shares one state across both calls), and with batched CFG each half decides for itself; a
+  conditional call is never compared with the unconditional one (diffusers' hooks keep separate
+  state only where the pipeline opens "cond"/"uncond" cache contexts, as Wan's does), and with
+  batched CFG each half decides for itself; a
   half that must compute runs alone. Batched and separate CFG therefore give the same result.
 * A decision covers a whole branch of the batch (mean over its samples), and under
   torch.distributed it is taken on the all-rank mean, so every rank takes the same path.
