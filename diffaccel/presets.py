@@ -13,12 +13,14 @@ from diffaccel.methods.base import METHODS, Method
 # Image and video DiTs: block-residual caching (AdaptiveCache); image "fast" adds FasterCache's CFG-Cache
 # (attention reuse off: it compounds with skipped blocks). On tiny-video CFG-Cache on top of a strong
 # threshold cost prompt-following, so video uses thresholds alone. Tuned on tiny-dit / tiny-video
-# (8 seeds, PSNR vs baseline and prompt-following): eval/results/fidelity_dit.md.
+# (8 seeds, PSNR vs baseline and prompt-following): eval/results/fidelity_dit.md. Video "quality" never
+# reuses two steps in a row: on tiny-video that kept 39.0 dB at 35.7% FLOPs saved where runs of reuses
+# (max_consecutive 4) gave 32.1 dB at 43.6% (eval/results/fidelity_dit_peers.md).
 PRESETS: dict[str, dict[str, list[tuple[str, dict]]]] = {
     "quality": {
         "unet": [("deepcache", dict(interval=2, branch=0))],
         "image_dit": [("adaptive_cache", dict(threshold=0.1, warmup=2, max_consecutive=3))],
-        "video_dit": [("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4))],
+        "video_dit": [("adaptive_cache", dict(threshold=0.3, warmup=2, max_consecutive=1))],
     },
     "balanced": {
         "unet": [("deepcache", dict(interval=3, branch=0))],
