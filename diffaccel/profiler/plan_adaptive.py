@@ -9,6 +9,7 @@ from diffaccel.profiler.plan_common import (Plan, UnreachableTarget, _flops_spee
                                             wall_speedup, wall_speedup_per_step)
 from diffaccel.profiler.profile import Cumulative, Profile
 
+
 def simulate_adaptive(increments: list[float], threshold: float, warmup: int, max_consecutive: int,
                       stale: list[float] | None = None, feedback: float = 0.0) -> list[bool]:
     """AdaptiveCache's rule: compute while warming up, at the cap, or once accumulated change >= threshold.

@@ -16,7 +16,7 @@ Over 32 measured schedules (4-11 full steps) the predicted error ranks the measu
 Spearman 0.98; the drift proxy does much worse (numbers in that file).
 
 Without the table (profiles from older diffaccel) the fallback is the summed accumulated drift
-of the deep feature (:func:`deepcache_staleness`), a proxy that ignores how much the output
+of the deep feature (:func:`drift_cost`), a proxy that ignores how much the output
 depends on the deep features.
 
 Full steps are chosen by dynamic programming over segment starts, which finds the least
@@ -109,17 +109,6 @@ def _sigma_at(curve: list, t: float) -> float:
 
 
 # ---- the drift proxy (old profiles) --------------------------------------------------------
-def deepcache_staleness(cum: list[float], full: list[int]) -> float:
-    total, last = 0.0, 0
-    fulls = set(full)
-    for s in range(len(cum)):
-        if s in fulls:
-            last = s
-        else:
-            total += cum[s] - cum[last]
-    return total
-
-
 def drift_cost(cum: list[float]):
     return lambda i, f: cum[i] - cum[f]
 
@@ -184,9 +173,8 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, b
     if model is not None:
         cost, note = model.cost, ""
     else:
-        cost = drift_cost(profile.drift(deepcache_source(profile, branch)).on(times))
-        cost_drift = cost
-        cost = lambda i, f: cost_drift(i, f) * saved / full  # noqa: E731
+        drift = drift_cost(profile.drift(deepcache_source(profile, branch)).on(times))
+        cost = lambda i, f: drift(i, f) * saved / full  # noqa: E731
         note = "error model: deep-feature drift (profile has no measured reuse error; re-profile for the output-error model)"
     if full_steps is None:
         k = max((k for k in range(1, n + 1) if n * full / cost_of(k) >= target - 1e-9), default=None)
