@@ -3,7 +3,7 @@
 Each prompt (with its own seed) is one instrumented generation; the per-step, per-module change
 statistics of all of them are averaged (mean and spread across prompts) into a
 :class:`~diffaccel.profiler.profile.Profile`. One extra, uninstrumented generation gives the
-cost model: FLOPs per module of one denoiser call, and the share of wall time the denoiser takes
+cost model (diffaccel/profiler/costs.py): FLOPs and wall seconds per module of one denoiser call, and the share of wall time the denoiser takes
 (what a method can speed up at all).
 
 Long runs save every finished prompt to ``<out>.partial.json``; a rerun with the same settings
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from diffaccel.profiler.costs import generate, measure_costs
 from diffaccel.profiler.profile import METRICS, Profile, ProfileError, write_json_atomic
 
 TARGETS = ("blocks", "attention", "output")
@@ -80,136 +80,6 @@ def aggregate(runs: list[dict]) -> tuple[list[float], list[dict], dict]:
     return first["times"], modules, stats
 
 
-def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int) -> dict:
-    """FLOPs and wall seconds of one denoiser call per module, and the denoiser's share of a generation.
-
-    Wall seconds per module matter because a skipped module saves its *time*, and on small
-    models the time of a block is not proportional to its FLOPs (fixed per-op costs): the
-    wall-clock prediction scales each method's FLOPs saving by its modules' seconds per FLOP.
-    """
-    from diffaccel.flops import count_flops
-
-    denoiser = adapter.denoiser
-    keep = {name for name, _ in adapter.blocks()} | {info.name for info in adapter.attention_modules()}
-    deepcache_paths = {}
-    if adapter.family == "unet":
-        from diffaccel.methods.deepcache import cached_modules
-
-        for branch in adapter.skip_branches():
-            deepcache_paths[str(branch.branch_id)] = cached_modules(denoiser, branch.branch_id)
-            keep |= set(deepcache_paths[str(branch.branch_id)])
-    first_call: list = []
-    busy = {"start": 0.0, "total": 0.0, "calls": 0}
-    module_total = dict.fromkeys(keep, 0.0)
-    module_start: dict[str, float] = {}
-
-    def before(module, args, kwargs):
-        if not first_call:
-            first_call.append((args, dict(kwargs)))
-        busy["start"] = time.perf_counter()
-
-    def after(module, args, kwargs, output):
-        if busy["calls"]:  # the first call pays one-off costs (allocator, lazy init): not timed
-            busy["total"] += time.perf_counter() - busy["start"]
-        busy["calls"] += 1
-
-    def timed(name):
-        def start(module, args):
-            module_start[name] = time.perf_counter()
-
-        def stop(module, args, output):
-            if busy["calls"]:
-                module_total[name] += time.perf_counter() - module_start[name]
-        return start, stop
-
-    handles = [denoiser.register_forward_pre_hook(before, with_kwargs=True),
-               denoiser.register_forward_hook(after, with_kwargs=True)]
-    for name in keep:
-        start, stop = timed(name)
-        module = denoiser.get_submodule(name)
-        handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
-    try:
-        kwargs = {k: v for k, v in call_kwargs.items() if k != "output_type"}
-        start = time.perf_counter()
-        _generate(pipe, prompt, kwargs, seed)
-        wall = time.perf_counter() - start
-    finally:
-        for h in handles:
-            h.remove()
-    args, kwargs = first_call[0]
-    blocks = [name for name, _ in adapter.blocks()]
-    block_inputs = []  # the last block's inputs, caught during the FLOP-counting call
-    handle = denoiser.get_submodule(blocks[-1]).register_forward_pre_hook(
-        lambda m, a, k: block_inputs.append((a, k)) if not block_inputs else None, with_kwargs=True)
-    try:
-        call, per_module = count_flops(denoiser, *args, **kwargs)
-    finally:
-        handle.remove()
-    half = half_batch_time_ratio(denoiser.get_submodule(blocks[-1]), *block_inputs[0]) if block_inputs else None
-    timed_calls = max(1, busy["calls"] - 1)
-    call_seconds = busy["total"] / timed_calls
-    steps = int(call_kwargs.get("num_inference_steps") or 1)
-    return {
-        "call": call,
-        "blocks": [name for name, _ in adapter.blocks()],
-        "modules": {p: per_module.get(p, 0) for p in sorted({""} | keep)},
-        "deepcache_saved": {b: sum(per_module.get(p, 0) for p in paths) for b, paths in deepcache_paths.items()},
-        "deepcache_paths": deepcache_paths,
-        "calls_per_step": max(1, round(busy["calls"] / steps)),
-        # The first (untimed) call's share is assumed equal to the others'.
-        "denoiser_share": min(1.0, call_seconds * busy["calls"] / wall) if wall > 0 and busy["calls"] > 1 else 1.0,
-        "seconds_per_generation": round(wall, 3),
-        "call_seconds": call_seconds,
-        "module_seconds": {p: module_total[p] / timed_calls for p in sorted(keep)},
-        "half_batch_time_ratio": half,
-    }
-
-
-def half_batch_time_ratio(block, a, k, repeats: int = 15) -> float | None:
-    """Time of ``block`` on half the batch over its time on the whole batch (median of repeats).
-
-    A cache that reuses one CFG half of a batched call still runs the blocks on the other half;
-    on small models that costs far more than half (fixed per-op costs). None when the denoiser's
-    batch is odd or the block's inputs cannot be halved.
-    """
-    batch = a[0].shape[0] if a and isinstance(a[0], torch.Tensor) else None
-    if not batch or batch % 2:
-        return None
-
-    def half(x):
-        if isinstance(x, torch.Tensor):
-            return x[: batch // 2] if x.ndim and x.shape[0] == batch else x
-        if isinstance(x, dict):
-            return {key: half(v) for key, v in x.items()}
-        if isinstance(x, (tuple, list)):
-            return type(x)(half(v) for v in x)
-        return x
-
-    a2, k2 = half(a), half(k)
-    times = {"full": [], "half": []}
-    try:
-        with torch.no_grad():
-            for i in range(repeats + 1):  # the first round warms up
-                for name, (aa, kk) in (("full", (a, k)), ("half", (a2, k2))):
-                    start = time.perf_counter()
-                    block(*aa, **kk)
-                    if i:
-                        times[name].append(time.perf_counter() - start)
-    except Exception:  # inputs that do not split along the batch: no measurement, FLOPs are used
-        return None
-    return statistics.median(times["half"]) / statistics.median(times["full"])
-
-
-def _generate(pipe, prompt, call_kwargs, seed):
-    device = getattr(pipe, "device", torch.device("cpu"))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    kwargs = dict(call_kwargs)
-    if prompt is not None:
-        kwargs["prompt"] = prompt
-    with torch.no_grad():
-        return pipe(generator=generator, **kwargs)
-
-
 def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = "", seeds: list[int] | None = None,
             partial_path=None, progress: bool = True, describe: dict | None = None) -> Profile:
     """Profile ``pipe`` over ``prompts`` (one generation each, seed ``seeds[i]``, default i).
@@ -238,7 +108,7 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
         if str(i) in partial["runs"]:
             continue
         with record(pipe, targets=TARGETS) as rec, _reuse_probe(pipe, adapter) as probe:
-            _generate(pipe, prompt, call_kwargs, seed)
+            generate(pipe, prompt, call_kwargs, seed)
         partial["runs"][str(i)] = {**run_summary(rec.rows), **({"reuse_error": probe.errors} if probe else {})}
         partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
