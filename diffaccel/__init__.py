@@ -8,6 +8,7 @@
 """
 from diffaccel.api import accelerate, disable, stats
 from diffaccel.bundled.loader import load_bundled
+from diffaccel.families import Family
 from diffaccel.methods import (
     METHODS,
     PAB,
@@ -26,7 +27,7 @@ from diffaccel.presets import PRESETS
 __version__ = "0.1.0"
 
 __all__ = [
-    "accelerate", "disable", "stats", "load_bundled", "METHODS", "Method", "PRESETS", "instrument",
+    "accelerate", "disable", "stats", "load_bundled", "METHODS", "Method", "PRESETS", "Family", "instrument",
     "Instrument", "DeepCache", "ToMe", "AdaptiveCache", "FasterCache", "PAB", "SlidingTileAttention",
     "MediatorAttention", "__version__",
 ]

@@ -1,34 +1,12 @@
 """Public API: ``accelerate``, ``disable``, ``stats``."""
 from __future__ import annotations
 
-import functools
 from typing import Iterable
 
 from diffaccel.methods.base import METHODS, Method
 from diffaccel.pipelines import detect
 from diffaccel.presets import PRESETS, preset_methods
-from diffaccel.state import Session
-
-_ATTR = "_diffaccel_session"
-
-
-@functools.cache
-def _accelerated_class(cls: type) -> type:
-    """A subclass of the pipeline class whose ``__call__`` runs inside the session's call scope.
-
-    Python looks special methods up on the type, so wrapping ``__call__`` needs a subclass; the
-    instance's ``__class__`` is swapped to it and back. It keeps the original name so
-    ``save_pretrained`` writes the original class into model_index.json.
-    """
-
-    def __call__(self, *args, **kwargs):
-        session: Session | None = getattr(self, _ATTR, None)
-        if session is None:
-            return cls.__call__(self, *args, **kwargs)
-        with session.pipeline_call():
-            return cls.__call__(self, *args, **kwargs)
-
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_diffaccel_base": cls})
+from diffaccel.state import attach, detach, session_of
 
 
 def _resolve_methods(methods, family: str) -> list[Method]:
@@ -86,34 +64,14 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         chosen = _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
     else:
         chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
-
-    disable(pipe)  # replace, never stack
-    session = Session(pipe, adapter)
-    try:
-        for config in chosen:
-            session.installed.append(config.apply(session))
-    except Exception:
-        session.remove()
-        raise
-    setattr(pipe, _ATTR, session)
-    pipe.__class__ = _accelerated_class(type(pipe))
+    attach(pipe, adapter, chosen)
     return pipe
 
 
 def disable(pipe):
     """Remove diffaccel from ``pipe``: its outputs are bit-identical to a never-accelerated pipeline."""
-    session: Session | None = getattr(pipe, _ATTR, None)
-    if session is not None:
-        session.remove()
-        delattr(pipe, _ATTR)
-    base = getattr(type(pipe), "_diffaccel_base", None)
-    if base is not None and type(pipe).__dict__.get("_diffaccel_base") is base:
-        pipe.__class__ = base
+    detach(pipe)
     return pipe
-
-
-def session_of(pipe) -> Session | None:
-    return getattr(pipe, _ATTR, None)
 
 
 def stats(pipe) -> dict:
@@ -126,15 +84,7 @@ def stats(pipe) -> dict:
     session = session_of(pipe)
     if session is None:
         raise ValueError("This pipeline is not accelerated: call diffaccel.accelerate(pipe) first.")
-    if session.last_stats is None:
-        return {"pipeline": session.adapter.name, "family": session.adapter.family, "denoiser_calls": 0,
-                "methods": {h.config.name: {} for h in session.installed}, "flops_saved_fraction": None,
-                "note": "no pipeline call yet"}
-    if "flops_saved_fraction" not in session.last_stats:
-        from diffaccel.flops import flops_saved_fraction
-
-        session.last_stats["flops_saved_fraction"] = flops_saved_fraction(session, session.last_stats["methods"])
-    return dict(session.last_stats)
+    return session.stats()
 
 
-__all__ = ["accelerate", "disable", "stats", "PRESETS"]
+__all__ = ["accelerate", "disable", "stats", "session_of", "PRESETS"]

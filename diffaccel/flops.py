@@ -1,30 +1,25 @@
 """FLOP counting with torch's FlopCounterMode, and the saved-FLOPs estimate behind ``stats``.
 
-torch 2.x counts the CPU SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``) as zero
-FLOPs; :func:`count_flops` registers the missing formula once so attention is counted on CPU.
+:func:`flop_counter` is ``FlopCounterMode`` with the CPU SDPA kernel counted (torch counts it as
+zero FLOPs; :func:`diffaccel.compat.register_cpu_sdpa_flop_formula` adds the formula).
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+from typing import Iterator
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffaccel.compat import register_cpu_sdpa_flop_formula
 
 
-@functools.cache
-def _register_cpu_sdpa_formula() -> None:
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None:
-        return
-
-    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        # query/key/value are (batch, heads, seq, head_dim), like the CUDA SDPA kernels.
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    try:
-        register_flop_formula(op)(formula)
-    except (RuntimeError, ValueError):  # already registered by torch itself or by a previous import
-        pass
+@contextlib.contextmanager
+def flop_counter() -> Iterator[FlopCounterMode]:
+    """``with flop_counter() as counter:`` counts the FLOPs of everything run inside, no grad."""
+    register_cpu_sdpa_flop_formula()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        yield counter
 
 
 def count_flops(fn, *args, **kwargs) -> tuple[int, dict[str, int]]:
@@ -33,8 +28,7 @@ def count_flops(fn, *args, **kwargs) -> tuple[int, dict[str, int]]:
     Module paths are relative to the outermost module seen (``""`` is the whole model), e.g.
     ``"down_blocks.0.attentions.0"``.
     """
-    _register_cpu_sdpa_formula()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn(*args, **kwargs)
     per_module: dict[str, int] = {}
     for name, ops in counter.get_flop_counts().items():

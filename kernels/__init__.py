@@ -3,6 +3,6 @@ references they are tested against. Imports only torch (and triton when present)
 GPU benchmark can load this package without diffusers."""
 
 from .mediator import mediator_attention, mediator_grid
-from .sliding_tile import sliding_tile_attention, sliding_tile_density
+from .sliding_tile import BACKENDS, sliding_tile_attention, sliding_tile_density
 
-__all__ = ["sliding_tile_attention", "sliding_tile_density", "mediator_attention", "mediator_grid"]
+__all__ = ["BACKENDS", "sliding_tile_attention", "sliding_tile_density", "mediator_attention", "mediator_grid"]

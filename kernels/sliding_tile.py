@@ -1,19 +1,24 @@
-"""Public sliding-tile attention: checks the layout, then dispatches to one of four
-backends, each declaring when it can run (capabilities as data, xformers style).
+"""Public sliding-tile attention: checks the layout, then dispatches to a backend.
 
+Backends declare what they need as data (:class:`Backend`, xformers style): a ``declines``
+function that says why it cannot run some inputs (None when it can), and the device types on
+which the automatic choice considers it. The automatic choice takes the first backend of
+:data:`BACKENDS` that is considered on the inputs' device and does not decline; a forced
+backend that declines raises with its reason.
+
+* ``"sdpa"``: plain SDPA without a mask; runs only when every window covers its whole axis
+  (then the attention *is* dense).
 * ``"triton"``: fused Triton kernel (CUDA; CPU only under ``TRITON_INTERPRET=1``).
 * ``"flex"``: FlexAttention with a block mask (compiled on CUDA, eager on CPU).
-* ``"boxes"`` (alias ``"cpu"``): exact SDPA per group of query tiles; the CPU path.
+* ``"boxes"`` (alias ``"cpu"``): exact SDPA per group of query tiles; runs everywhere.
 * ``"dense"``: SDPA with the full mask (the reference; O(seq^2) memory).
-
-Automatic choice: when every window covers its whole axis the attention *is* dense, and
-plain SDPA runs (no mask); otherwise Triton on CUDA when it can run the inputs, else
-the box path (CPU, or CUDA fallback e.g. for head_dim > 256).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +29,19 @@ from .sliding_tile_reference import sliding_tile_mask
 from .sliding_tile_triton import sliding_tile_attention_triton, triton_unavailable_reason
 from .tile_layout import TileSpec, make_spec
 
-BACKENDS = ("triton", "flex", "boxes", "dense")
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to compute sliding-tile attention, with the conditions it needs."""
+
+    name: str
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TileSpec, float | None], torch.Tensor]
+    declines: Callable[[torch.Tensor, torch.Tensor, TileSpec], str | None]  # why it cannot run (q, v, spec)
+    automatic_on: frozenset[str]  # device types on which the automatic choice considers it
+
+
+def _sdpa(q, k, v, spec: TileSpec, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _dense_masked(q, k, v, spec: TileSpec, scale):
@@ -32,24 +49,51 @@ def _dense_masked(q, k, v, spec: TileSpec, scale):
                                           scale=scale)
 
 
-def backend_unavailable_reason(backend: str, q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None when ``backend`` can run these tensors, else the reason (shown in errors)."""
-    if backend == "triton":
-        return triton_unavailable_reason(q.device, q.shape[-1], v.shape[-1])
-    if backend == "flex":
-        reason = flex_unavailable_reason()
-        if reason is None and q.shape[-1] != v.shape[-1]:
-            reason = "flex path needs v's head_dim equal to q's"
-        return reason
+def _sparse_windows(q, v, spec: TileSpec) -> str | None:
+    return None if spec.is_dense() else "a window is smaller than its axis, so the attention is not dense"
+
+
+def _flex_declines(q, v, spec: TileSpec) -> str | None:
+    reason = flex_unavailable_reason()
+    if reason is None and q.shape[-1] != v.shape[-1]:
+        reason = "flex path needs v's head_dim equal to q's"
+    return reason
+
+
+def _never(q, v, spec: TileSpec) -> str | None:
     return None
 
 
+_ANY_DEVICE = frozenset({"cpu", "cuda", "xpu", "mps"})
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("sdpa", _sdpa, _sparse_windows, _ANY_DEVICE),
+    Backend("triton", sliding_tile_attention_triton,
+            lambda q, v, spec: triton_unavailable_reason(q.device, q.shape[-1], v.shape[-1]), frozenset({"cuda"})),
+    Backend("flex", sliding_tile_attention_flex, _flex_declines, frozenset()),
+    Backend("boxes", sliding_tile_attention_boxes, _never, _ANY_DEVICE),
+    Backend("dense", _dense_masked, _never, frozenset()),
+)}
+BACKENDS = tuple(_BACKENDS)  # in the order the automatic choice tries them
+ALIASES = {"cpu": "boxes"}
+
+
+def backend_unavailable_reason(backend: str, q: torch.Tensor, v: torch.Tensor, spec: TileSpec) -> str | None:
+    """None when ``backend`` can run these tensors, else the reason (shown in errors)."""
+    return _BACKENDS[ALIASES.get(backend, backend)].declines(q, v, spec)
+
+
 def choose_backend(q: torch.Tensor, v: torch.Tensor, spec: TileSpec) -> str:
-    if spec.is_dense():
-        return "sdpa"
-    if q.device.type == "cuda" and backend_unavailable_reason("triton", q, v) is None:
-        return "triton"
-    return "boxes"
+    """The first backend of :data:`BACKENDS` considered on ``q``'s device that accepts the inputs."""
+    reasons = []
+    for backend in _BACKENDS.values():
+        if q.device.type not in backend.automatic_on:
+            reasons.append(f"{backend.name}: only forced on {q.device.type}")
+            continue
+        reason = backend.declines(q, v, spec)
+        if reason is None:
+            return backend.name
+        reasons.append(f"{backend.name}: {reason}")
+    raise ValueError(f"no sliding-tile backend runs these inputs ({'; '.join(reasons)}); force one with backend=...")
 
 
 def sliding_tile_attention(q, k, v, grid, tile, window, text_tokens: int = 0, *, scale: float | None = None,
@@ -66,8 +110,8 @@ def sliding_tile_attention(q, k, v, grid, tile, window, text_tokens: int = 0, *,
             An axis whose window >= its tile count is unrestricted; if all are, dense SDPA runs.
         text_tokens: leading tokens that attend to all and are attended by all.
         scale: softmax scale, default head_dim ** -0.5.
-        backend: force "triton", "flex", "boxes" (= "cpu") or "dense"; default picks the fastest
-            that can run (see module docstring). A forced backend that cannot run raises.
+        backend: force one of :data:`BACKENDS` (or "cpu" for "boxes"); default picks the
+            fastest that can run (see module docstring). A forced backend that cannot run raises.
 
     Returns:
         (batch, heads, seq, head_dim_v) in the input order.
@@ -80,26 +124,16 @@ def sliding_tile_attention(q, k, v, grid, tile, window, text_tokens: int = 0, *,
         torch.Size([1, 2, 1024, 32])
     """
     spec = make_spec(q, k, v, grid, tile, window, text_tokens)
-    if backend == "cpu":
-        backend = "boxes"
     if backend is None:
         backend = choose_backend(q, v, spec)
-    elif backend not in BACKENDS:
+    backend = ALIASES.get(backend, backend)
+    if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} (or 'cpu') or leave it None")
-    else:
-        reason = backend_unavailable_reason(backend, q, v)
-        if reason:
-            raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}. "
-                             f"Pass backend=None to pick one that can (the box path always can).")
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if backend == "triton":
-        return sliding_tile_attention_triton(q, k, v, spec, scale)
-    if backend == "flex":
-        return sliding_tile_attention_flex(q, k, v, spec, scale)
-    if backend == "boxes":
-        return sliding_tile_attention_boxes(q, k, v, spec, scale)
-    return _dense_masked(q, k, v, spec, scale)
+    reason = _BACKENDS[backend].declines(q, v, spec)
+    if reason:
+        raise ValueError(f"backend {backend!r} cannot run these inputs: {reason}. "
+                         f"Pass backend=None to pick one that can (the box path always can).")
+    return _BACKENDS[backend].run(q, k, v, spec, scale)
 
 
 def sliding_tile_density(grid, tile, window, text_tokens: int = 0, heads: int = 1) -> float:

@@ -1,8 +1,9 @@
 """What a denoiser family looks like, as data the methods can ask for.
 
 Methods never import a model class: they ask an :class:`Adapter` for block lists, attention
-modules (with their kind), the U-Net skip branches and the token layout of a call.
-Adding a family is one adapter subclass in this package.
+modules (with their kind), the U-Net skip branches and the token layout of a call. Adapters
+know no method. Adding a family is one adapter module in this package plus its entry in
+:mod:`diffaccel.families`, which names the module; detection finds the adapters there.
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from typing import Any, ClassVar
 
 import torch
 
-FAMILIES = ("unet", "image_dit", "video_dit")
-ATTENTION_KINDS = ("spatial", "temporal", "joint", "cross")
+from diffaccel.families import FAMILIES as _REGISTRY
+from diffaccel.families import Family
+
+FAMILIES: tuple[Family, ...] = tuple(_REGISTRY)
+ATTENTION_KINDS = ("spatial", "temporal", "joint", "cross")  # see AttentionInfo.kind
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ class AttentionInfo:
 class SkipBranch:
     """A DeepCache branch point of a U-Net, numbered as DeepCache's ``cache_branch_id``.
 
-    With branch ``b``: the shallow path runs down block ``down_block`` up to (and including) its
+    With skip branch ``b``: the shallow path runs down block ``down_block`` up to (and including) its
     layer ``layer``, and the matching up block ``up_block`` from layer ``up_layer``; everything
     deeper is reused from the last full step.
     """
@@ -99,9 +103,9 @@ class Adapter:
 
     pipe: Any
     denoiser_attr: str = "transformer"
-    cfg_mode: str = "batched"  # "batched": [uncond, cond] in one call; "separate": one call per branch
+    cfg_mode: str = "batched"  # "batched": [uncond, cond] in one call; "separate": one call per CFG half
     pipelines: ClassVar[tuple[str, ...]] = ()
-    family: ClassVar[str] = ""
+    family: ClassVar[Family]
     # t / timestep_scale is the normalised time (1 = pure noise) of a denoiser call.
     timestep_scale: ClassVar[float] = 1000.0
     _attention_cache: list[AttentionInfo] | None = field(default=None, repr=False)
@@ -142,7 +146,7 @@ class Adapter:
         return out
 
     def skip_branches(self) -> list[SkipBranch]:
-        """U-Net only: DeepCache branch points. Other families have none."""
+        """U-Net only: DeepCache's skip branches. Other families have none."""
         return []
 
     def transformer_blocks(self) -> list[tuple[str, torch.nn.Module, int]]:
@@ -196,7 +200,7 @@ class Adapter:
         cfg = dict(getattr(self.denoiser, "config", {}) or {})
         keep = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, list, tuple)) and not k.startswith("_")}
         return {
-            "family": self.family,
+            "family": str(self.family),
             "denoiser": type(self.denoiser).__name__,
             "num_blocks": len(self.blocks()),
             "config": keep,
@@ -208,7 +212,7 @@ class Adapter:
             kinds[info.kind] = kinds.get(info.kind, 0) + 1
         return {
             "pipeline": self.name,
-            "family": self.family,
+            "family": str(self.family),
             "denoiser": type(self.denoiser).__name__,
             "blocks": len(self.blocks()),
             "attention": kinds,

@@ -1,23 +1,29 @@
 """Recognise a pipeline's denoiser family and return its adapter."""
 from __future__ import annotations
 
-from .base import Adapter
-from .image_dit import DiTAdapter, FluxAdapter, PixArtAdapter, SD3Adapter
-from .unet import UNetAdapter
-from .video_dit import CogVideoXAdapter, HunyuanVideoAdapter, LatteAdapter, LTXVideoAdapter, WanAdapter
+import importlib
 
-ADAPTERS: tuple[type[Adapter], ...] = (
-    UNetAdapter,
-    PixArtAdapter,
-    DiTAdapter,
-    SD3Adapter,
-    FluxAdapter,
-    CogVideoXAdapter,
-    LatteAdapter,
-    HunyuanVideoAdapter,
-    WanAdapter,
-    LTXVideoAdapter,
-)
+from diffaccel.families import FAMILIES
+
+from .base import Adapter
+
+
+def _registered_adapters() -> tuple[type[Adapter], ...]:
+    """The adapter classes of every registered family, from the module its registry entry names."""
+    found = []
+    for family, spec in FAMILIES.items():
+        module = importlib.import_module(f"{__package__}.{spec.adapters}")
+        classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Adapter)
+                   and c.__module__ == module.__name__ and c.pipelines]
+        wrong = [c.__name__ for c in classes if c.family != family]
+        if wrong or not classes:
+            raise RuntimeError(f"diffaccel.pipelines.{spec.adapters} must define the adapters of the {family} family "
+                               f"(with pipelines and family = Family.{family.name}); check {wrong or 'the module'}.")
+        found += classes
+    return tuple(found)
+
+
+ADAPTERS: tuple[type[Adapter], ...] = _registered_adapters()
 
 
 class UnsupportedPipelineError(TypeError):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffaccel.families import Family
+
 from .base import Adapter, TokenGrid, call_arg
 
 
@@ -17,7 +19,7 @@ def _text_len(args, kwargs, position=1) -> int:
 class _PatchDiT(Adapter):
     """DiTs that take an image latent (B, C, H, W) and patchify it with ``patch_size``."""
 
-    family = "image_dit"
+    family = Family.IMAGE_DIT
 
     def blocks(self):
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.denoiser.transformer_blocks)]
@@ -57,7 +59,7 @@ class SD3Adapter(_PatchDiT):
 
 @dataclass
 class FluxAdapter(Adapter):
-    family = "image_dit"
+    family = Family.IMAGE_DIT
     pipelines = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
     cfg_mode: str = "separate"  # true CFG runs the negative prompt as a second call
     timestep_scale = 1.0  # the pipeline passes sigma (t / 1000) as the timestep

@@ -5,12 +5,14 @@ from dataclasses import dataclass
 
 import torch
 
+from diffaccel.families import Family
+
 from .base import Adapter, AttentionInfo, SkipBranch, TokenGrid, call_arg
 
 
 @dataclass
 class UNetAdapter(Adapter):
-    family = "unet"
+    family = Family.UNET
     pipelines = (
         "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline",
@@ -60,7 +62,7 @@ class UNetAdapter(Adapter):
         return out
 
     def skip_branches(self):
-        # DeepCache numbering: branch b -> down block b // 3, layer b % 3, where layers are the
+        # DeepCache numbering: skip branch b -> down block b // 3, layer b % 3, where layers are the
         # block's resnets followed by its downsampler.
         branches = []
         n_up = len(self.unet.up_blocks)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+from diffaccel.families import Family
+
 from .base import Adapter, AttentionInfo, TokenGrid, TokenLayout, call_arg
 from .image_dit import _text_len
 
@@ -15,7 +17,7 @@ def _pair(p) -> tuple[int, int, int]:
 
 @dataclass
 class CogVideoXAdapter(Adapter):
-    family = "video_dit"
+    family = Family.VIDEO_DIT
     pipelines = ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline")
     # CogVideoX concatenates [text, video] before each full 3D attention.
     attention_rules = ((r"transformer_blocks\.\d+\.attn1", "joint"),)
@@ -35,7 +37,7 @@ class CogVideoXAdapter(Adapter):
 class _ChannelsFirstVideo(Adapter):
     """Video DiTs taking latents (B, C, F, H, W)."""
 
-    family = "video_dit"
+    family = Family.VIDEO_DIT
 
     def patch(self) -> tuple[int, int, int]:
         cfg = self.denoiser.config
@@ -113,7 +115,7 @@ class WanAdapter(_ChannelsFirstVideo):
 
 @dataclass
 class LTXVideoAdapter(Adapter):
-    family = "video_dit"
+    family = Family.VIDEO_DIT
     pipelines = ("LTXPipeline", "LTXImageToVideoPipeline")
     attention_rules = ((r"transformer_blocks\.\d+\.attn1", "spatial"), (r"transformer_blocks\.\d+\.attn2", "cross"))
 

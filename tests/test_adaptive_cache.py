@@ -54,8 +54,8 @@ def test_branches_decide_separately_and_mixed_batches_match(monkeypatch):
     # CFG-Cache drops the unconditional half every other step, so the two branches' reuse
     # counters drift apart and batched calls must run the blocks for one half only.
     mixed = []
-    original = adaptive_cache._AdaptiveInstalled._mixed
-    monkeypatch.setattr(adaptive_cache._AdaptiveInstalled, "_mixed", lambda self, *a: mixed.append(1) or original(self, *a))
+    original = adaptive_cache.AdaptiveCacheInstalled._mixed
+    monkeypatch.setattr(adaptive_cache.AdaptiveCacheInstalled, "_mixed", lambda self, *a: mixed.append(1) or original(self, *a))
     methods = [diffaccel.FasterCache(attention_interval=1, cfg_interval=2, cfg_range=(0.0, 1.0)),
                diffaccel.AdaptiveCache(threshold=1e9, warmup=1, max_consecutive=1)]
     pipe = pipe_for_harness()

@@ -1,27 +1,27 @@
 """AdaptiveCache(reference="last_computed"): the change is measured against the head residual of
-the last computed step, without accumulation (FirstBlockCache's rule, per CFG branch)."""
+the last computed step, without accumulation (FirstBlockCache's rule, per CFG half)."""
 import pytest
 import torch
 
 import diffaccel
 import tiny_pipes as tp
 from diffaccel.methods import adaptive_cache
-from diffaccel.methods.cache_common import branch_rows
+from diffaccel.methods.cache_common import cfg_half_rows
 
 
 def _record_decisions(monkeypatch):
-    """(step, branch, head residual, computed) for every decision taken."""
+    """(step, CFG half, head residual, computed) for every decision taken."""
     seen = []
-    original = adaptive_cache._AdaptiveInstalled._decide
+    original = adaptive_cache.AdaptiveCacheInstalled._decide
 
     def recording(self, head_residual):
         plan = original(self, head_residual)
-        groups = branch_rows(self.session, int(head_residual.shape[0]))
+        groups = cfg_half_rows(self.session.ctx, int(head_residual.shape[0]))
         for (name, compute), (_, sl) in zip(plan, groups):
             seen.append((self.session.ctx.step, name, head_residual[sl].detach().float().clone(), compute))
         return plan
 
-    monkeypatch.setattr(adaptive_cache._AdaptiveInstalled, "_decide", recording)
+    monkeypatch.setattr(adaptive_cache.AdaptiveCacheInstalled, "_decide", recording)
     return seen
 
 

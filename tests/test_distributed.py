@@ -30,8 +30,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         adaptive_cache.consensus_mean = spy
         plans = []
-        decide = adaptive_cache._AdaptiveInstalled._decide
-        adaptive_cache._AdaptiveInstalled._decide = lambda self, r: plans.append(decide(self, r)) or plans[-1]
+        decide = adaptive_cache.AdaptiveCacheInstalled._decide
+        adaptive_cache.AdaptiveCacheInstalled._decide = lambda self, r: plans.append(decide(self, r)) or plans[-1]
 
         pipe = pipe_for_harness()  # same weights on both ranks (seeded build)
         x, c, u = inputs(1, seed=100 + rank)  # different prompt embeddings and noise per rank

@@ -5,7 +5,6 @@ import diffaccel
 import tiny_pipes as tp
 from cache_harness import denoise, inputs, pipe_for_harness
 from diffaccel.api import session_of
-from diffaccel.methods.pab import FAMILY_DEFAULTS
 
 OFF = dict(spatial_interval=1, temporal_interval=1, cross_interval=1)
 
@@ -79,7 +78,8 @@ def test_separate_cfg_calls_match_batched_cfg_and_batch_of_two():
 
 
 def test_family_defaults_follow_the_pyramid():
-    for family, kinds in FAMILY_DEFAULTS.items():
+    for family in diffaccel.PAB.supported_families():
+        kinds = diffaccel.PAB().resolved(family)
         assert kinds["cross"][0] >= kinds["spatial"][0]
     video = diffaccel.PAB().resolved("video_dit")
     assert video["cross"][0] > video["temporal"][0] > video["spatial"][0] == video["joint"][0]

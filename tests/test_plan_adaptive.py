@@ -7,7 +7,7 @@ import torch
 import diffaccel
 import tiny_pipes as tp
 from diffaccel.profiler.measure import measure
-from diffaccel.profiler.plan_adaptive import branch_signals, fitted_feedback, plan_adaptive, simulate_adaptive
+from diffaccel.profiler.plan_adaptive import half_signals, fitted_feedback, plan_adaptive, simulate_adaptive
 from diffaccel.profiler.plan_common import step_times
 from diffaccel.profiler.profile import Profile
 
@@ -36,7 +36,7 @@ def _two_branch_profile(cond, uncond):
 def test_branches_are_simulated_on_their_own_signals():
     # cond changes little, uncond a lot: at threshold 0.25 only cond reuses (half the cached blocks).
     profile = _two_branch_profile([0] + [0.1] * 5, [0] + [0.5] * 5)
-    assert len(branch_signals(profile, "b0")) == 2
+    assert len(half_signals(profile, "b0")) == 2
     plan = plan_adaptive(profile, profile.times, None, warmup=1, threshold=0.25, max_consecutive=8)
     cond_reuse = [False, True, True, False, True, True]  # accumulated 0.1, 0.2, then 0.3 >= 0.25 computes
     expected = 100 * 6 / sum(100 - 50 * r / 2 for r in cond_reuse)  # a reusing branch saves half of b1

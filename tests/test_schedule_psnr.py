@@ -43,7 +43,7 @@ def test_probe_equals_a_real_deepcache_step(name):
     """error[s][age] is what DeepCache does at step s when its deep features are `age` steps old."""
     pipe = tp.build(name)
     kwargs = _kwargs(name)
-    with ReuseProbe(pipe, branch=0, max_age=3) as probe:
+    with ReuseProbe(pipe, skip_branch=0, max_age=3) as probe:
         pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)})
     base = _denoiser_outputs(pipe, kwargs)
     g = kwargs["guidance_scale"]

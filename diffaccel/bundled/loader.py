@@ -71,6 +71,8 @@ def load_bundled(name: str, device=None, dtype=None):
     """The bundled pipeline `name`, loaded offline from bundled_dir()/<name>."""
     import diffusers
 
+    from diffaccel.compat import dtype_kwargs
+
     model = check_name(name)
     folder = bundled_dir() / model.folder
     if not (folder / "model_index.json").is_file():
@@ -78,13 +80,7 @@ def load_bundled(name: str, device=None, dtype=None):
             f"bundled model {name!r} is missing: no {folder / 'model_index.json'}. "
             f"Reproduce it with `python eval/train_bundled.py --model {name} --out {bundled_dir()}`.")
     pipeline_class = getattr(diffusers, model.pipeline_class)
-    kwargs = {}
-    if dtype is not None:  # newer diffusers renamed torch_dtype to dtype (the old name warns)
-        from diffusers.utils import deprecation_utils
-
-        renamed = hasattr(deprecation_utils, "_resolve_dtype")
-        kwargs = {"dtype" if renamed else "torch_dtype": dtype}
-    pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, **dtype_kwargs(dtype))
     if device is not None:
         pipe = pipe.to(device)
     return pipe

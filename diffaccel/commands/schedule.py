@@ -52,10 +52,6 @@ def _db(value) -> str:
 
 
 def _summary(plan) -> str:
-    c = plan.config
-    if plan.method == "deepcache":
-        return f"branch {c.branch}, full steps {[i for i, x in enumerate(plan.computed) if x]}"
-    if plan.method == "adaptive_cache":
-        return f"threshold {c.threshold:g}, max_consecutive {c.max_consecutive}, warmup {c.warmup}"
-    return ", ".join(f"{k} {getattr(c, k + '_interval')} in {getattr(c, k + '_range')}" for k in ("spatial", "temporal", "cross")
-                     if getattr(c, k + "_interval") not in (None, 1))
+    from diffaccel.profiler.schedule import summary
+
+    return summary(plan)

@@ -58,9 +58,10 @@ def read_prompts(source: str, model: str, video: bool) -> list[str]:
 
 
 def is_video_pipeline(pipe) -> bool:
+    from diffaccel.families import Capability, has_capability
     from diffaccel.pipelines import detect
 
-    return detect(pipe).family == "video_dit"
+    return has_capability(detect(pipe).family, Capability.VIDEO)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from diffaccel.flops import _register_cpu_sdpa_formula  # attention on CPU counts as 0 FLOPs otherwise
+from diffaccel.flops import flop_counter  # counts attention on CPU, which torch counts as 0 FLOPs
 
 
 def _sync(device) -> None:
@@ -46,10 +46,7 @@ class DenoiserClock:
 
 def count_call_flops(pipe, denoiser: torch.nn.Module, call) -> tuple[int, int]:
     """(end-to-end FLOPs, denoiser FLOPs) of one ``call()``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _register_cpu_sdpa_formula()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         call()
     per_module = counter.get_flop_counts()
     denoiser_flops = sum(per_module.get(type(denoiser).__name__, {}).values())

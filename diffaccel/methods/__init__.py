@@ -1,6 +1,6 @@
 """Acceleration methods, one file each. Importing this package registers them."""
 from diffaccel.methods.base import METHODS, Installed, Method, register
-from diffaccel.methods.instrument import Instrument, record
+from diffaccel.methods.instrument import Instrument, Recording, record
 from diffaccel.methods.deepcache import DeepCache
 from diffaccel.methods.tome import ToMe
 from diffaccel.methods.adaptive_cache import AdaptiveCache
@@ -10,6 +10,6 @@ from diffaccel.methods.sliding_tile import SlidingTileAttention
 from diffaccel.methods.mediator import MediatorAttention
 
 __all__ = [
-    "METHODS", "Installed", "Method", "register", "Instrument", "record", "DeepCache", "ToMe",
+    "METHODS", "Installed", "Method", "register", "Instrument", "Recording", "record", "DeepCache", "ToMe",
     "AdaptiveCache", "PAB", "FasterCache", "SlidingTileAttention", "MediatorAttention",
 ]

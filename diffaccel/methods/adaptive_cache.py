@@ -1,33 +1,30 @@
 """AdaptiveCache: skip the middle of a DiT when its first blocks say little has changed.
 
-The family of FirstBlockCache / TeaCache / cache-dit's DBCache, with what they get wrong fixed:
+Block-residual caching in the manner of FirstBlockCache, TeaCache and cache-dit's DBCache. The
+first ``head_blocks`` blocks always run. The relative change of their residual since the
+previous step, ``d = mean|r - r_prev| / mean|r_prev|``, is accumulated; while the sum stays
+under ``threshold`` the remaining blocks are skipped and their residual from the last full step
+is added instead; the last ``tail_blocks`` blocks can run anyway as a corrector.
+``reference="last_computed"`` instead compares ``r`` with the head residual of the last computed
+step (the state the cached residual belongs to) and does not accumulate, so back-and-forth
+wobble of the signal does not count as drift.
 
-* The first ``head_blocks`` blocks always run. The relative change of their residual since the
-  previous step, ``d = mean|r - r_prev| / mean|r_prev|``, is accumulated; while the sum stays
-  under ``threshold`` the remaining blocks are skipped and their residual from the last full
-  step is added instead; the last ``tail_blocks`` blocks can run anyway as a corrector.
-  ``reference="last_computed"`` instead compares ``r`` with the head residual of the last
-  computed step (the state the cached residual belongs to) and does not accumulate: summing
-  step-to-step changes counts back-and-forth wobble of the signal as drift. On the bundled
-  tiny-dit it saves more FLOPs at higher PSNR (eval/results/fidelity_dit_peers.md).
-* The decision and all cached tensors are kept per CFG branch: with separate CFG calls the
-  conditional call is never compared with the unconditional one (diffusers' hooks keep separate
-  state only where the pipeline opens "cond"/"uncond" cache contexts, as Wan's does), and with
-  batched CFG each half decides for itself; a
-  half that must compute runs alone. Batched and separate CFG therefore give the same result.
-* A decision covers a whole branch of the batch (mean over its samples), and under
+Why it is built this way:
+
+* The decision and every cached tensor are kept per CFG half: a conditional call is never
+  compared with an unconditional one, and with batched CFG each half decides for itself (a half
+  that must compute runs alone), so batched and separate CFG give the same result.
+* A decision covers a whole half of the batch (mean over its samples), and under
   torch.distributed it is taken on the all-rank mean, so every rank takes the same path.
 * ``warmup`` first steps always compute, and at most ``max_consecutive`` steps in a row reuse.
-
-The decision code is excluded from torch.compile (``torch.compiler.disable``); the blocks' own
-compute stays compilable, and only the mode of a block ("run"/"reuse"/"mixed") reaches the
-compiled code, so steps do not trigger recompilation.
+* The decision code is excluded from torch.compile; only the mode of a block ("run" / "reuse" /
+  "mixed") reaches compiled code, so steps do not trigger recompilation.
 
 Example::
 
     pipe = diffaccel.accelerate(pipe, methods=[diffaccel.AdaptiveCache(threshold=0.1)])
     image = pipe("a red circle").images[0]
-    print(diffaccel.stats(pipe)["methods"]["adaptive_cache"])   # computed / reused per branch-step
+    print(diffaccel.stats(pipe)["methods"]["adaptive_cache"])   # computed / reused per CFG half and step
 """
 from __future__ import annotations
 
@@ -38,12 +35,16 @@ from typing import Any, ClassVar
 import torch
 
 from diffaccel.distributed import consensus_mean
-from diffaccel.methods.base import Installed, Method, hook_forward, positive_int, register
-from diffaccel.methods.cache_common import ArgReader, branch_rows, cat_rows, num_rows, row_share, run_rows, take_rows, tree_map
+from diffaccel.families import Capability
+from diffaccel.methods.base import Installed, Method, hook_forward, register
+from diffaccel.methods.cache_common import ArgReader, cat_rows, cfg_half_rows, num_rows, run_rows, take_rows, tree_map
+from diffaccel.validate import at_least, non_negative_int, one_of, positive_int
+
+REFERENCES = ("previous", "last_computed")
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class AdaptiveCache(Method):
     """Data-dependent block-residual caching for image and video DiTs.
 
@@ -59,7 +60,7 @@ class AdaptiveCache(Method):
     """
 
     name: ClassVar[str] = "adaptive_cache"
-    families: ClassVar[tuple[str, ...]] = ("image_dit", "video_dit")
+    requires: ClassVar[Capability] = Capability.BLOCK_CACHING
 
     threshold: float = 0.1
     warmup: int = 2
@@ -69,20 +70,13 @@ class AdaptiveCache(Method):
     reference: str = "previous"
 
     def validate(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
-            raise ValueError(
-                f"AdaptiveCache(threshold=...) must be a finite number >= 0, got {t!r}; 0 computes every step, "
-                "0.05-0.25 is the usual range (higher = faster, less faithful)."
-            )
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"AdaptiveCache(warmup=...) must be an integer >= 0 (steps always computed), got {self.warmup!r}.")
+        at_least(self.threshold, "AdaptiveCache(threshold=...)", 0.0,
+                 "0 computes every step, 0.05-0.25 is the usual range (higher = faster, less faithful).")
+        non_negative_int(self.warmup, "AdaptiveCache(warmup=...)", "It counts the first steps, which always compute.")
         positive_int(self.max_consecutive, "AdaptiveCache(max_consecutive=...)", "Use 1 to never reuse twice in a row.")
         positive_int(self.head_blocks, "AdaptiveCache(head_blocks=...)", "At least the first block must run to measure change.")
-        if isinstance(self.tail_blocks, bool) or not isinstance(self.tail_blocks, int) or self.tail_blocks < 0:
-            raise ValueError(f"AdaptiveCache(tail_blocks=...) must be an integer >= 0, got {self.tail_blocks!r}.")
-        if self.reference not in ("previous", "last_computed"):
-            raise ValueError(f"AdaptiveCache(reference=...) must be 'previous' or 'last_computed', got {self.reference!r}.")
+        non_negative_int(self.tail_blocks, "AdaptiveCache(tail_blocks=...)")
+        one_of(self.reference, REFERENCES, "AdaptiveCache(reference=...)")
 
     def apply(self, session) -> Installed:
         self.validate()
@@ -93,14 +87,14 @@ class AdaptiveCache(Method):
                 f"AdaptiveCache(head_blocks={self.head_blocks}, tail_blocks={self.tail_blocks}) leaves no block to cache "
                 f"in {session.adapter.name}'s denoiser, which has {n} blocks; lower head_blocks/tail_blocks."
             )
-        return _AdaptiveInstalled(self, session)
+        return AdaptiveCacheInstalled(self, session)
 
 
 @dataclass
-class _Branch:
-    """What one CFG branch remembers between steps."""
+class _HalfState:
+    """What one CFG half remembers between steps."""
 
-    signal: torch.Tensor | None = None  # head residual when this branch last ran
+    signal: torch.Tensor | None = None  # head residual when this half last ran
     anchor: torch.Tensor | None = None  # head residual of the last step that computed everything
     accumulated: float = 0.0
     consecutive: int = 0
@@ -109,7 +103,9 @@ class _Branch:
     block_residuals: dict = field(default_factory=dict)  # block index -> residual (per-block mode)
 
 
-class _AdaptiveInstalled(Installed):
+class AdaptiveCacheInstalled(Installed):
+    """Hooks on every block; the head decides per CFG half whether the cached span runs."""
+
     def __init__(self, config: AdaptiveCache, session):
         super().__init__(config, session)
         adapter = session.adapter
@@ -126,8 +122,8 @@ class _AdaptiveInstalled(Installed):
             hook_forward(self, block, functools.partial(self._forward, index, reader), f"diffaccel_adaptive_cache_{index}")
 
     def reset_cache(self) -> None:
-        self.branches: dict[str, _Branch] = {}
-        self.plan: list[tuple[str, bool]] = []  # (branch, compute) in row order, this step
+        self.halves: dict[str, _HalfState] = {}
+        self.plan: list[tuple[str, bool]] = []  # (CFG half, compute) in row order, this step
         self.head_input: torch.Tensor | None = None
         self.none_outputs: dict[int, tuple[bool, ...]] = {}
 
@@ -163,16 +159,16 @@ class _AdaptiveInstalled(Installed):
             self.head_input = None
         elif self.first <= index <= self.last:
             rows = num_rows(args, kwargs)
-            for (name, _), (_, sl) in zip(self.plan, branch_rows(self.session, rows)):
-                self._record(index, reader, args, kwargs, out, rows, name, sl)
+            for (half, _), (_, sl) in zip(self.plan, cfg_half_rows(self.session.ctx, rows)):
+                self._record(index, reader, args, kwargs, out, rows, half, sl)
 
     # ---- decisions ---------------------------------------------------------------------
     def _decide(self, head_residual: torch.Tensor) -> list[tuple[str, bool]]:
-        cfg, ctx = self.config, self.session.ctx
-        groups = branch_rows(self.session, int(head_residual.shape[0]))
-        states = [self.branches.setdefault(name, _Branch()) for name, _ in groups]
+        config, ctx = self.call_config(), self.session.ctx
+        groups = cfg_half_rows(ctx, int(head_residual.shape[0]))
+        states = [self.halves.setdefault(half, _HalfState()) for half, _ in groups]
         signals = [head_residual[sl].detach().float() for _, sl in groups]
-        anchored = cfg.reference == "last_computed"
+        anchored = config.reference == "last_computed"
         change = []
         for state, r in zip(states, signals):
             ref = state.anchor if anchored else state.signal
@@ -180,18 +176,18 @@ class _AdaptiveInstalled(Installed):
                 change.append(torch.zeros((), device=r.device, dtype=torch.float64))
             else:
                 change.append(((r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).double())
-        # One collective per decision, with every branch's measurement: ranks agree on all of them.
+        # One collective per decision, with every half's measurement: ranks agree on all of them.
         change = consensus_mean(torch.stack(change)).tolist()
         plan = []
-        for (name, sl), state, r, d in zip(groups, states, signals, change):
+        for (half, sl), state, r, d in zip(groups, states, signals, change):
             if anchored:  # d already spans every step since the anchor
                 state.accumulated = 0.0
             compute = (
                 state.signal is None
                 or (state.residual is None and not state.block_residuals)
-                or ctx.step < cfg.warmup
-                or state.consecutive >= cfg.max_consecutive
-                or state.accumulated + d >= cfg.threshold
+                or ctx.step < config.warmup
+                or state.consecutive >= config.max_consecutive
+                or state.accumulated + d >= config.threshold
             )
             if compute:
                 state.accumulated, state.consecutive, state.anchor = 0.0, 0, r
@@ -200,12 +196,10 @@ class _AdaptiveInstalled(Installed):
                 state.accumulated += d
                 state.consecutive += 1
                 self.count("reused")
-                share = row_share(self.session)
-                skipped = self.counters.setdefault("skipped_modules", {})
                 for block in self.names[self.first : self.last + 1]:
-                    skipped[block] = skipped.get(block, 0.0) + share
+                    self.count_skipped(block, ctx.cfg.row_share)
             state.signal = r
-            plan.append((name, compute))
+            plan.append((half, compute))
         return plan
 
     # ---- residual bookkeeping ----------------------------------------------------------
@@ -215,8 +209,8 @@ class _AdaptiveInstalled(Installed):
         vals = [v[sl] if isinstance(v, torch.Tensor) and v.shape[0] == rows else v for v in vals]
         return vals[0] if len(vals) == 1 else tuple(vals)
 
-    def _record(self, index, reader, args, kwargs, out, rows, name, sl) -> None:
-        state = self.branches[name]
+    def _record(self, index, reader, args, kwargs, out, rows, half, sl) -> None:
+        state = self.halves[half]
         if isinstance(out, tuple):
             self.none_outputs[index] = tuple(o is None for o in out)
         out_rows = tree_map(lambda o: o[sl], out)
@@ -229,8 +223,8 @@ class _AdaptiveInstalled(Installed):
             state.residual = tree_map(torch.sub, out_rows, state.entry)
             state.entry = None
 
-    def _reused_rows(self, index, reader, args, kwargs, rows, name, sl):
-        state = self.branches[name]
+    def _reused_rows(self, index, reader, args, kwargs, rows, half, sl):
+        state = self.halves[half]
         identity = self._inputs(reader, args, kwargs, rows, sl)
         nones = self.none_outputs.get(index)
         if nones is not None:  # e.g. SD3's last block returns no text stream
@@ -245,22 +239,22 @@ class _AdaptiveInstalled(Installed):
     def _reuse(self, index, reader, args, kwargs):
         # Rows are cut per block: Latte's temporal blocks hold more rows than its spatial ones.
         rows = num_rows(args, kwargs)
-        groups = branch_rows(self.session, rows)
-        parts = [self._reused_rows(index, reader, args, kwargs, rows, name, sl) for (name, _), (_, sl) in zip(self.plan, groups)]
+        groups = cfg_half_rows(self.session.ctx, rows)
+        parts = [self._reused_rows(index, reader, args, kwargs, rows, half, sl) for (half, _), (_, sl) in zip(self.plan, groups)]
         return cat_rows(parts)
 
     @torch.compiler.disable
     def _mixed(self, index, reader, original, args, kwargs):
-        # One branch computes, the other reuses: run the block on the computing rows only.
+        # One half computes, the other reuses: run the block on the computing rows only.
         rows = num_rows(args, kwargs)
         parts = []
-        for (name, compute), (_, sl) in zip(self.plan, branch_rows(self.session, rows)):
+        for (half, compute), (_, sl) in zip(self.plan, cfg_half_rows(self.session.ctx, rows)):
             if compute:
                 out = run_rows(original, args, kwargs, rows, sl)
                 whole = slice(0, sl.stop - sl.start)
-                self._record(index, reader, take_rows(args, rows, sl), take_rows(kwargs, rows, sl), out, whole.stop, name, whole)
+                self._record(index, reader, take_rows(args, rows, sl), take_rows(kwargs, rows, sl), out, whole.stop, half, whole)
                 parts.append(out)
             else:
-                parts.append(self._reused_rows(index, reader, args, kwargs, rows, name, sl))
+                parts.append(self._reused_rows(index, reader, args, kwargs, rows, half, sl))
         return cat_rows(parts)
 

@@ -1,62 +1,23 @@
 """Shared machinery of the sparse-attention methods (sliding tile, mediators): replace the
 attention *math* of chosen self-attention modules, keep everything else of their processor.
 
-Why intercept SDPA instead of writing processors. Every diffusers processor (CogVideoX,
-SD3 joint, Flux, Wan, Hunyuan, plain AttnProcessor2_0 ...) does its own projections, norms,
-RoPE and text concatenation, then calls ``torch.nn.functional.scaled_dot_product_attention``
-(directly or through diffusers' native attention backend) on (batch, heads, seq, dim).
-Copying those processors would break whenever diffusers changes them (the flaw of tomesd).
-So a forward hook on the attention module (diffusers' HookRegistry, removed cleanly) sets
-an SDPA override for the duration of that module's forward only; the override runs the
-sparse kernel when the call is the module's self-attention over the known token layout
-(q, k, v of one shape, sequence = text + T*H*W, no real mask) and plain SDPA otherwise.
-Not thread-safe across concurrent pipeline calls in one process (the override is global
-while a hooked forward runs).
+Every diffusers attention processor (CogVideoX, SD3 joint, Flux, Wan, Hunyuan, plain
+AttnProcessor2_0 ...) does its own projections, norms, RoPE and text concatenation, then calls
+``torch.nn.functional.scaled_dot_product_attention`` on (batch, heads, seq, dim). Copying those
+processors would break whenever diffusers changes them, so a forward hook on the attention
+module intercepts SDPA for the duration of that module's forward only
+(:func:`diffaccel.compat.intercept_sdpa`): the sparse kernel runs when the call is the module's
+self-attention over the known token layout (q, k, v of one shape, sequence = text + T*H*W, no
+real mask) and plain SDPA otherwise. Not thread-safe across concurrent pipeline calls in one
+process (the interception is process-wide while a hooked forward runs).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 
-from diffaccel.methods.base import Installed, hook_forward
-
-_override = threading.local()
-_real_sdpa = F.scaled_dot_product_attention
-
-
-def _dispatching_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    handler = getattr(_override, "handler", None)
-    if handler is None:
-        return _real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                          scale=scale, **kwargs)
-    _override.handler = None  # the kernels themselves call SDPA: no recursion
-    try:
-        return handler(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                       scale=scale, **kwargs)
-    finally:
-        _override.handler = handler
-
-
-@contextlib.contextmanager
-def sdpa_override(handler: Callable):
-    """While active (in this thread), SDPA calls go to ``handler(q, k, v, **sdpa_kwargs)``."""
-    replaced = F.scaled_dot_product_attention
-    installed_here = replaced is not _dispatching_sdpa
-    if installed_here:
-        F.scaled_dot_product_attention = _dispatching_sdpa
-    previous = getattr(_override, "handler", None)
-    _override.handler = handler
-    try:
-        yield
-    finally:
-        _override.handler = previous
-        if installed_here:
-            F.scaled_dot_product_attention = replaced
+from diffaccel.compat import intercept_sdpa, real_sdpa
+from diffaccel.hooks import Installed, hook_forward
 
 
 def mask_is_trivial(attn_mask) -> bool:
@@ -102,7 +63,7 @@ class SparseAttentionHook:
         if setting is None:
             self.installed.count("dense_calls")
             return original(*args, **kwargs)
-        with sdpa_override(lambda *a, **kw: self._sdpa(layout, setting, *a, **kw)):
+        with intercept_sdpa(lambda *a, **kw: self._sdpa(layout, setting, *a, **kw)):
             return original(*args, **kwargs)
 
     def _sdpa(self, layout, setting, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -113,7 +74,7 @@ class SparseAttentionHook:
                    and mask_is_trivial(attn_mask))
         if not matches:  # not this module's full self-attention (or masked): leave it dense
             self.installed.count("dense_fallback_calls")
-            return _real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            return real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, **kwargs)
         self.installed.count("sparse_calls")
         text, visual = layout.text_tokens, layout.num_visual

@@ -1,13 +1,13 @@
-"""Shared by the caching methods: which rows of a call belong to which CFG branch, and
-running a module on some rows only.
+"""Shared by the caching methods: which rows of a call belong to which CFG half, running a module
+on some rows only, and reusing an attention module's output per CFG half.
 
-Cached activations are kept per CFG branch ("cond", "uncond"), never per denoiser call: with
-batched CFG one call holds both branches as halves ([uncond, cond] in
-diffusers' order; the adapter says); with separate CFG (Wan,
-Flux true-CFG, HunyuanVideo) call 0 is "cond" and call 1 is "uncond". Keying the caches by the
-branch name makes both forms give the same result, and a branch's cache can never stand in for
-the other's. Inside a denoiser, modules may see more rows than the call's batch (Latte flattens
-frames into the batch, sample-major), so a branch is a contiguous share of the rows, not a count.
+Cached activations are kept per CFG half ("cond", "uncond"), never per denoiser call: with
+batched CFG one call holds both halves ([uncond, cond] in diffusers' order; the adapter says),
+with separate CFG calls (Wan, Flux true-CFG, HunyuanVideo) each call holds one. The session
+states which in ``ctx.cfg`` (:class:`~diffaccel.state.CfgLayout`); keying the caches by the half
+makes both forms give the same result, and a half's cache can never stand in for the other's.
+Inside a denoiser, modules may see more rows than the call's batch (Latte flattens frames into
+the batch, sample-major), so a half is a contiguous share of the rows, not a count.
 """
 from __future__ import annotations
 
@@ -16,62 +16,17 @@ from typing import Any, Callable
 
 import torch
 
-from diffaccel.state import cfg_active
-
-# Set on the session by FasterCache's CFG-Cache for the current denoiser call when it ran the
-# conditional rows only: the call then holds the "cond" branch alone.
-UNCOND_DROPPED = "_diffaccel_uncond_dropped"
+from diffaccel.hooks import Installed, hook_forward
+from diffaccel.state import CallContext
 
 
-def batched_cfg(session) -> bool:
-    """Whether the current call batches CFG as [uncond, cond] halves."""
-    if session.adapter.cfg_mode != "batched":
-        return False
-    known = cfg_active(session.pipe)
-    if known is not None:
-        return known
-    # PixArt, CogVideoX and DiT decide CFG in a local variable. Their batched-CFG input is
-    # torch.cat([latents] * 2): identical halves, which samples of one batch never are.
-    ctx = session.ctx
-    cached = getattr(session, "_diffaccel_cfg_guess", None)
-    if cached is None or cached[0] is not ctx:
-        cached = (ctx, _identical_halves(session._probe))
-        setattr(session, "_diffaccel_cfg_guess", cached)
-    return cached[1]
-
-
-def _identical_halves(probe) -> bool:
-    if probe is None:
-        return False
-    args, kwargs = probe
-    x = kwargs.get("hidden_states", args[0] if args else None)
-    if not isinstance(x, torch.Tensor) or x.shape[0] % 2:
-        return False
-    half = x.shape[0] // 2
-    return bool(torch.equal(x[:half], x[half:]))
-
-
-def branch_names(session) -> list[str]:
-    """The CFG branches held by the current denoiser call, in row order."""
-    if batched_cfg(session) and not getattr(session, UNCOND_DROPPED, False):
-        return list(session.adapter.batched_cfg_order)
-    branch = session.ctx.branch
-    return [("cond", "uncond")[branch] if branch < 2 else f"branch{branch}"]
-
-
-def branch_rows(session, rows: int) -> list[tuple[str, slice]]:
-    """(branch name, row slice) for a module input with ``rows`` rows in the current call."""
-    names = branch_names(session)
-    if rows % len(names):
-        raise RuntimeError(f"diffaccel: a batch of {rows} rows cannot hold {len(names)} equal CFG halves.")
-    share = rows // len(names)
-    return [(name, slice(i * share, (i + 1) * share)) for i, name in enumerate(names)]
-
-
-def row_share(session) -> float:
-    """Fraction of a full denoiser call one branch stands for (for FLOP stats): half with batched
-    CFG (also when CFG-Cache dropped the other half), the whole call with separate calls."""
-    return 0.5 if batched_cfg(session) else 1.0
+def cfg_half_rows(ctx: CallContext, rows: int) -> list[tuple[str, slice]]:
+    """(CFG half, row slice) for a module input with ``rows`` rows in the running call."""
+    halves = ctx.cfg.halves
+    if rows % len(halves):
+        raise RuntimeError(f"diffaccel: a batch of {rows} rows cannot hold {len(halves)} equal CFG halves.")
+    share = rows // len(halves)
+    return [(half, slice(i * share, (i + 1) * share)) for i, half in enumerate(halves)]
 
 
 def take_rows(obj: Any, rows: int, sl: slice) -> Any:
@@ -91,7 +46,7 @@ def take_rows(obj: Any, rows: int, sl: slice) -> Any:
 
 
 def cat_rows(parts: list) -> Any:
-    """Concatenate per-branch outputs (tensors or tuples of tensors/None) along the rows."""
+    """Concatenate per-half outputs (tensors or tuples of tensors/None) along the rows."""
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
@@ -141,27 +96,25 @@ def run_rows(original: Callable, args: tuple, kwargs: dict, rows: int, sl: slice
 
 
 class AttentionReuse:
-    """Hook on one attention module: per CFG branch, compute it or reuse its last output.
+    """Hook on one attention module: per CFG half, compute it or reuse its last output.
 
-    A branch reuses when the call's normalised time lies inside ``t_range`` (open interval) and
-    that branch last computed this module fewer than ``interval`` steps ago. ``extrapolation``
+    A half reuses when the call's normalised time lies inside ``t_range`` (open interval) and
+    that half last computed this module fewer than ``interval`` steps ago. ``extrapolation``
     > 0 extends the trend of the last two computed outputs (FasterCache); 0 repeats the last
-    one (Pyramid Attention Broadcast). Each branch has its own history, so the reuse works
+    one (Pyramid Attention Broadcast). Each half has its own history, so the reuse works
     whether the call holds both CFG halves, the conditional half only, or one separate call.
     Only the mode ("run"/"reuse"/"mixed") reaches compiled code; decisions run eagerly.
     """
 
-    def __init__(self, installed, info, interval: int, t_range: tuple[float, float], extrapolation: float = 0.0):
-        from diffaccel.methods.base import hook_forward
-
+    def __init__(self, installed: Installed, info, interval: int, t_range: tuple[float, float], extrapolation: float = 0.0):
         self.installed, self.info = installed, info
         self.interval, self.t_range, self.extrapolation = interval, t_range, extrapolation
         self.reset()
         hook_forward(installed, info.module, self.forward, f"diffaccel_{installed.config.name}")
 
     def reset(self) -> None:
-        self.history: dict[str, list[tuple[int, Any]]] = {}  # branch -> [(step, output rows)], last two
-        self.plan: list[tuple[str, slice, bool]] = []
+        self.history: dict[str, list[tuple[int, Any]]] = {}  # CFG half -> [(step, output rows)], last two
+        self.plan: list[tuple[str, slice, bool]] = []  # (CFG half, rows, compute) of the running call
 
     def forward(self, original, *args, **kwargs):
         mode = self._mode(args, kwargs)
@@ -175,35 +128,32 @@ class AttentionReuse:
 
     @torch.compiler.disable
     def _mode(self, args, kwargs) -> str:
-        session = self.installed.session
-        ctx = session.ctx
+        ctx = self.installed.session.ctx
+        self.plan = []
         if not ctx.active:
-            self.plan = []
             return "run"
         lo, hi = self.t_range
         in_range = ctx.t_norm is not None and lo < ctx.t_norm < hi
-        self.plan = []
-        for name, sl in branch_rows(session, num_rows(args, kwargs)):
-            past = self.history.get(name)
+        for half, sl in cfg_half_rows(ctx, num_rows(args, kwargs)):
+            past = self.history.get(half)
             compute = not (in_range and past and ctx.step - past[-1][0] < self.interval)
-            self.plan.append((name, sl, compute))
+            self.plan.append((half, sl, compute))
             self.installed.count("computed" if compute else "reused")
             if not compute:
-                skipped = self.installed.counters.setdefault("skipped_modules", {})
-                skipped[self.info.name] = skipped.get(self.info.name, 0.0) + row_share(session)
+                self.installed.count_skipped(self.info.name, ctx.cfg.row_share)
         computes = [c for _, _, c in self.plan]
         return "run" if all(computes) else "reuse" if not any(computes) else "mixed"
 
     @torch.compiler.disable
     def _store(self, out, plan=None) -> None:
         step = self.installed.session.ctx.step
-        for name, sl, _ in plan or self.plan:
-            past = self.history.setdefault(name, [])
+        for half, sl, _ in plan or self.plan:
+            past = self.history.setdefault(half, [])
             past.append((step, tree_map(lambda o: o[sl], out)))
             del past[:-2]
 
-    def _approximation(self, name: str):
-        past = self.history[name]
+    def _approximation(self, half: str):
+        past = self.history[half]
         (s1, a1) = past[-1]
         if self.extrapolation == 0 or len(past) < 2:
             return a1
@@ -214,17 +164,17 @@ class AttentionReuse:
 
     @torch.compiler.disable
     def _reused(self):
-        return cat_rows([self._approximation(name) for name, _, _ in self.plan])
+        return cat_rows([self._approximation(half) for half, _, _ in self.plan])
 
     @torch.compiler.disable
     def _mixed(self, original, args, kwargs):
         rows = num_rows(args, kwargs)
         parts = []
-        for name, sl, compute in self.plan:
+        for half, sl, compute in self.plan:
             if compute:
                 out = run_rows(original, args, kwargs, rows, sl)
-                self._store(out, [(name, slice(None), True)])
+                self._store(out, [(half, slice(None), True)])
                 parts.append(out)
             else:
-                parts.append(self._approximation(name))
+                parts.append(self._approximation(half))
         return cat_rows(parts)

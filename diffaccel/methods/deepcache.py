@@ -1,49 +1,52 @@
-"""DeepCache for U-Net pipelines: reuse the deep features, recompute only the shallow branch.
+"""DeepCache for U-Net pipelines: reuse the deep features, recompute only a shallow path.
 
 Every scheduled *full* step runs the whole U-Net and keeps the outputs of the modules deeper
-than the chosen branch. On the other steps those modules return their kept outputs, so only
-the shallow path (``conv_in`` -> the first layers of down block ``branch // 3`` ... the last
-layers of the matching up block -> ``conv_out``) is computed. Branches are numbered as
-DeepCache's ``cache_branch_id`` (block ``b // 3``, layer ``b % 3``; a down block's layers are
-its resnets followed by its downsampler), and which modules run on a cached step is exactly
-what DeepCache's ``DeepCacheSDHelper`` runs, so both give the same images.
+than the chosen skip branch. On the other steps those modules return their kept outputs, so only
+the shallow path (``conv_in`` -> the first layers of down block ``skip_branch // 3`` ... the last
+layers of the matching up block -> ``conv_out``) is computed. Skip branches are numbered as
+DeepCache's ``cache_branch_id`` (block ``b // 3``, layer ``b % 3``; a down block's layers are its
+resnets followed by its downsampler), and a cached step runs exactly the modules that
+``DeepCacheSDHelper`` (DeepCache 0.1.1) runs, so both give the same images.
 
-Unlike the reference helper this hooks the modules through diffusers' HookRegistry (no copied
-U-Net code, composes with ``enable_model_cpu_offload`` in either order) and takes its step from
-the session: schedulers with repeated timesteps (Heun, DPM2), img2img's truncated schedules and
-a changed ``num_inference_steps`` all work, and each CFG branch call has its own cache.
+The modules are hooked through diffusers' HookRegistry (no copied U-Net code; composes with
+``enable_model_cpu_offload`` in either order) and the step comes from the session, so
+schedulers with repeated timesteps (Heun, DPM2), img2img's truncated schedules and a changed
+``num_inference_steps`` all work, and each denoiser call of a step keeps its own cache.
 
 Example::
 
     import diffaccel
-    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=3, branch=0)])
+    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=3, skip_branch=0)])
     image = pipe("a red circle").images[0]
     print(diffaccel.stats(pipe)["methods"]["deepcache"])  # computed / reused / skipped_modules
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import ClassVar, Sequence
 
 import torch
 
-from diffaccel.methods.base import Installed, Method, fraction, hook_forward, positive_int, register
+from diffaccel.families import Capability
+from diffaccel.methods.base import Installed, Method, hook_forward, register
+from diffaccel.validate import at_least, fraction, non_negative_int, one_of, positive_int
 
 HOOK_NAME = "diffaccel_deepcache"
 SCHEDULES = ("uniform", "non-uniform")
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class DeepCache(Method):
     """Training-free feature caching for U-Nets (Ma et al., 2023).
 
     Args:
         interval: N in "one full step every N steps". 1 computes every step (output identical
             to the unaccelerated pipeline); higher is faster and drifts further.
-        branch: the skip branch kept live, DeepCache's ``cache_branch_id``. 0 is the shallowest
-            (fastest); higher recomputes more of the U-Net on cached steps.
+        skip_branch: the U-Net skip kept live, DeepCache's ``cache_branch_id``. 0 is the
+            shallowest (fastest); higher recomputes more of the U-Net on cached steps.
+            ``branch=`` is accepted as its former name.
         schedule: which steps are full.
             ``"uniform"``: steps 0, N, 2N, ... (what DeepCache's helper does).
             ``"non-uniform"``: the same number of full steps, ceil(steps / N), placed densely
@@ -60,24 +63,28 @@ class DeepCache(Method):
     """
 
     name: ClassVar[str] = "deepcache"
-    families: ClassVar[tuple[str, ...]] = ("unet",)
+    requires: ClassVar[Capability] = Capability.SKIP_BRANCHES
 
     interval: int = 3
-    branch: int = 0
+    skip_branch: int = 0
     schedule: str | Sequence[int] | Sequence[float] = "uniform"
     center: float = 0.5
     power: float = 1.4
+    branch: InitVar[int | None] = None
+
+    def __post_init__(self, branch: int | None) -> None:
+        if branch is not None:
+            if self.skip_branch not in (0, branch):
+                raise ValueError(f"DeepCache got skip_branch={self.skip_branch} and branch={branch}: give skip_branch only.")
+            object.__setattr__(self, "skip_branch", branch)
 
     def validate(self) -> None:
         positive_int(self.interval, "DeepCache interval", "Use 1 to compute every step, 3 for about 2x faster.")
-        if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
-            raise ValueError(f"DeepCache branch must be an integer >= 0 (DeepCache's cache_branch_id), got {self.branch!r}.")
+        non_negative_int(self.skip_branch, "DeepCache skip_branch", "It is DeepCache's cache_branch_id; 0 is the shallowest.")
         fraction(self.center, "DeepCache center")
-        if not isinstance(self.power, (int, float)) or self.power < 1:
-            raise ValueError(f"DeepCache power must be a number >= 1, got {self.power!r}.")
+        at_least(self.power, "DeepCache power", 1.0)
         if isinstance(self.schedule, str):
-            if self.schedule not in SCHEDULES:
-                raise ValueError(f"DeepCache schedule must be one of {SCHEDULES} or a list of full steps, got {self.schedule!r}.")
+            one_of(self.schedule, SCHEDULES, "DeepCache schedule", "Or give a list of full steps.")
             return
         values = list(self.schedule)
         if not values:
@@ -105,10 +112,10 @@ class DeepCache(Method):
 
     def apply(self, session) -> "DeepCacheInstalled":
         branches = {b.branch_id: b for b in session.adapter.skip_branches()}
-        if self.branch not in branches:
+        if self.skip_branch not in branches:
             raise ValueError(
-                f"DeepCache branch {self.branch} does not exist in this U-Net; valid branches are "
-                f"{sorted(branches)} (block = branch // 3, layer = branch % 3)."
+                f"DeepCache skip branch {self.skip_branch} does not exist in this U-Net; valid branches are "
+                f"{sorted(branches)} (block = skip_branch // 3, layer = skip_branch % 3)."
             )
         return DeepCacheInstalled(self, session)
 
@@ -133,14 +140,14 @@ def centred_steps(num_steps: int, count: int, center: float, power: float) -> li
     return sorted({math.floor(i * num_steps / count) for i in range(count)})
 
 
-def cached_modules(unet, branch: int) -> list[str]:
+def cached_modules(unet, skip_branch: int) -> list[str]:
     """Paths (relative to the U-Net) of the outermost modules a cached step does not run.
 
-    Mirrors DeepCache's rule with block B = branch // 3 and layer L = branch % 3: down blocks
-    deeper than B, down block B's layers >= L (all of it when L = 0), the mid block, up blocks
-    deeper than B and, in up block B, the layers whose reversed index is > L.
+    Mirrors DeepCache's rule with block B = skip_branch // 3 and layer L = skip_branch % 3: down
+    blocks deeper than B, down block B's layers >= L (all of it when L = 0), the mid block, up
+    blocks deeper than B and, in up block B, the layers whose reversed index is > L.
     """
-    block, layer = divmod(branch, 3)
+    block, layer = divmod(skip_branch, 3)
     paths = []
     for i, down in enumerate(unet.down_blocks):
         if i > block or (i == block and layer == 0):
@@ -176,29 +183,29 @@ class DeepCacheInstalled(Installed):
     def __init__(self, config: DeepCache, session):
         super().__init__(config, session)
         unet = session.adapter.denoiser
-        self.paths = cached_modules(unet, config.branch)
+        self.paths = cached_modules(unet, config.skip_branch)
         self.mode = "pass"  # this denoiser call: "pass" (inactive), "store" (full step), "reuse"
         self.reset_cache()
         for path in self.paths:
             hook_forward(self, unet.get_submodule(path), self._module_forward(path), HOOK_NAME)
-        # Registered after the session's own pre-hook, so ctx.step / ctx.branch are current here.
+        # Registered after the session's own pre-hook, so ctx.step / ctx.call_index are current here.
         handle = unet.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
         self.on_remove(handle.remove)
 
     def reset_cache(self) -> None:
-        self.cache: dict[tuple[int, str], object] = {}
-        self.cached_input: dict[int, tuple] = {}  # branch -> sample shape/dtype the cache belongs to
-        self.step_full: dict[int, bool] = {}  # step -> decision, so every branch of a step agrees
+        self.cache: dict[tuple[int, str], object] = {}  # (call index, module path) -> output
+        self.cached_input: dict[int, tuple] = {}  # call index -> sample shape/dtype the cache belongs to
+        self.step_full: dict[int, bool] = {}  # step -> decision, so every call of a step agrees
         self.pending_times: list[float] | None = None
         self.resolved: tuple[int, list[int] | None] | None = None
 
     def _module_forward(self, path: str):
         def forward(original, *args, **kwargs):
             if self.mode == "reuse":
-                return self.cache[(self.session.ctx.branch, path)]
+                return self.cache[(self.session.ctx.call_index, path)]
             out = original(*args, **kwargs)
             if self.mode == "store":
-                self.cache[(self.session.ctx.branch, path)] = out
+                self.cache[(self.session.ctx.call_index, path)] = out
             return out
 
         return forward
@@ -207,7 +214,7 @@ class DeepCacheInstalled(Installed):
     def _is_full_step(self, ctx) -> bool:
         if ctx.step in self.step_full:
             return self.step_full[ctx.step]
-        config: DeepCache = self.config
+        config: DeepCache = self.call_config()
         num_steps = int(ctx.num_steps or 0) or ctx.step + 1
         if self.resolved is None or self.resolved[0] != num_steps:
             self.resolved = (num_steps, config.full_steps(num_steps))
@@ -232,17 +239,16 @@ class DeepCacheInstalled(Installed):
             return None
         sample = args[0] if args else kwargs.get("sample")
         signature = (tuple(sample.shape), sample.dtype, sample.device) if isinstance(sample, torch.Tensor) else None
-        have_cache = self.cached_input.get(ctx.branch) == signature and signature is not None
+        have_cache = self.cached_input.get(ctx.call_index) == signature and signature is not None
         if self._is_full_step(ctx) or not have_cache:
             self.mode = "store"
-            self.cached_input[ctx.branch] = signature
+            self.cached_input[ctx.call_index] = signature
             self.count("computed")
         else:
             self.mode = "reuse"
             self.count("reused")
-            skipped = self.counters.setdefault("skipped_modules", {})
             for path in self.paths:
-                skipped[path] = skipped.get(path, 0) + 1
+                self.count_skipped(path)
         return None
 
     def stats(self) -> dict:

@@ -1,27 +1,25 @@
-"""FasterCache: attention reuse with extrapolation, and CFG-Cache for the unconditional branch.
+"""FasterCache: attention reuse with extrapolation, and CFG-Cache for the unconditional half.
 
 Two savings (Lv et al., "FasterCache", 2024):
 
 * **Attention reuse.** Self-attention outputs (spatial, temporal, joint) are computed every
   ``attention_interval`` steps inside ``attention_range``; in between, the output is extended
-  from the last two computed ones, ``A_t = A_1 + w (t - s_1)/(s_1 - s_2) (A_1 - A_2)``.
-* **CFG-Cache.** Inside ``cfg_range`` the unconditional branch runs only every ``cfg_interval``
+  from the last two computed ones, ``A_t = A_1 + w (t - s_1)/(s_1 - s_2) (A_1 - A_2)``, per CFG
+  half, so attention is reused whether or not the unconditional half runs.
+* **CFG-Cache.** Inside ``cfg_range`` the unconditional half runs only every ``cfg_interval``
   steps. On a full step the difference ``D = uncond - cond`` of the denoiser outputs is split
   into low and high spatial frequencies (circular low-pass of radius min(H, W) // 5 in fft2
-  space). On the other steps only the conditional branch runs and
+  space). On the other steps only the conditional half runs and
   ``uncond = cond + a_lo D_lo + a_hi D_hi``, with a_lo = ``alpha_low`` inside
   ``low_freq_range`` (early) and a_hi = ``alpha_high`` inside ``high_freq_range`` (late), 1
   elsewhere. Because the fft is linear this equals the paper's rebuild
-  ``ifft(a_lo dLF + LF_c + a_hi dHF + HF_c)`` but needs no fft on the skipped steps.
+  ``ifft(a_lo dLF + LF_c + a_hi dHF + HF_c)`` but needs no fft on the skipped steps. The stored
+  difference is weighted once per use, never compounded. Pipelines that run CFG as separate
+  calls (Wan, Flux true-CFG, HunyuanVideo) get their unconditional call answered from the
+  conditional one.
 
-What diffusers' FasterCacheConfig gets wrong and this fixes: its attention hooks only reuse when
-the unconditional half was dropped in that call (here each CFG branch has its own history, so
-attention is reused on every step, whether or not the unconditional branch runs); its CFG-Cache
-only works for batched CFG passed as keyword arguments (here separate CFG calls — Wan, Flux
-true-CFG, HunyuanVideo — are served by answering the unconditional call from the conditional
-one); it multiplies the stored deltas by alpha again on every skipped step, so the weight
-compounds (1.1^k); its ranges are raw timesteps (here normalised time, the same for every step
-count and for sigma-based schedules).
+Ranges are normalised times (1 = noise), the same for every step count and for sigma-based
+schedules.
 
 Example::
 
@@ -36,15 +34,16 @@ from typing import ClassVar
 
 import torch
 
-from diffaccel.methods.base import Installed, Method, fraction, hook_forward, positive_int, register
-from diffaccel.methods.cache_common import UNCOND_DROPPED, AttentionReuse, batched_cfg, branch_names, take_rows
-from diffaccel.methods.pab import _check_range
+from diffaccel.families import Capability
+from diffaccel.methods.base import Installed, Method, hook_forward, register
+from diffaccel.methods.cache_common import AttentionReuse, take_rows
+from diffaccel.validate import fraction, positive_int, time_range
 
 SELF_ATTENTION_KINDS = ("spatial", "temporal", "joint")
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class FasterCache(Method):
     """FasterCache for image and video DiTs.
 
@@ -54,15 +53,15 @@ class FasterCache(Method):
         attention_range: (low, high) normalised times where attention may be reused.
         extrapolation: w in [0, 1], the share of the linear trend of the last two computed
             attention outputs added when reusing (0 = plain reuse).
-        cfg_interval: compute the unconditional branch every N steps inside ``cfg_range``
+        cfg_interval: compute the unconditional half every N steps inside ``cfg_range``
             (1 = CFG-Cache off).
-        cfg_range: (low, high) normalised times where the unconditional branch may be rebuilt.
+        cfg_range: (low, high) normalised times where the unconditional half may be rebuilt.
         alpha_low / alpha_high: weights of the low / high frequency part of the stored
             uncond - cond difference, applied inside ``low_freq_range`` / ``high_freq_range``.
     """
 
     name: ClassVar[str] = "faster_cache"
-    families: ClassVar[tuple[str, ...]] = ("image_dit", "video_dit")
+    requires: ClassVar[Capability] = Capability.ATTENTION_REUSE
 
     attention_interval: int = 2
     attention_range: tuple[float, float] = (0.0, 0.7)
@@ -79,17 +78,19 @@ class FasterCache(Method):
         positive_int(self.cfg_interval, "FasterCache(cfg_interval=...)", "Use 1 to turn CFG-Cache off.")
         fraction(self.extrapolation, "FasterCache(extrapolation=...)")
         for what in ("attention_range", "cfg_range", "low_freq_range", "high_freq_range"):
-            _check_range(getattr(self, what), f"FasterCache({what}=...)")
+            time_range(getattr(self, what), f"FasterCache({what}=...)")
         for what in ("alpha_low", "alpha_high"):
             fraction(getattr(self, what), f"FasterCache({what}=...)", 0.0, 4.0)
 
     def apply(self, session) -> Installed:
         self.validate()
         self.check_family(session.adapter.family)
-        return _FasterCacheInstalled(self, session)
+        return FasterCacheInstalled(self, session)
 
 
-class _FasterCacheInstalled(Installed):
+class FasterCacheInstalled(Installed):
+    """Attention-reuse hooks, and a hook on the whole denoiser for CFG-Cache."""
+
     def __init__(self, config: FasterCache, session):
         super().__init__(config, session)
         self.hooks = []
@@ -109,7 +110,6 @@ class _FasterCacheInstalled(Installed):
         self.delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (low, high) parts of uncond - cond
         self.uncond_step: int | None = None  # step of the last computed unconditional output
         self.cond_now: tuple[int, torch.Tensor, object] | None = None  # separate CFG: (step, cond prediction, output)
-        setattr(self.session, UNCOND_DROPPED, False)
 
     # ---- CFG-Cache at the denoiser -----------------------------------------------------
     def _denoiser_forward(self, original, *args, **kwargs):
@@ -118,10 +118,8 @@ class _FasterCacheInstalled(Installed):
             return self._rebuild_call()
         if mode == "cond_only":  # batched CFG: run the conditional half only
             cond_args, cond_kwargs = self._cond_inputs(args, kwargs)
-            try:
+            with self.session.ctx.uncond_dropped():  # methods inside see the conditional rows alone
                 out = original(*cond_args, **cond_kwargs)
-            finally:
-                setattr(self.session, UNCOND_DROPPED, False)
             return self._complete_batch(out)
         out = original(*args, **kwargs)
         self._after_full(out)
@@ -129,28 +127,27 @@ class _FasterCacheInstalled(Installed):
 
     @torch.compiler.disable
     def _cfg_mode(self) -> str:
-        session, cfg = self.session, self.config
-        ctx = session.ctx
+        config, ctx = self.config, self.session.ctx
         if not ctx.active:
             return "run"
-        lo, hi = cfg.cfg_range
+        lo, hi = config.cfg_range
         may_skip = (
             ctx.t_norm is not None
             and lo < ctx.t_norm < hi
             and self.delta is not None
             and self.uncond_step is not None
-            and ctx.step - self.uncond_step < cfg.cfg_interval
+            and ctx.step - self.uncond_step < config.cfg_interval
         )
-        if batched_cfg(session):
+        if ctx.cfg.batched:
             return "cond_only" if may_skip else "run"
-        if branch_names(session) == ["uncond"] and may_skip and self.cond_now is not None and self.cond_now[0] == ctx.step:
+        if ctx.cfg.halves == ("uncond",) and may_skip and self.cond_now is not None and self.cond_now[0] == ctx.step:
             return "rebuild"
         return "run"
 
     def _weights(self) -> tuple[float, float]:
-        t, cfg = self.session.ctx.t_norm, self.config
-        a_lo = cfg.alpha_low if cfg.low_freq_range[0] < t < cfg.low_freq_range[1] else 1.0
-        a_hi = cfg.alpha_high if cfg.high_freq_range[0] < t < cfg.high_freq_range[1] else 1.0
+        t, config = self.session.ctx.t_norm, self.config
+        a_lo = config.alpha_low if config.low_freq_range[0] < t < config.low_freq_range[1] else 1.0
+        a_hi = config.alpha_high if config.high_freq_range[0] < t < config.high_freq_range[1] else 1.0
         return a_lo, a_hi
 
     def _rebuilt_uncond(self, cond: torch.Tensor) -> torch.Tensor:
@@ -165,14 +162,14 @@ class _FasterCacheInstalled(Installed):
         if not ctx.active:
             return
         pred = _prediction(out)
-        if batched_cfg(session):
+        if ctx.cfg.batched:
             half = pred.shape[0] // 2
             first, second = pred[:half], pred[half:]
             uncond, cond = (first, second) if session.adapter.batched_cfg_order[0] == "uncond" else (second, first)
             self._store_delta(uncond, cond)
-        elif branch_names(session) == ["cond"]:
+        elif ctx.cfg.halves == ("cond",):
             self.cond_now = (ctx.step, pred, out)
-        elif branch_names(session) == ["uncond"] and self.cond_now is not None and self.cond_now[0] == ctx.step:
+        elif ctx.cfg.halves == ("uncond",) and self.cond_now is not None and self.cond_now[0] == ctx.step:
             self._store_delta(pred, self.cond_now[1])
 
     def _store_delta(self, uncond: torch.Tensor, cond: torch.Tensor) -> None:
@@ -187,8 +184,7 @@ class _FasterCacheInstalled(Installed):
         rows = int(self.session.ctx.batch_size)
         half = rows // 2
         sl = slice(half, rows) if self.session.adapter.batched_cfg_order[1] == "cond" else slice(0, half)
-        setattr(self.session, UNCOND_DROPPED, True)
-        self._skipped_share(0.5)
+        self.count_skipped("", 0.5)
         return take_rows(args, rows, sl), take_rows(kwargs, rows, sl)
 
     @torch.compiler.disable
@@ -200,13 +196,9 @@ class _FasterCacheInstalled(Installed):
 
     @torch.compiler.disable
     def _rebuild_call(self):
-        self._skipped_share(1.0)
+        self.count_skipped("", 1.0)
         _, cond, template = self.cond_now
         return _with_prediction(template, self._rebuilt_uncond(cond))
-
-    def _skipped_share(self, share: float) -> None:
-        skipped = self.counters.setdefault("skipped_modules", {})
-        skipped[""] = skipped.get("", 0.0) + share
 
 
 def _prediction(out) -> torch.Tensor:

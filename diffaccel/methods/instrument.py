@@ -1,24 +1,29 @@
 """Instrumentation: record how much each block / attention output changes from step to step.
 
 ``Instrument`` is a method that changes nothing in the computation. During normal calls it
-records, per step, CFG branch and module, the relative L1 change and the cosine similarity of
+records, per step, denoiser call and module, the relative L1 change and the cosine similarity of
 the module's output (and of a block's residual, output minus input) against the same module's
 output at the previous step. The profiler builds on it::
 
     with diffaccel.instrument.record(pipe, targets=("blocks", "attention")) as rec:
         pipe(prompt, num_inference_steps=25)
-    rec.rows  # [{"step", "branch", "t_norm", "module", "kind", "rel_l1", "cosine", ...}, ...]
+    rec.rows  # [{"step", "call_index", "t_norm", "module", "kind", "rel_l1", "cosine", ...}, ...]
 
-Block rows also carry ``branch_residual_rel_l1``: the residual change per CFG branch name.
+Block rows also carry ``residual_rel_l1_by_half``: the residual change per CFG half ("cond",
+"uncond"), the signal AdaptiveCache decides on.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
 
 import torch
 
 from diffaccel.methods.base import Installed, Method, register
+from diffaccel.methods.cache_common import cfg_half_rows
+from diffaccel.pipelines import detect
+from diffaccel.state import attach, detach, session_of
 
 TARGETS = ("blocks", "attention", "output")
 
@@ -41,9 +46,12 @@ def change(current: torch.Tensor, previous: torch.Tensor) -> tuple[float, float]
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class Instrument(Method):
     """Record per-step, per-module change statistics (no effect on outputs).
+
+    The rows are kept by the installed handle (``InstrumentInstalled.rows``) across the calls it
+    sees; :func:`record` hands them out.
 
     Args:
         targets: any of ``"blocks"`` (adapter blocks: output and residual change),
@@ -51,23 +59,25 @@ class Instrument(Method):
             (the denoiser output).
     """
 
-    name = "instrument"
-    targets: tuple[str, ...] = ("blocks", "attention", "output")
-    rows: list[dict] = field(default_factory=list, repr=False, compare=False)
+    name: ClassVar[str] = "instrument"
+    targets: tuple[str, ...] = TARGETS
 
     def validate(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
             raise ValueError(f"Instrument targets must be among {TARGETS}, got {bad}.")
 
-    def apply(self, session) -> "InstalledInstrument":
-        return InstalledInstrument(self, session)
+    def apply(self, session) -> "InstrumentInstalled":
+        return InstrumentInstalled(self, session)
 
 
-class InstalledInstrument(Installed):
+class InstrumentInstalled(Installed):
+    """Forward hooks on the watched modules; ``rows`` grows with every active call."""
+
     def __init__(self, config: Instrument, session):
         super().__init__(config, session)
-        self.previous: dict[tuple[str, int, str], torch.Tensor] = {}
+        self.rows: list[dict] = []
+        self.previous: dict[tuple[str, object, str], torch.Tensor] = {}
         adapter = session.adapter
         watch: list[tuple[str, torch.nn.Module, str]] = []
         if "blocks" in config.targets:
@@ -91,13 +101,13 @@ class InstalledInstrument(Installed):
             out = _first_tensor(output)
             if out is None:
                 return None
-            row = {"step": ctx.step, "branch": ctx.branch, "t_norm": ctx.t_norm, "module": name, "kind": kind}
+            row = {"step": ctx.step, "call_index": ctx.call_index, "t_norm": ctx.t_norm, "module": name, "kind": kind}
             series = [("out", out)]
             inp = args[0] if args else kwargs.get("hidden_states")
             if kind == "block" and isinstance(inp, torch.Tensor) and inp.shape == out.shape:
                 series.append(("res", out - inp))
             for tag, value in series:
-                key = (name, ctx.branch, tag)
+                key = (name, ctx.call_index, tag)
                 prev = self.previous.get(key)
                 if prev is not None and prev.shape == value.shape:
                     rel, cos = change(value, prev)
@@ -105,42 +115,47 @@ class InstalledInstrument(Installed):
                     row["cosine" if tag == "out" else "residual_cosine"] = cos
                 self.previous[key] = value.detach().clone()
             if len(series) > 1:
-                row.update(self._branch_changes(name, series[1][1]))
-            self.config.rows.append(row)
+                row.update(self._changes_by_half(name, series[1][1]))
+            self.rows.append(row)
             self.count("records")
             return None
 
         return hook
 
-    def _branch_changes(self, name: str, residual: torch.Tensor) -> dict:
-        """Residual change per CFG branch ("cond"/"uncond"): AdaptiveCache decides per branch, so its
-        planner needs each branch's signal, not the batch-wide one (batched CFG mixes both halves)."""
-        from diffaccel.methods.cache_common import branch_rows
-
+    def _changes_by_half(self, name: str, residual: torch.Tensor) -> dict:
+        """Residual change per CFG half: AdaptiveCache decides per half, so its planner needs each
+        half's signal, not the batch-wide one (batched CFG mixes both halves)."""
         changes = {}
-        for branch, rows in branch_rows(self.session, int(residual.shape[0])):
-            value, key = residual[rows], (name, branch, "branch_res")
+        for half, rows in cfg_half_rows(self.session.ctx, int(residual.shape[0])):
+            value, key = residual[rows], (name, half, "half_res")
             prev = self.previous.get(key)
             if prev is not None and prev.shape == value.shape:
-                changes[branch] = change(value, prev)[0]
+                changes[half] = change(value, prev)[0]
             self.previous[key] = value.detach().clone()
-        return {"branch_residual_rel_l1": changes} if changes else {}
+        return {"residual_rel_l1_by_half": changes} if changes else {}
+
+
+@dataclass
+class Recording:
+    """The rows :func:`record` collected (one dict per module call; see the module docstring)."""
+
+    rows: list[dict] = field(default_factory=list)
 
 
 @contextlib.contextmanager
-def record(pipe, targets=("blocks", "attention", "output")):
+def record(pipe, targets=TARGETS) -> Iterator[Recording]:
     """Record change statistics of every call made inside the ``with`` block.
 
     The pipeline must not be accelerated (record measures the unaccelerated model); the
-    instrumentation is removed on exit.
+    instrumentation is removed on exit and the rows stay in the yielded :class:`Recording`.
     """
-    from diffaccel.api import accelerate, disable, session_of
-
     if session_of(pipe) is not None:
         raise ValueError("record() measures the unaccelerated model: call diffaccel.disable(pipe) first.")
     config = Instrument(targets=tuple(targets))
-    accelerate(pipe, methods=[config])
+    config.validate()
+    session = attach(pipe, detect(pipe), [config])
+    recording = Recording(session.installed[0].rows)
     try:
-        yield config
+        yield recording
     finally:
-        disable(pipe)
+        detach(pipe)

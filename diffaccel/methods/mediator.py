@@ -18,16 +18,18 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from diffaccel.families import Capability
 from diffaccel.kernels import mediator_attention, mediator_grid
 from diffaccel.kernels.mediator import QUERY_SCALE_FACTOR, SHORTCUT
 from diffaccel.methods.attention_intercept import SparseAttentionHook
-from diffaccel.methods.base import Installed, Method, fraction, register
+from diffaccel.methods.base import Installed, Method, register
+from diffaccel.validate import fraction, non_negative_int
 
 KINDS = ("spatial", "joint")
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class MediatorAttention(Method):
     """Mediator attention with a step-wise number of mediators.
 
@@ -42,6 +44,7 @@ class MediatorAttention(Method):
     """
 
     name: ClassVar[str] = "mediator"
+    requires: ClassVar[Capability] = Capability.SPARSE_ATTENTION
 
     mediator_ratio: tuple[float, float] = (1 / 16, 1 / 4)
     full_attention_fraction: float = 0.0
@@ -60,8 +63,7 @@ class MediatorAttention(Method):
         fraction(self.full_attention_fraction, "MediatorAttention(full_attention_fraction=...)")
         fraction(self.query_scale_factor, "MediatorAttention(query_scale_factor=...)", 0.0, 10.0)
         fraction(self.shortcut, "MediatorAttention(shortcut=...)", 0.0, 1.0)
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ValueError(f"MediatorAttention(min_tokens=...) must be an int >= 0, got {self.min_tokens!r}")
+        non_negative_int(self.min_tokens, "MediatorAttention(min_tokens=...)")
 
     def ratio_at(self, where: float) -> float:
         """Mediators per token at step fraction ``where`` (0 = first step)."""
@@ -73,10 +75,12 @@ class MediatorAttention(Method):
     def apply(self, session) -> Installed:
         self.validate()
         self.check_family(session.adapter.family)
-        return _MediatorInstalled(self, session)
+        return MediatorAttentionInstalled(self, session)
 
 
-class _MediatorInstalled(Installed):
+class MediatorAttentionInstalled(Installed):
+    """One mediator hook per spatial / joint self-attention module."""
+
     def __init__(self, config: MediatorAttention, session):
         super().__init__(config, session)
         self.hooks = [_MediatorHook(self, info) for info in session.adapter.attention_modules() if info.kind in KINDS]

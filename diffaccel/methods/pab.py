@@ -2,16 +2,16 @@
 
 Attention outputs change little from step to step in the middle of the trajectory, cross
 attention least, temporal attention more, spatial attention most (the "pyramid"). Each kind
-gets a broadcast interval N: an attention is computed when the branch last computed it N or
+gets a broadcast interval N: an attention is computed when its CFG half last computed it N or
 more steps ago or when the step lies outside the kind's time range, and otherwise its last
 output is broadcast. Joint attention (text and visual tokens in one sequence: SD3, Flux,
 CogVideoX, HunyuanVideo) follows the spatial settings.
 
-Differences from diffusers' PyramidAttentionBroadcastConfig: time ranges are in normalised
-time (t_norm in [0, 1], 1 = noise), so a schedule means the same for every step count and for
-flow-matching models whose timesteps are sigmas; caches are kept per CFG branch, so separate
-CFG calls (Wan, Flux true-CFG, HunyuanVideo) never broadcast the conditional output into the
-unconditional call; and the kinds come from the family adapter instead of name patterns.
+Time ranges are normalised times (t_norm in [0, 1], 1 = noise), so a schedule means the same for
+every step count and for flow-matching models whose timesteps are sigmas; caches are kept per
+CFG half, so separate CFG calls (Wan, Flux true-CFG, HunyuanVideo) never broadcast the
+conditional output into the unconditional call; the attention kinds come from the family
+adapter, and each family's default intervals and ranges from :mod:`diffaccel.families`.
 
 Example::
 
@@ -22,19 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from diffaccel.methods.base import Installed, Method, positive_int, register
+from diffaccel.families import Capability
+from diffaccel.methods.base import Installed, Method, register
 from diffaccel.methods.cache_common import AttentionReuse
+from diffaccel.validate import positive_int, time_range
 
-# Per family: kind -> (interval, (t_low, t_high)). Cross attention is stablest; the extremes of
-# the trajectory (first and last ~10-20%) change fastest and always compute.
-FAMILY_DEFAULTS: dict[str, dict[str, tuple[int, tuple[float, float]]]] = {
-    "image_dit": {"spatial": (2, (0.1, 0.8)), "temporal": (1, (0.1, 0.8)), "cross": (4, (0.1, 0.9))},
-    "video_dit": {"spatial": (2, (0.1, 0.8)), "temporal": (4, (0.1, 0.85)), "cross": (6, (0.1, 0.9))},
-}
+KINDS = ("spatial", "temporal", "cross")  # joint attention follows spatial
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class PAB(Method):
     """Pyramid Attention Broadcast for image and video DiTs.
 
@@ -48,7 +45,8 @@ class PAB(Method):
     """
 
     name: ClassVar[str] = "pab"
-    families: ClassVar[tuple[str, ...]] = ("image_dit", "video_dit")
+    requires: ClassVar[Capability] = Capability.ATTENTION_REUSE
+    family_defaults: ClassVar[tuple[str, ...]] = KINDS  # kind -> (interval, (t_low, t_high))
 
     spatial_interval: int | None = None
     temporal_interval: int | None = None
@@ -58,16 +56,18 @@ class PAB(Method):
     cross_range: tuple[float, float] | None = None
 
     def validate(self) -> None:
-        for kind in ("spatial", "temporal", "cross"):
+        for kind in KINDS:
             interval = getattr(self, f"{kind}_interval")
             if interval is not None:
                 positive_int(interval, f"PAB({kind}_interval=...)", "Use 1 to always compute this attention kind.")
-            _check_range(getattr(self, f"{kind}_range"), f"PAB({kind}_range=...)")
+            time_range(getattr(self, f"{kind}_range"), f"PAB({kind}_range=...)")
 
     def resolved(self, family: str) -> dict[str, tuple[int, tuple[float, float]]]:
         """kind -> (interval, range) with the family defaults filled in."""
+        defaults = self.defaults_for(family)
         out = {}
-        for kind, (interval, t_range) in FAMILY_DEFAULTS[family].items():
+        for kind in KINDS:
+            interval, t_range = defaults[kind]
             given_interval, given_range = getattr(self, f"{kind}_interval"), getattr(self, f"{kind}_range")
             out[kind] = (interval if given_interval is None else given_interval, tuple(t_range if given_range is None else given_range))
         out["joint"] = out["spatial"]
@@ -76,23 +76,12 @@ class PAB(Method):
     def apply(self, session) -> Installed:
         self.validate()
         self.check_family(session.adapter.family)
-        return _PABInstalled(self, session)
+        return PABInstalled(self, session)
 
 
-def _check_range(t_range, what: str) -> None:
-    if t_range is None:
-        return
-    ok = isinstance(t_range, (tuple, list)) and len(t_range) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in t_range
-    )
-    if not ok or not (0.0 <= t_range[0] < t_range[1] <= 1.0):
-        raise ValueError(
-            f"{what} must be (low, high) normalised times with 0 <= low < high <= 1 (1 = pure noise), got {t_range!r}; "
-            "e.g. (0.1, 0.8) reuses in the middle of the trajectory."
-        )
+class PABInstalled(Installed):
+    """One attention-reuse hook per attention module whose kind reuses at all."""
 
-
-class _PABInstalled(Installed):
     def __init__(self, config: PAB, session):
         super().__init__(config, session)
         settings = config.resolved(session.adapter.family)

@@ -23,52 +23,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from diffaccel.kernels import sliding_tile_attention, sliding_tile_density
+from diffaccel.families import Capability
+from diffaccel.kernels import BACKENDS, sliding_tile_attention, sliding_tile_density
 from diffaccel.methods.attention_intercept import SparseAttentionHook
-from diffaccel.methods.base import Installed, Method, fraction, register
+from diffaccel.methods.base import Installed, Method, register
+from diffaccel.validate import fraction, int_triple, non_negative_int, window
 
 KINDS = ("spatial", "joint")
-DEFAULT_TILE = {"video_dit": (4, 8, 8), "image_dit": (1, 8, 8), "unet": (1, 8, 8)}
-DEFAULT_WINDOW = {"video_dit": (3, 3, 3), "image_dit": (1, 3, 3), "unet": (1, 3, 3)}
-
-
-def _check_triple(value, what: str, odd: bool) -> None:
-    ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 and (v % 2 == 1 or not odd) for v in value)
-    if not ok:
-        need = "odd positive ints (tiles, centred)" if odd else "positive ints (tokens)"
-        raise ValueError(f"{what} must be 3 {need} for (frames, height, width), got {value!r}; "
-                         f"for images use 1 frame, e.g. (1, 3, 3)")
-
-
-def _check_window(value, what: str) -> None:
-    """A (t, h, w) window or a list of per-head windows."""
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)):
-        for head, window in enumerate(value):
-            _check_triple(window, f"{what}[head {head}]", odd=True)
-    else:
-        _check_triple(value, what, odd=True)
+BACKEND_CHOICES = (None, *BACKENDS, "cpu")  # "cpu" names the box path
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class SlidingTileAttention(Method):
     """Sliding tile attention for spatial / joint self-attention.
 
     Attributes:
-        tile: tile size in tokens (frames, height, width); None = family default ((4, 8, 8)
-            for video, (1, 8, 8) for images).
-        window: window in tiles (odd per axis), or a list of per-head windows; None = family
-            default ((3, 3, 3) video, (1, 3, 3) images).
+        tile: tile size in tokens (frames, height, width); None = the family default
+            (:mod:`diffaccel.families`: (4, 8, 8) for video, (1, 8, 8) for images).
+        window: window in tiles (odd per axis), or a list of per-head windows; None = the
+            family default ((3, 3, 3) video, (1, 3, 3) images).
         layer_windows: per attention module name (as in ``adapter.attention_modules()``), a
             window or per-head list overriding ``window`` (what the window search returns).
         full_attention_fraction: the first fraction of the steps keeps full attention
             (STA keeps ~15 of 50 steps: 0.3).
         min_tokens: grids with fewer visual tokens stay dense (sparse overhead not worth it).
-        backend: force a kernel backend ("triton", "flex", "cpu", "dense"); None = automatic.
+        backend: force a kernel backend (one of ``diffaccel.kernels.BACKENDS``, or "cpu" for
+            the box path); None = the fastest that can run.
     """
 
     name: ClassVar[str] = "sliding_tile"
+    requires: ClassVar[Capability] = Capability.SPARSE_ATTENTION
+    family_defaults: ClassVar[tuple[str, ...]] = ("tile", "window")
 
     tile: tuple[int, int, int] | None = None
     window: tuple | list | None = None
@@ -79,20 +65,18 @@ class SlidingTileAttention(Method):
 
     def validate(self) -> None:
         if self.tile is not None:
-            _check_triple(self.tile, "SlidingTileAttention(tile=...)", odd=False)
+            int_triple(self.tile, "SlidingTileAttention(tile=...)", odd=False)
         if self.window is not None:
-            _check_window(self.window, "SlidingTileAttention(window=...)")
+            window(self.window, "SlidingTileAttention(window=...)")
         if not isinstance(self.layer_windows, dict):
             raise ValueError("SlidingTileAttention(layer_windows=...) must map attention module names to windows, "
                              f"got {type(self.layer_windows).__name__}")
-        for name, window in self.layer_windows.items():
-            _check_window(window, f"SlidingTileAttention(layer_windows[{name!r}])")
+        for name, per_layer in self.layer_windows.items():
+            window(per_layer, f"SlidingTileAttention(layer_windows[{name!r}])")
         fraction(self.full_attention_fraction, "SlidingTileAttention(full_attention_fraction=...)")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise ValueError(f"SlidingTileAttention(min_tokens=...) must be an int >= 0, got {self.min_tokens!r}")
-        if self.backend not in (None, "triton", "flex", "cpu", "boxes", "dense"):
-            raise ValueError(f"SlidingTileAttention(backend=...) must be None, 'triton', 'flex', 'cpu' or 'dense', "
-                             f"got {self.backend!r}")
+        non_negative_int(self.min_tokens, "SlidingTileAttention(min_tokens=...)")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"SlidingTileAttention(backend=...) must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
     @classmethod
     def from_profile(cls, path, **overrides) -> "SlidingTileAttention":
@@ -109,7 +93,7 @@ class SlidingTileAttention(Method):
     def apply(self, session) -> Installed:
         self.validate()
         self.check_family(session.adapter.family)
-        return _SlidingTileInstalled(self, session)
+        return SlidingTileAttentionInstalled(self, session)
 
 
 def _as_window(value):
@@ -118,12 +102,14 @@ def _as_window(value):
     return tuple(value)
 
 
-class _SlidingTileInstalled(Installed):
+class SlidingTileAttentionInstalled(Installed):
+    """One tile hook per spatial / joint self-attention module."""
+
     def __init__(self, config: SlidingTileAttention, session):
         super().__init__(config, session)
-        family = session.adapter.family
-        self.tile = tuple(config.tile or DEFAULT_TILE[family])
-        self.window = config.window or DEFAULT_WINDOW[family]
+        defaults = config.defaults_for(session.adapter.family)
+        self.tile = tuple(config.tile or defaults["tile"])
+        self.window = config.window or defaults["window"]
         modules = [info for info in session.adapter.attention_modules() if info.kind in KINDS]
         unknown = set(config.layer_windows) - {info.name for info in modules}
         if unknown:
@@ -140,7 +126,7 @@ class _SlidingTileInstalled(Installed):
 
 
 class _TileHook(SparseAttentionHook):
-    def __init__(self, installed: _SlidingTileInstalled, info, window):
+    def __init__(self, installed: SlidingTileAttentionInstalled, info, window):
         super().__init__(installed, info)
         self.window = window
 

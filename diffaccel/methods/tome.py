@@ -8,12 +8,12 @@ merged set and its output is copied back to every merged token ("unmerge"). With
 ``mode="kv"`` only keys and values are merged: every query is kept and nothing is unmerged
 (ToDo / AsymRnR).
 
-Compared with tomesd: the block is not copied, only its attention/MLP modules are wrapped
-through diffusers' HookRegistry; merge is one row gather plus an accumulating ``index_put_`` and unmerge is a
-single row gather; the random destination choice is drawn from a generator seeded by
-(seed, step, block), so the same seed gives the same image on every call and every batch item
-gets the same choice whatever the batch size; and a measured gate skips merging in blocks where
-it would not pay (small token counts with SDPA), so ToMe never slows a pipeline down. With
+Unlike tomesd 0.1.3, no diffusers block is copied: only the block's attention / MLP modules
+are wrapped through diffusers' HookRegistry. Merge is one row gather plus an accumulating
+``index_put_``, unmerge a single row gather. The random destination choice comes from a
+generator seeded by (seed, step, block), so the same seed gives the same image on every call
+and every batch item gets the same choice whatever the batch size. A measured gate skips
+merging in blocks where it would not pay (small token counts with SDPA). With
 ``use_rand=False, gate=False`` the output matches ``tomesd.apply_patch(use_rand=False)``.
 
 Example::
@@ -32,7 +32,10 @@ from typing import ClassVar
 
 import torch
 
-from diffaccel.methods.base import Installed, Method, fraction, hook_forward, positive_int, register
+from diffaccel.distributed import consensus_mean
+from diffaccel.families import Capability
+from diffaccel.methods.base import Installed, Method, hook_forward, register
+from diffaccel.validate import fraction, one_of, positive_int
 
 HOOK_NAME = "diffaccel_tome"
 MODES = ("qkv", "kv")
@@ -41,7 +44,7 @@ _GATE_DECISIONS: dict[tuple, dict] = {}  # process-wide: (shape, dtype, device, 
 
 
 @register
-@dataclass
+@dataclass(frozen=True)
 class ToMe(Method):
     """Token merging for the U-Net's and image DiTs' transformer blocks (Bolya & Hoffman, 2023).
 
@@ -62,7 +65,7 @@ class ToMe(Method):
     """
 
     name: ClassVar[str] = "tome"
-    families: ClassVar[tuple[str, ...]] = ("unet", "image_dit")
+    requires: ClassVar[Capability] = Capability.TOKEN_MERGING
 
     ratio: float = 0.5
     max_downsample: int | None = 1
@@ -87,8 +90,7 @@ class ToMe(Method):
         except ValueError:
             raise ValueError(f"ToMe ratio must be a number in [0, {top:g}] (at most 1 - 1/(sx*sy): every "
                              f"{self.sx}x{self.sy} cell keeps one token), got {self.ratio!r}. 0.5 is the usual choice.") from None
-        if self.mode not in MODES:
-            raise ValueError(f"ToMe mode must be one of {MODES}, got {self.mode!r}.")
+        one_of(self.mode, MODES, "ToMe mode")
         if self.mode == "kv" and (self.merge_crossattn or self.merge_mlp or not self.merge_attn):
             raise ValueError("ToMe mode='kv' merges only the self-attention's keys/values: leave merge_attn=True "
                              "and merge_crossattn / merge_mlp False, or use mode='qkv'.")
@@ -343,11 +345,8 @@ class ToMeInstalled(Installed):
                 plain.append(timed(False))
                 merged.append(timed(True))
         times = torch.tensor([statistics.median(plain), statistics.median(merged)], dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every rank must take the same decision: average the timings across ranks.
-            times = times.to(device)
-            torch.distributed.all_reduce(times)
-            times = times.cpu() / torch.distributed.get_world_size()
+        # Every rank must take the same decision: decide on the timings averaged across ranks.
+        times = consensus_mean(times.to(device)).cpu()
         plain_s, merged_s = float(times[0]), float(times[1])
         return {"plain_ms": round(plain_s * 1e3, 3), "merged_ms": round(merged_s * 1e3, 3),
                 "merge": merged_s < GATE_MARGIN * plain_s}

@@ -30,10 +30,13 @@ from typing import ClassVar
 
 import torch.nn.functional as F
 
+from diffaccel.families import method_defaults
 from diffaccel.kernels import sliding_tile_attention, sliding_tile_density
 from diffaccel.methods.attention_intercept import SparseAttentionHook, step_fraction
 from diffaccel.methods.base import Installed, Method
-from diffaccel.methods.sliding_tile import DEFAULT_TILE, KINDS, SlidingTileAttention
+from diffaccel.methods.sliding_tile import KINDS, SlidingTileAttention
+from diffaccel.pipelines import detect
+from diffaccel.state import attach, detach
 
 
 @dataclass
@@ -83,22 +86,29 @@ def candidate_windows(grid, tile, sizes=(1, 3, 5, 7)) -> list[tuple[int, int, in
     return candidates
 
 
-class _Probe(Method):
-    """Not a user method: measures candidate windows while the pipeline runs densely."""
+@dataclass(frozen=True)
+class WindowProbe(Method):
+    """Not a user method (not registered): measures candidate windows while the pipeline runs
+    densely, at ``steps`` sampled steps past ``start`` (a fraction of the loop)."""
 
     name: ClassVar[str] = "window_search"
 
-    def __init__(self, tile, sizes, steps, full_attention_fraction):
-        self.tile, self.sizes, self.steps, self.start = tile, sizes, steps, full_attention_fraction
+    tile: tuple[int, int, int] | None
+    sizes: tuple[int, ...]
+    steps: int
+    start: float
 
     def apply(self, session) -> Installed:
-        return _ProbeInstalled(self, session)
+        return WindowProbeInstalled(self, session)
 
 
-class _ProbeInstalled(Installed):
-    def __init__(self, config: _Probe, session):
+class WindowProbeInstalled(Installed):
+    """Probe hooks; the measurements (``records``) persist across the calibration calls."""
+
+    def __init__(self, config: WindowProbe, session):
         super().__init__(config, session)
-        self.tile = tuple(config.tile or DEFAULT_TILE[session.adapter.family])
+        family_tile = method_defaults(session.adapter.family, SlidingTileAttention.name, ("tile",))["tile"]
+        self.tile = tuple(config.tile or family_tile)
         self.records: dict = {}  # name -> {"weight": seq^2 sum, "density": {w: d}, "errors": {w: tensor}, "n": int}
         self.hooks = [_ProbeHook(self, info) for info in session.adapter.attention_modules() if info.kind in KINDS]
 
@@ -156,22 +166,20 @@ def search_windows(pipe, calibration_calls: list[dict], tile=None, *, max_error:
         sampled_steps: sparse-phase steps of each call at which candidates are measured.
         full_attention_fraction: steps before this fraction are not measured (they stay dense).
     """
-    import diffaccel
-
     if not calibration_calls:
         raise ValueError("search_windows needs at least one calibration call (a dict of pipeline kwargs)")
     if target_density is None and max_error is None:
         raise ValueError("give max_error= or target_density=")
     started = time.monotonic()
-    probe = _Probe(tile, tuple(sizes), sampled_steps, full_attention_fraction)
-    diffaccel.accelerate(pipe, methods=[probe])
+    probe = WindowProbe(tile, tuple(sizes), sampled_steps, full_attention_fraction)
+    session = attach(pipe, detect(pipe), [probe])
     try:
-        handle = diffaccel.api.session_of(pipe).installed[0]
+        handle = session.installed[0]
         for kwargs in calibration_calls:
             pipe(**kwargs)
         records, used_tile = handle.records, handle.tile
     finally:
-        diffaccel.disable(pipe)
+        detach(pipe)
     if not records:
         raise ValueError("no attention call was measured: the grid may be too small for the tile, or the calls have "
                          "too few steps after full_attention_fraction")

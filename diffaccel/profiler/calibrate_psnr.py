@@ -14,8 +14,13 @@ import statistics
 
 import torch
 
+from diffaccel.metrics import psnr
+from diffaccel.pipelines import detect
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, step_times
+from diffaccel.profiler.planner import planner_for, planners_for
 from diffaccel.profiler.profile import Profile, ProfileError
+from diffaccel.profiler.schedule import max_reachable_for, plan_method
+from diffaccel.state import attach, detach, session_of
 
 PROBE_TARGETS = (1.5, 2.0, 3.0)
 DEFAULT_SLOPE = -20.0
@@ -34,46 +39,41 @@ def _images(pipe, prompt, call_kwargs, seed) -> torch.Tensor:
 
 def run_config(plan: Plan):
     """The method config that reproduces ``plan`` at the planned step count."""
-    if plan.method == "deepcache":
-        from dataclasses import replace
-
-        return replace(plan.config, schedule=[i for i, c in enumerate(plan.computed) if c])
-    return plan.config
+    return planner_for(plan.method).call_config(plan.config, plan)
 
 
 def calibrate_psnr(pipe, profile: Profile, prompts: list, call_kwargs: dict, seeds: list[int],
                    targets=PROBE_TARGETS) -> dict:
     """{method: {"pairs": [[predicted error, PSNR dB, predicted speed-up, measured speed-up], ...],
     "settings": [config of each pair], ...}} measured on ``pipe``."""
-    import diffaccel
-    from diffaccel.metrics import psnr
-    from diffaccel.profiler.schedule import PLANNERS, plan_method
-
+    adapter = detect(pipe)
     call_kwargs = {k: v for k, v in call_kwargs.items() if k != "output_type"}
     times = profile.times
     baselines = [_images(pipe, p, call_kwargs, s) for p, s in zip(prompts, seeds)]
     out = {}
-    for method in PLANNERS.get(profile.family, ()):
+    for planner in planners_for(profile.family):
         pairs, settings = [], []
         for target in targets:
             try:
-                plan = plan_method(method, profile, times, target)
+                plan = plan_method(planner.name, profile, times, target)
             except (UnreachableTarget, ProfileError):  # out of reach, or the profile lacks this method's data
                 continue
             values, speedups = [], []
             for prompt, seed, base in zip(prompts, seeds, baselines):
-                diffaccel.accelerate(pipe, methods=[run_config(plan)])
+                config = run_config(plan)
+                config.validate()
+                attach(pipe, adapter, [config])
                 try:
                     values.append(psnr(_images(pipe, prompt, call_kwargs, seed), base))
-                    speedups.append(1.0 / (1.0 - diffaccel.stats(pipe)["flops_saved_fraction"]))
+                    speedups.append(1.0 / (1.0 - session_of(pipe).stats()["flops_saved_fraction"]))
                 finally:
-                    diffaccel.disable(pipe)
+                    detach(pipe)
             # The measured speed-up lets a planner correct its cost model (plan_adaptive's feedback).
             pairs.append([plan.error, statistics.mean(values), plan.speedup, statistics.mean(speedups)])
             settings.append({k: v for k, v in plan.config.to_dict().items() if isinstance(v, (int, float, str, bool))})
         if not pairs:
             continue
-        out[method] = {"pairs": pairs, "settings": settings, "prompts": len(prompts), "steps": len(times),
+        out[planner.name] = {"pairs": pairs, "settings": settings, "prompts": len(prompts), "steps": len(times),
                        "statistic": "PSNR of the decoded output vs the unaccelerated output of the same seed, mean over prompts"}
     return out
 
@@ -104,11 +104,9 @@ def predicted_psnr(profile: Profile, plan: Plan) -> float | None:
 
 def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
     """The fastest plan whose calibrated predicted PSNR is at least ``min_psnr`` dB."""
-    from diffaccel.profiler.schedule import PLANNERS, max_reachable_for, plan_method
-
     if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
         raise ValueError(f"--min-psnr must be a number of dB (e.g. 35), got {min_psnr!r}.")
-    methods = [m for m in PLANNERS.get(profile.family, ()) if (profile.calibration or {}).get(m, {}).get("pairs")]
+    methods = [p.name for p in planners_for(profile.family) if (profile.calibration or {}).get(p.name, {}).get("pairs")]
     if not methods:
         raise ProfileError(f"This profile of {profile.model} has no PSNR calibration, which --min-psnr needs. Re-profile "
                            "with this diffaccel (`diffaccel profile MODEL --out P.json`) or use --target-speedup / --max-error.")

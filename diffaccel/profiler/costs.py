@@ -2,8 +2,8 @@
 
 The planners predict speed-ups from these: FLOPs for the denoiser-FLOPs prediction, seconds for
 the wall-clock one (on small models a block's time is far from proportional to its FLOPs), and
-the half-batch time ratio for batched CFG, where a reusing branch still leaves the other half
-of the batch to run.
+the half-batch time ratio for batched CFG, where a reusing CFG half still leaves the other half
+of the batch to run. Each planner adds the modules it needs timed and its own cost entries.
 """
 from __future__ import annotations
 
@@ -24,24 +24,20 @@ def generate(pipe, prompt, call_kwargs, seed):
         return pipe(generator=generator, **kwargs)
 
 
-def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int) -> dict:
+def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int, planners=()) -> dict:
     """FLOPs and wall seconds of one denoiser call per module, and the denoiser's share of a generation.
 
     Wall seconds per module matter because a skipped module saves its *time*, and on small
     models the time of a block is not proportional to its FLOPs (fixed per-op costs): the
     wall-clock prediction scales each method's FLOPs saving by its modules' seconds per FLOP.
+    ``planners`` (:class:`~diffaccel.profiler.planner.Planner`) add modules to time and entries.
     """
     from diffaccel.flops import count_flops
 
     denoiser = adapter.denoiser
     keep = {name for name, _ in adapter.blocks()} | {info.name for info in adapter.attention_modules()}
-    deepcache_paths = {}
-    if adapter.family == "unet":
-        from diffaccel.methods.deepcache import cached_modules
-
-        for branch in adapter.skip_branches():
-            deepcache_paths[str(branch.branch_id)] = cached_modules(denoiser, branch.branch_id)
-            keep |= set(deepcache_paths[str(branch.branch_id)])
+    for planner in planners:
+        keep |= planner.timed_modules(adapter)
     first_call: list = []
     busy = {"start": 0.0, "total": 0.0, "calls": 0}
     module_total = dict.fromkeys(keep, 0.0)
@@ -93,12 +89,10 @@ def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int) -> d
     timed_calls = max(1, busy["calls"] - 1)
     call_seconds = busy["total"] / timed_calls
     steps = int(call_kwargs.get("num_inference_steps") or 1)
-    return {
+    costs = {
         "call": call,
         "blocks": [name for name, _ in adapter.blocks()],
         "modules": {p: per_module.get(p, 0) for p in sorted({""} | keep)},
-        "deepcache_saved": {b: sum(per_module.get(p, 0) for p in paths) for b, paths in deepcache_paths.items()},
-        "deepcache_paths": deepcache_paths,
         "calls_per_step": max(1, round(busy["calls"] / steps)),
         # The first (untimed) call's share is assumed equal to the others'.
         "denoiser_share": min(1.0, call_seconds * busy["calls"] / wall) if wall > 0 and busy["calls"] > 1 else 1.0,
@@ -107,6 +101,9 @@ def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int) -> d
         "module_seconds": {p: module_total[p] / timed_calls for p in sorted(keep)},
         "half_batch_time_ratio": half,
     }
+    for planner in planners:
+        costs.update(planner.costs(adapter, per_module))
+    return costs
 
 
 def half_batch_time_ratio(block, a, k, repeats: int = 15) -> float | None:

@@ -3,8 +3,9 @@
 Each prompt (with its own seed) is one instrumented generation; the per-step, per-module change
 statistics of all of them are averaged (mean and spread across prompts) into a
 :class:`~diffaccel.profiler.profile.Profile`. One extra, uninstrumented generation gives the
-cost model (diffaccel/profiler/costs.py): FLOPs and wall seconds per module of one denoiser call, and the share of wall time the denoiser takes
-(what a method can speed up at all).
+cost model (diffaccel/profiler/costs.py): FLOPs and wall seconds per module of one denoiser call,
+and the share of wall time the denoiser takes (what a method can speed up at all). The planners
+of the model's family add what they need measured (:mod:`diffaccel.profiler.planner`).
 
 Long runs save every finished prompt to ``<out>.partial.json``; a rerun with the same settings
 resumes from there.
@@ -18,14 +19,17 @@ from pathlib import Path
 
 import torch
 
+from diffaccel.methods.instrument import record
+from diffaccel.pipelines import detect
 from diffaccel.profiler.costs import generate, measure_costs
+from diffaccel.profiler.planner import Planner, planners_for
 from diffaccel.profiler.profile import METRICS, Profile, ProfileError, write_json_atomic
 
 TARGETS = ("blocks", "attention", "output")
 
 
 def run_summary(rows: list[dict]) -> dict:
-    """Per-step table of one generation: times, modules, and metric[step][module] (branches averaged)."""
+    """Per-step table of one generation: times, modules, and metric[step][module] (calls averaged)."""
     modules: list[tuple[str, str]] = []
     times: dict[int, float] = {}
     sums: dict[tuple[str, int, str], list[float]] = {}
@@ -37,8 +41,8 @@ def run_summary(rows: list[dict]) -> dict:
         for metric in METRICS:
             if r.get(metric) is not None:
                 sums.setdefault((metric, r["step"], r["module"]), []).append(r[metric])
-        for branch, value in r.get("branch_residual_rel_l1", {}).items():  # AdaptiveCache's per-branch signal
-            sums.setdefault((branch_metric(branch), r["step"], r["module"]), []).append(value)
+        for half, value in r.get("residual_rel_l1_by_half", {}).items():  # AdaptiveCache's per-half signal
+            sums.setdefault((half_metric(half), r["step"], r["module"]), []).append(value)
     steps = max(times) + 1 if times else 0
     metrics = list(METRICS) + sorted({key[0] for key in sums} - set(METRICS))
     values = {
@@ -47,9 +51,9 @@ def run_summary(rows: list[dict]) -> dict:
     return {"times": [times.get(s) for s in range(steps)], "modules": [list(m) for m in modules], "values": values}
 
 
-def branch_metric(branch: str) -> str:
-    """Stats key of the block residual change of one CFG branch, e.g. ``residual_rel_l1@cond``."""
-    return f"residual_rel_l1@{branch}"
+def half_metric(half: str) -> str:
+    """Stats key of the block residual change of one CFG half, e.g. ``residual_rel_l1@cond``."""
+    return f"residual_rel_l1@{half}"
 
 
 def _mean(vals):
@@ -87,13 +91,11 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
     ``call_kwargs`` are the pipeline call arguments (num_inference_steps, height, ...);
     ``partial_path`` keeps finished generations so an interrupted run resumes.
     """
-    from diffaccel.methods.instrument import record
-    from diffaccel.pipelines import detect
-
     if not prompts:
         raise ValueError("No prompts to profile with: give at least one prompt (the prompts file is empty?).")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     adapter = detect(pipe)
+    planners = planners_for(adapter.family)
     call_kwargs = {"output_type": "latent", **call_kwargs}
     signature = _plain({"model": model, "fingerprint": adapter.fingerprint(), "prompts": prompts, "seeds": seeds,
                         "scheduler": type(pipe.scheduler).__name__, "call_kwargs": call_kwargs})
@@ -102,14 +104,16 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
     started = time.perf_counter()
     bar = _bar(len(prompts), progress, initial=len(partial["runs"]))
     if partial.get("costs") is None:
-        partial["costs"] = measure_costs(pipe, adapter, prompts[0], call_kwargs, seeds[0])
+        partial["costs"] = measure_costs(pipe, adapter, prompts[0], call_kwargs, seeds[0], planners)
         _save_partial(partial_path, partial)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
         if str(i) in partial["runs"]:
             continue
-        with record(pipe, targets=TARGETS) as rec, _reuse_probe(pipe, adapter) as probe:
+        with record(pipe, targets=TARGETS) as rec, contextlib.ExitStack() as stack:
+            probes = {p.name: (p, stack.enter_context(p.probe(pipe, adapter))) for p in planners}
             generate(pipe, prompt, call_kwargs, seed)
-        partial["runs"][str(i)] = {**run_summary(rec.rows), **({"reuse_error": probe.errors} if probe else {})}
+        results = {name: p.probe_result(probe) for name, (p, probe) in probes.items() if probe is not None}
+        partial["runs"][str(i)] = {**run_summary(rec.rows), **({"probes": results} if results else {})}
         partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - started
         started = time.perf_counter()
         _save_partial(partial_path, partial)
@@ -127,40 +131,20 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
                      "residual_* on block output minus input; CFG branches averaged",
         **(describe or {}),
     }
-    profile = Profile(model=model, pipeline=adapter.name, family=adapter.family, fingerprint=_plain(adapter.fingerprint()),
+    profile = Profile(model=model, pipeline=adapter.name, family=str(adapter.family), fingerprint=_plain(adapter.fingerprint()),
                       times=[float(t) for t in times], modules=modules, stats=stats, costs=partial["costs"], measured=measured,
-                      reuse_error=_reuse_tables(pipe, runs))
+                      reuse_error=_reuse_tables(pipe, runs, planners))
     return profile
 
 
-# DeepCache's measured output error (reuse_error.py): branch 0, the one presets and plans use,
-# at ages up to REUSE_AGES steps; older ages are extrapolated by the planner.
-REUSE_BRANCH, REUSE_AGES = 0, 8
-
-
-@contextlib.contextmanager
-def _reuse_probe(pipe, adapter):
-    if adapter.family != "unet" or REUSE_BRANCH not in {b.branch_id for b in adapter.skip_branches()}:
-        yield None
-        return
-    from diffaccel.profiler.reuse_error import ReuseProbe
-
-    with ReuseProbe(pipe, REUSE_BRANCH, REUSE_AGES) as probe:
-        yield probe
-
-
-def _reuse_tables(pipe, runs: list[dict]) -> dict:
-    if not all("reuse_error" in r for r in runs):
-        return {}
-    from diffaccel.profiler.reuse_error import aggregate_reuse, sigma_curve
-
-    sigma = sigma_curve(pipe.scheduler)
-    if sigma is None:
-        return {}
-    return {"deepcache": {str(REUSE_BRANCH): aggregate_reuse([r["reuse_error"] for r in runs])}, "sigma": sigma,
-            "statistic": "RMS change of the guided denoiser output when DeepCache's deep features are [age] steps "
-                         "old (age 1..K), at the profiled trajectory's inputs, mean over prompts; sigma = "
-                         "sqrt((1 - alpha_bar) / alpha_bar) over normalised time"}
+def _reuse_tables(pipe, runs: list[dict], planners: list[Planner]) -> dict:
+    """The planners' entries of ``profile.reuse_error``, from every run's probe results."""
+    tables = {}
+    for planner in planners:
+        results = [r.get("probes", {}).get(planner.name) for r in runs]
+        if all(result is not None for result in results):
+            tables.update(planner.reuse_error(pipe, results))
+    return tables
 
 
 def _bar(total, enabled, initial=0):

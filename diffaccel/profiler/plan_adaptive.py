@@ -1,12 +1,15 @@
 """AdaptiveCache planner: simulate its accumulate-and-reset rule on the profiled signal, per CFG
-branch and with the measured feedback of reuse on the signal, and pick the smallest threshold
+half and with the measured feedback of reuse on the signal, and pick the smallest threshold
 (and cap on consecutive reuses) that meets the target."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+from diffaccel.methods.adaptive_cache import AdaptiveCache
 from diffaccel.profiler.plan_common import (Plan, UnreachableTarget, _flops_speedup, _increments, skipped_time_share,
                                             wall_speedup, wall_speedup_per_step)
+from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Cumulative, Profile
 
 
@@ -49,8 +52,8 @@ def fitted_feedback(profile: Profile, head_blocks: int = 1) -> float:
     runs = [(s, p[3]) for s, p in zip(cal.get("settings", []), cal.get("pairs", [])) if len(p) > 3 and s.get("threshold") is not None]
     if not runs:
         return 0.0
-    key = ("_fitted_feedback", head_blocks)
-    cached = getattr(profile, "_diffaccel_cache", {})
+    key = ("fitted_feedback", head_blocks)
+    cached = profile.memo
     if key not in cached:
         times = profile.times[: cal.get("steps", len(profile.times))]
 
@@ -60,7 +63,6 @@ def fitted_feedback(profile: Profile, head_blocks: int = 1) -> float:
                        for s, measured in runs)
 
         cached[key] = min(FEEDBACK_GRID, key=misfit)  # ties: the smaller correction
-        profile._diffaccel_cache = cached
     return cached[key]
 
 
@@ -69,10 +71,10 @@ def _blocks(profile: Profile) -> list[str]:
 
 
 def _adaptive_parts(profile: Profile, head_blocks: int):
-    """(per-branch head signals, FLOPs the cached blocks cost, their staleness curve)."""
+    """(per-half head signals, FLOPs the cached blocks cost, their staleness curve)."""
     blocks = _blocks(profile)
     head, middle = blocks[head_blocks - 1], blocks[head_blocks:]
-    signals = branch_signals(profile, head)
+    signals = half_signals(profile, head)
     saved = sum(profile.costs["modules"].get(b, 0) for b in middle)
     idx = [profile.module_index(b) for b in middle]
     rows = profile.stats["rel_l1"]["mean"]
@@ -80,11 +82,11 @@ def _adaptive_parts(profile: Profile, head_blocks: int):
     return signals, saved, staleness
 
 
-def branch_signals(profile: Profile, head: str) -> list[Cumulative]:
-    """The head block's residual change, one curve per CFG branch where the profile recorded them.
+def half_signals(profile: Profile, head: str) -> list[Cumulative]:
+    """The head block's residual change, one curve per CFG half where the profile recorded them.
 
-    AdaptiveCache accumulates and decides per branch; simulating one batch-wide average instead
-    mispredicts where the branches cross the threshold at different steps. Older profiles (and
+    AdaptiveCache accumulates and decides per half; simulating one batch-wide average instead
+    mispredicts where the halves cross the threshold at different steps. Older profiles (and
     models without CFG) have one curve.
     """
     keys = sorted(k for k in profile.stats if k.startswith("residual_rel_l1@"))
@@ -100,12 +102,10 @@ def plan_adaptive(profile: Profile, times: list[float], target: float | None, he
                   feedback: float | None = None) -> Plan:
     """AdaptiveCache plan; with ``threshold`` given it evaluates that setting instead of choosing.
 
-    Each CFG branch is simulated on its own signal and stands for an equal share of the cost (half
-    of a batched call, or one of two separate calls); ``computed`` is True where any branch computes.
+    Each CFG half is simulated on its own signal and stands for an equal share of the cost (half
+    of a batched call, or one of two separate calls); ``computed`` is True where any half computes.
     ``feedback`` (see simulate_adaptive) defaults to the one fitted to the profile's calibration runs.
     """
-    from diffaccel.methods.adaptive_cache import AdaptiveCache
-
     signals, saved, staleness = _adaptive_parts(profile, head_blocks)
     if feedback is None:
         feedback = fitted_feedback(profile, head_blocks)
@@ -113,17 +113,17 @@ def plan_adaptive(profile: Profile, times: list[float], target: float | None, he
     increments = [_increments(signal, times) for signal in signals]
     stale = staleness.on(times)
 
-    def error_of(per_branch):
-        return sum(staleness_error(computed, stale) for computed in per_branch) * saved / full / len(per_branch)
+    def error_of(per_half):
+        return sum(staleness_error(computed, stale) for computed in per_half) * saved / full / len(per_half)
 
     def evaluate(tau, cap):
-        per_branch = [simulate_adaptive(d, tau, warmup, cap, stale, feedback) for d in increments]
-        costs = [full - saved * sum(not b[i] for b in per_branch) / len(per_branch) for i in range(n)]
-        return per_branch, _flops_speedup(full, costs)
+        per_half = [simulate_adaptive(d, tau, warmup, cap, stale, feedback) for d in increments]
+        costs = [full - saved * sum(not b[i] for b in per_half) / len(per_half) for i in range(n)]
+        return per_half, _flops_speedup(full, costs)
 
     if threshold is not None:
         cap = max_consecutive or 3
-        per_branch, speedup = evaluate(threshold, cap)
+        per_half, speedup = evaluate(threshold, cap)
     else:
         grid = [0.0] + [1e-4 * (1e6 ** (i / 399)) for i in range(400)]  # 1e-4 .. 100, geometric
         found = None
@@ -142,26 +142,26 @@ def plan_adaptive(profile: Profile, times: list[float], target: float | None, he
                     hi = mid
                 else:
                     lo = mid
-            per_branch, speedup = evaluate(grid[hi], cap)
-            found = (grid[hi], cap, per_branch, speedup)
+            per_half, speedup = evaluate(grid[hi], cap)
+            found = (grid[hi], cap, per_half, speedup)
             break
         if found is None:
             _, best = evaluate(math.inf, max(8, n))
             raise UnreachableTarget(f"AdaptiveCache reaches at most {best:.2f}x here (warm-up {warmup} steps)")
-        threshold, cap, per_branch, speedup = found
-    error = error_of(per_branch)
-    computed = [any(b[i] for b in per_branch) for i in range(n)]
+        threshold, cap, per_half, speedup = found
+    error = error_of(per_half)
+    computed = [any(b[i] for b in per_half) for i in range(n)]
     config = AdaptiveCache(threshold=float(f"{threshold:.6g}"), warmup=warmup, max_consecutive=cap, head_blocks=head_blocks)
-    return Plan("adaptive_cache", config, speedup, adaptive_wall_speedup(profile, per_branch, head_blocks, speedup),
+    return Plan("adaptive_cache", config, speedup, adaptive_wall_speedup(profile, per_half, head_blocks, speedup),
                 error, computed)
 
 
-def adaptive_wall_speedup(profile: Profile, per_branch: list[list[bool]], head_blocks: int, flops_speedup: float) -> float:
+def adaptive_wall_speedup(profile: Profile, per_half: list[list[bool]], head_blocks: int, flops_speedup: float) -> float:
     """Wall-clock prediction from the measured time of the cached blocks.
 
-    With batched CFG a step where only one branch reuses runs the blocks at half the batch, which
+    With batched CFG a step where only one half reuses runs the blocks at half the batch, which
     on small models takes well over half the time (the profile measures the ratio); with separate
-    CFG calls a reusing branch skips a whole call's blocks.
+    CFG calls a reusing half skips a whole call's blocks.
     """
     skipped = _blocks(profile)[head_blocks:]
     share = skipped_time_share(profile, skipped)
@@ -169,14 +169,14 @@ def adaptive_wall_speedup(profile: Profile, per_branch: list[list[bool]], head_b
         return wall_speedup(profile, flops_speedup, skipped)
     half = profile.costs.get("half_batch_time_ratio") if profile.costs.get("calls_per_step", 1) == 1 else None
     saved = []
-    for i in range(len(per_branch[0])):
-        reusing = sum(not b[i] for b in per_branch)
-        if reusing == len(per_branch):
+    for i in range(len(per_half[0])):
+        reusing = sum(not b[i] for b in per_half)
+        if reusing == len(per_half):
             saved.append(share)
         elif reusing and half is not None:  # the rest of the batch still runs the blocks
             saved.append(share * (1.0 - half))
         else:
-            saved.append(share * reusing / len(per_branch))
+            saved.append(share * reusing / len(per_half))
     return wall_speedup_per_step(profile, saved)
 
 
@@ -189,3 +189,26 @@ def staleness_error(computed: list[bool], stale: list[float]) -> float:
         else:
             error += stale[i] - stale[last]
     return error
+
+
+@register_planner
+class AdaptiveCachePlanner(Planner):
+    """Picks the threshold and cap on consecutive reuses by simulating the method's rule."""
+
+    method = AdaptiveCache
+    replans_per_call = True
+
+    def plan(self, profile, times, target, like=None) -> Plan:
+        if like is None:
+            return plan_adaptive(profile, times, target)
+        return plan_adaptive(profile, times, target, head_blocks=like.head_blocks, warmup=like.warmup)
+
+    def simulate(self, profile, times, config) -> Plan:
+        return plan_adaptive(profile, times, None, config.head_blocks, config.warmup, config.threshold, config.max_consecutive)
+
+    def call_config(self, config, plan) -> AdaptiveCache:
+        return replace(config, threshold=plan.config.threshold, max_consecutive=plan.config.max_consecutive)
+
+    def summary(self, plan) -> str:
+        c = plan.config
+        return f"threshold {c.threshold:g}, max_consecutive {c.max_consecutive}, warmup {c.warmup}"

@@ -24,16 +24,24 @@ predicted error over *all* schedules with that many full steps, uniform ones inc
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import replace
 
+from diffaccel.methods.deepcache import DeepCache, cached_modules
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
+from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
 
+# The measured output error (reuse_error.py) covers skip branch 0, the one presets and plans use,
+# at ages up to REUSE_AGES steps; older ages are extrapolated.
+REUSE_BRANCH, REUSE_AGES = 0, 8
 
-def deepcache_source(profile: Profile, branch: int) -> str:
+
+def deepcache_source(profile: Profile, skip_branch: int) -> str:
     """The recorded block whose output the cached deep path hands to the shallow path."""
     ups = [m["name"] for m in profile.modules if m["kind"] == "block" and m["name"].startswith("up_blocks.")]
-    depth = branch // 3
+    depth = skip_branch // 3
     index = len(ups) - 2 - depth
     return f"up_blocks.{index}" if index >= 0 else "mid_block"
 
@@ -85,8 +93,8 @@ class OutputErrorModel:
         return self.weights[i] * self.output_error(x, max(age, 0.0))
 
 
-def output_error_model(profile: Profile, branch: int, times: list[float]) -> OutputErrorModel | None:
-    table = (profile.reuse_error or {}).get("deepcache", {}).get(str(branch))
+def output_error_model(profile: Profile, skip_branch: int, times: list[float]) -> OutputErrorModel | None:
+    table = (profile.reuse_error or {}).get("deepcache", {}).get(str(skip_branch))
     sigma = (profile.reuse_error or {}).get("sigma")
     if not table or not sigma:
         return None
@@ -159,21 +167,20 @@ def choose_full_steps(cum: list[float], k: int) -> list[int]:
     return best_full_steps(drift_cost(cum), len(cum), k)
 
 
-def plan_deepcache(profile: Profile, times: list[float], target: float | None, branch: int = 0,
+def plan_deepcache(profile: Profile, times: list[float], target: float | None, skip_branch: int = 0,
                    full_steps: list[int] | None = None) -> Plan:
     """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing."""
-    from diffaccel.methods.deepcache import DeepCache
-
-    saved = profile.costs.get("deepcache_saved", {}).get(str(branch))
+    saved = profile.costs.get("deepcache_saved", {}).get(str(skip_branch))
     if saved is None:
-        raise ProfileError(f"The profile has no DeepCache costs for branch {branch} (branches: {sorted(profile.costs.get('deepcache_saved', {}))}).")
+        raise ProfileError(f"The profile has no DeepCache costs for skip branch {skip_branch} "
+                           f"(skip branches: {sorted(profile.costs.get('deepcache_saved', {}))}).")
     full, n = float(profile.costs["call"]), len(times)
     cost_of = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731
-    model = output_error_model(profile, branch, times)
+    model = output_error_model(profile, skip_branch, times)
     if model is not None:
         cost, note = model.cost, ""
     else:
-        drift = drift_cost(profile.drift(deepcache_source(profile, branch)).on(times))
+        drift = drift_cost(profile.drift(deepcache_source(profile, skip_branch)).on(times))
         cost = lambda i, f: drift(i, f) * saved / full  # noqa: E731
         note = "error model: deep-feature drift (profile has no measured reuse error; re-profile for the output-error model)"
     if full_steps is None:
@@ -185,7 +192,73 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, b
         full_steps = sorted({0, *(s for s in full_steps if s < n)})
     speedup = n * full / cost_of(len(full_steps))
     error = schedule_error(cost, n, full_steps)
-    config = DeepCache(branch=branch, schedule=[float(times[s]) for s in full_steps])
+    config = DeepCache(skip_branch=skip_branch, schedule=[float(times[s]) for s in full_steps])
     computed = [s in set(full_steps) for s in range(n)]
-    skipped = profile.costs.get("deepcache_paths", {}).get(str(branch), ())
+    skipped = profile.costs.get("deepcache_paths", {}).get(str(skip_branch), ())
     return Plan("deepcache", config, speedup, wall_speedup(profile, speedup, skipped), error, computed, note)
+
+
+def resolved_full_steps(config: DeepCache, times: list[float]) -> list[int]:
+    """The full steps ``config`` takes on a loop with normalised ``times`` (as the method decides)."""
+    steps = config.full_steps(len(times))
+    if steps is not None:
+        return steps
+    pending, full = sorted(config.schedule, reverse=True), []
+    for step, t in enumerate(times):
+        due = [tau for tau in pending if tau >= t - 1e-6]
+        pending = [tau for tau in pending if tau < t - 1e-6]
+        if due or step == 0:
+            full.append(step)
+    return full
+
+
+@register_planner
+class DeepCachePlanner(Planner):
+    """Chooses how many full steps a target needs and, by dynamic programming, which ones."""
+
+    method = DeepCache
+    replans_per_call = True
+
+    def timed_modules(self, adapter) -> set[str]:
+        return {path for branch in adapter.skip_branches() for path in cached_modules(adapter.denoiser, branch.branch_id)}
+
+    def costs(self, adapter, module_flops: dict[str, int]) -> dict:
+        paths = {str(b.branch_id): cached_modules(adapter.denoiser, b.branch_id) for b in adapter.skip_branches()}
+        return {"deepcache_saved": {b: sum(module_flops.get(p, 0) for p in ps) for b, ps in paths.items()},
+                "deepcache_paths": paths}
+
+    @contextlib.contextmanager
+    def probe(self, pipe, adapter):
+        if REUSE_BRANCH not in {b.branch_id for b in adapter.skip_branches()}:
+            yield None
+            return
+        from diffaccel.profiler.reuse_error import ReuseProbe
+
+        with ReuseProbe(pipe, REUSE_BRANCH, REUSE_AGES) as probe:
+            yield probe
+
+    def probe_result(self, probe) -> list:
+        return probe.errors
+
+    def reuse_error(self, pipe, results: list) -> dict:
+        from diffaccel.profiler.reuse_error import aggregate_reuse, sigma_curve
+
+        sigma = sigma_curve(pipe.scheduler)
+        if sigma is None:
+            return {}
+        return {"deepcache": {str(REUSE_BRANCH): aggregate_reuse(results)}, "sigma": sigma,
+                "statistic": "RMS change of the guided denoiser output when DeepCache's deep features are [age] "
+                             "steps old (age 1..K), at the profiled trajectory's inputs, mean over prompts; sigma = "
+                             "sqrt((1 - alpha_bar) / alpha_bar) over normalised time"}
+
+    def plan(self, profile, times, target, like=None) -> Plan:
+        return plan_deepcache(profile, times, target, skip_branch=like.skip_branch if like is not None else 0)
+
+    def simulate(self, profile, times, config) -> Plan:
+        return plan_deepcache(profile, times, None, config.skip_branch, full_steps=resolved_full_steps(config, times))
+
+    def call_config(self, config, plan) -> DeepCache:
+        return replace(config, schedule=[i for i, c in enumerate(plan.computed) if c])
+
+    def summary(self, plan) -> str:
+        return f"branch {plan.config.skip_branch}, full steps {[i for i, c in enumerate(plan.computed) if c]}"

@@ -15,8 +15,8 @@ Layout of the JSON (``version`` 1)::
      "modules": [{"name": "down_blocks.0", "kind": "block"}, ...],
      "stats": {"rel_l1": {"mean": [[...]], "std": [[...]]}, "cosine": ..., "residual_rel_l1": ...},
                                                       # [step][module], null at step 0
-     "costs": {"call": F, "modules": {path: flops}, "deepcache_saved": {branch: flops},
-               "calls_per_step": 1, "denoiser_share": 0.9},
+     "costs": {"call": F, "modules": {path: flops}, "calls_per_step": 1, "denoiser_share": 0.9,
+               ...each planner's entries, e.g. DeepCache's "deepcache_saved": {skip branch: flops}},
      "measured": {"prompts": 8, "steps": 25, "scheduler": "DDIMScheduler", ...},
      # optional (absent in older files, which still load; planners then fall back to drift):
      "reuse_error": {"deepcache": {"0": {"mean": [[e_age1, ..., e_ageK], ...], "std": ...}},  # [step][age-1]
@@ -54,6 +54,8 @@ class Profile:
     version: int = PROFILE_VERSION
     reuse_error: dict = field(default_factory=dict)  # measured output error of reuse (reuse_error.py)
     calibration: dict = field(default_factory=dict)  # (predicted error, measured PSNR) per method
+    # Results planners derive from this profile (fitted constants), kept for its lifetime, not saved.
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- lookup ------------------------------------------------------------------------
     def module_index(self, name: str) -> int:
@@ -103,6 +105,7 @@ class Profile:
     # ---- persistence -------------------------------------------------------------------
     def to_json(self) -> dict:
         data = {"format": PROFILE_FORMAT, **asdict(self)}
+        del data["memo"]
         data["stats"] = {m: {k: [[_round(v) for v in row] for row in rows] for k, rows in s.items()} for m, s in self.stats.items()}
         data["reuse_error"] = _round_all(self.reuse_error)
         return data
@@ -190,10 +193,10 @@ def from_json(data, where: str = "profile") -> Profile:
         rows = s.get("mean") if isinstance(s, dict) else None
         if not isinstance(rows, list) or len(rows) != steps or any(not isinstance(r, list) or len(r) != cols for r in rows):
             raise ProfileError(f"{where} is corrupted: stats[{metric!r}] is not a {steps} x {cols} table (steps x modules).")
-    for branch, table in (profile.reuse_error.get("deepcache") or {}).items():
+    for skip_branch, table in (profile.reuse_error.get("deepcache") or {}).items():
         rows = table.get("mean") if isinstance(table, dict) else None
         if not isinstance(rows, list) or len(rows) != steps or any(not isinstance(r, list) or not r for r in rows):
-            raise ProfileError(f"{where} is corrupted: reuse_error of DeepCache branch {branch} is not a {steps}-step "
+            raise ProfileError(f"{where} is corrupted: reuse_error of DeepCache skip branch {skip_branch} is not a {steps}-step "
                                "table (steps x ages). Re-create it with `diffaccel profile`.")
     if "rel_l1" not in profile.stats or not isinstance(profile.costs.get("call"), (int, float)):
         raise ProfileError(f"{where} is corrupted: it lacks rel_l1 statistics or the per-call cost.")

@@ -1,4 +1,5 @@
-"""Measured DeepCache error: what reusing k-step-old deep features does to the denoiser output.
+"""Measured DeepCache error (the DeepCache planner's probe): what reusing k-step-old deep
+features does to the denoiser output.
 
 The change curves of the profile say how fast the deep features move, not how much that moves
 the *output*: on a trained U-Net the deep features change most at the noisy start, where the
@@ -18,7 +19,8 @@ import math
 
 import torch
 
-from diffaccel.api import session_of
+from diffaccel.methods.deepcache import cached_modules
+from diffaccel.state import session_of
 
 
 def _cat(outputs: list):
@@ -56,11 +58,9 @@ class ReuseProbe:
     One denoiser call per step is assumed (U-Net pipelines batch the CFG halves).
     """
 
-    def __init__(self, pipe, branch: int, max_age: int):
-        from diffaccel.methods.deepcache import cached_modules
-
+    def __init__(self, pipe, skip_branch: int, max_age: int):
         self.pipe, self.unet, self.max_age = pipe, pipe.unet, max_age
-        self.paths = cached_modules(self.unet, branch)
+        self.paths = cached_modules(self.unet, skip_branch)
         self.mode, self.replay, self.current = "record", {}, {}
         self.kept: dict[int, dict] = {}  # step -> deep outputs of that step's full call
         self.errors: list[list] = []  # [step][age - 1]

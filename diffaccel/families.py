@@ -1,0 +1,161 @@
+"""The model families diffaccel knows, and everything it decides per family, in one registry.
+
+A family groups denoiser architectures that the same methods and settings suit: U-Nets, image
+DiTs, video DiTs. Each family has one :class:`FamilySpec` in :data:`FAMILIES`:
+
+* ``adapters``: the module of ``diffaccel.pipelines`` whose :class:`~diffaccel.pipelines.Adapter`
+  subclasses describe its pipelines (detection finds them there);
+* ``capabilities``: what its denoisers offer; a method runs on the families that have the
+  capability it ``requires`` (see :class:`~diffaccel.methods.base.Method`);
+* ``presets``: the methods behind "quality", "balanced" and "fast";
+* ``method_defaults``: per method, the values of its family-dependent settings (a PAB interval, a
+  sliding-tile window) that a user leaves at None.
+
+Adding a family is one adapter file in ``pipelines/`` and one entry here;
+``tests/test_families.py`` fails until the entry has every preset and every default its methods
+need. This module imports nothing else of diffaccel, so every layer may read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping
+
+
+class Family(str, Enum):
+    """A denoiser family. The values are the plain strings stored in profiles and shown in stats,
+    and members compare equal to them (``Family.UNET == "unet"``)."""
+
+    UNET = "unet"
+    IMAGE_DIT = "image_dit"
+    VIDEO_DIT = "video_dit"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Capability(str, Enum):
+    """What a family's denoisers offer, as the methods need it."""
+
+    SKIP_BRANCHES = "skip_branches"  # U-Net skips a shallow path can run alone (DeepCache)
+    TOKEN_MERGING = "token_merging"  # transformer blocks over one 2-D image grid (ToMe)
+    BLOCK_CACHING = "block_caching"  # a stack of blocks whose residual can stand in for them (AdaptiveCache)
+    ATTENTION_REUSE = "attention_reuse"  # attention outputs reusable across steps (PAB, FasterCache)
+    SPARSE_ATTENTION = "sparse_attention"  # self-attention over a known (T, H, W) token layout
+    VIDEO = "video"  # the pipeline returns frames
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+PRESET_NAMES = ("quality", "balanced", "fast")
+
+MethodList = tuple[tuple[str, Mapping[str, Any]], ...]  # (method name, parameters), applied in order
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    family: Family
+    adapters: str
+    capabilities: frozenset[Capability]
+    presets: Mapping[str, MethodList]
+    method_defaults: Mapping[str, Mapping[str, Any]]
+
+
+# Preset parameters are measured, not guessed: PSNR against the unaccelerated output and
+# prompt-following on the bundled models (eval/results/presets.md, fidelity_unet.md, fidelity_dit.md).
+FAMILIES: dict[Family, FamilySpec] = {
+    Family.UNET: FamilySpec(
+        family=Family.UNET,
+        adapters="unet",
+        capabilities=frozenset({Capability.SKIP_BRANCHES, Capability.TOKEN_MERGING, Capability.SPARSE_ATTENTION}),
+        presets={
+            # DeepCache on its shallowest skip every 2 / 3 / 5 steps; "fast" adds ToMe, whose gate
+            # merges only where merging is measured to pay (large token counts).
+            "quality": (("deepcache", dict(interval=2, skip_branch=0)),),
+            "balanced": (("deepcache", dict(interval=3, skip_branch=0)),),
+            "fast": (("deepcache", dict(interval=5, skip_branch=0)), ("tome", dict(ratio=0.5, max_downsample=None))),
+        },
+        method_defaults={
+            "sliding_tile": dict(tile=(1, 8, 8), window=(1, 3, 3)),
+        },
+    ),
+    Family.IMAGE_DIT: FamilySpec(
+        family=Family.IMAGE_DIT,
+        adapters="image_dit",
+        capabilities=frozenset({Capability.TOKEN_MERGING, Capability.BLOCK_CACHING, Capability.ATTENTION_REUSE,
+                                Capability.SPARSE_ATTENTION}),
+        presets={
+            # Block-residual caching; "fast" adds FasterCache's CFG-Cache (its attention reuse off:
+            # it compounds with skipped blocks).
+            "quality": (("adaptive_cache", dict(threshold=0.1, warmup=2, max_consecutive=3)),),
+            "balanced": (("adaptive_cache", dict(threshold=0.15, warmup=2, max_consecutive=3)),),
+            "fast": (("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
+                     ("faster_cache", dict(attention_interval=1, cfg_interval=3))),
+        },
+        method_defaults={
+            # PAB: attention kind -> (interval, (t_low, t_high)); cross attention changes least, and
+            # the first and last ~10-20% of the trajectory change fastest, so they always compute.
+            "pab": dict(spatial=(2, (0.1, 0.8)), temporal=(1, (0.1, 0.8)), cross=(4, (0.1, 0.9))),
+            "sliding_tile": dict(tile=(1, 8, 8), window=(1, 3, 3)),
+        },
+    ),
+    Family.VIDEO_DIT: FamilySpec(
+        family=Family.VIDEO_DIT,
+        adapters="video_dit",
+        capabilities=frozenset({Capability.BLOCK_CACHING, Capability.ATTENTION_REUSE, Capability.SPARSE_ATTENTION,
+                                Capability.VIDEO}),
+        presets={
+            # Thresholds alone: CFG-Cache on top of a strong threshold costs prompt-following here.
+            # "quality" never reuses two steps in a row (runs of reuses compound the error).
+            "quality": (("adaptive_cache", dict(threshold=0.3, warmup=2, max_consecutive=1)),),
+            "balanced": (("adaptive_cache", dict(threshold=0.25, warmup=2, max_consecutive=5)),),
+            "fast": (("adaptive_cache", dict(threshold=0.35, warmup=2, max_consecutive=6)),),
+        },
+        method_defaults={
+            "pab": dict(spatial=(2, (0.1, 0.8)), temporal=(4, (0.1, 0.85)), cross=(6, (0.1, 0.9))),
+            "sliding_tile": dict(tile=(4, 8, 8), window=(3, 3, 3)),
+        },
+    ),
+}
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The registry entry of ``family`` (a :class:`Family` or its string value)."""
+    try:
+        return FAMILIES[Family(family)]
+    except (ValueError, KeyError):
+        known = ", ".join(f.value for f in FAMILIES)
+        raise ValueError(f"Unknown model family {family!r}; diffaccel knows {known} (see diffaccel/families.py).") from None
+
+
+def families_with(capability: Capability | None) -> tuple[Family, ...]:
+    """The families offering ``capability`` (all of them for None), in registry order."""
+    return tuple(f for f, spec in FAMILIES.items() if capability is None or capability in spec.capabilities)
+
+
+def has_capability(family: str, capability: Capability) -> bool:
+    return capability in family_spec(family).capabilities
+
+
+def preset_entry(preset: str, family: str) -> MethodList:
+    """The (method name, parameters) list of ``preset`` for ``family``; a clear error when missing."""
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESET_NAMES)}.")
+    spec = family_spec(family)
+    if preset not in spec.presets:
+        raise ValueError(f"The {spec.family} family has no {preset!r} preset; add it to FAMILIES[Family."
+                         f"{spec.family.name}].presets in diffaccel/families.py.")
+    return spec.presets[preset]
+
+
+def method_defaults(family: str, method: str, keys: tuple[str, ...] = ()) -> Mapping[str, Any]:
+    """``method``'s family-dependent default settings for ``family``; a clear error naming what is
+    missing when the registry lacks them (or any of ``keys``)."""
+    spec = family_spec(family)
+    defaults = spec.method_defaults.get(method, {})
+    missing = [k for k in keys if k not in defaults] if defaults else list(keys) or ["(all)"]
+    if missing:
+        raise ValueError(f"The {spec.family} family has no default {', '.join(missing)} for method {method!r}; add them "
+                         f"to FAMILIES[Family.{spec.family.name}].method_defaults[{method!r}] in diffaccel/families.py.")
+    return defaults
