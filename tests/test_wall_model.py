@@ -93,3 +93,26 @@ def test_replanner_plans_once_per_step_schedule(pixart_profile, monkeypatch):
         pipe(**tp.call_kwargs("pixart", steps=steps))
     assert calls == ["adaptive_cache", "adaptive_cache"]  # one plan per distinct step schedule
     diffaccel.disable(pipe)
+
+
+def test_replanner_feeds_the_handle_in_any_order_and_changes_no_config(pixart_profile):
+    """The plan lives in the handle (asked from the re-planner when the call needs it): the
+    controlled config stays as given, and installation order does not matter."""
+    import torch
+
+    import diffaccel
+    from diffaccel.methods.adaptive_cache import AdaptiveCache
+    from diffaccel.profiler import schedule
+
+    pipe = tp.build("pixart")
+    outputs, planned = [], []
+    for order in (1, -1):
+        controlled = AdaptiveCache(threshold=0.1)
+        replanner = schedule.ProfileSchedule(profile=pixart_profile, target_speedup=1.3, controlled=controlled)
+        diffaccel.accelerate(pipe, methods=[replanner, controlled][::order])
+        outputs.append(tp.run("pixart", pipe, steps=STEPS))
+        planned.append(diffaccel.stats(pipe)["methods"]["profile_schedule"]["planned"])
+        diffaccel.disable(pipe)
+        assert controlled == AdaptiveCache(threshold=0.1)
+    assert torch.equal(outputs[0], outputs[1]) and planned[0] == planned[1]
+    assert planned[0]["threshold"] != 0.1
