@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
 
@@ -36,19 +38,17 @@ def test_import_contracts_hold(tmp_path):
     assert "0 broken" in result.stdout
 
 
-def test_a_method_importing_the_api_breaks_the_layers(tmp_path):
+@pytest.mark.parametrize("module, line, broken", [
+    ("methods/deepcache.py", "\n\ndef _bad():\n    from diffaccel.api import accelerate  # noqa: F401\n",
+     "diffaccel.methods.deepcache -> diffaccel.api"),
+    ("kernels/mediator.py", "\nimport diffaccel.state  # noqa: E402,F401\n", "diffaccel.kernels.mediator -> diffaccel.state"),
+    ("pipelines/base.py", "\n\ndef _bad():\n    import diffaccel.methods.pab  # noqa: F401\n",
+     "diffaccel.pipelines.base -> diffaccel.methods.pab"),
+], ids=["method-imports-api", "kernel-imports-core", "adapter-imports-method"])
+def test_a_wrong_way_import_breaks_the_layers(tmp_path, module, line, broken):
     package = _installed_layout(tmp_path)
-    method = package / "methods" / "deepcache.py"
-    method.write_text(method.read_text() + "\n\ndef _bad():\n    from diffaccel.api import accelerate  # noqa: F401\n")
+    path = package / module
+    path.write_text(path.read_text() + line)
     result = _lint(package)
     assert result.returncode == 1
-    assert "diffaccel.methods.deepcache -> diffaccel.api" in result.stdout
-
-
-def test_a_kernel_importing_diffaccel_breaks_the_layers(tmp_path):
-    package = _installed_layout(tmp_path)
-    kernel = package / "kernels" / "mediator.py"
-    kernel.write_text(kernel.read_text() + "\nimport diffaccel.state  # noqa: E402,F401\n")
-    result = _lint(package)
-    assert result.returncode == 1
-    assert "diffaccel.kernels.mediator -> diffaccel.state" in result.stdout
+    assert broken in result.stdout
