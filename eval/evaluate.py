@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (resumed if it holds this model's run)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; one GPU per rank)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per config (median)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds per config at least (median); more follow until the medians are stable")
+    p.add_argument("--timing-budget", type=float, default=60.0,
+                   help="seconds after which no more timing rounds start (0: exactly --repeats)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per config before timing")
     p.add_argument("--inception", default=None,
                    help="FID features: TorchScript module file or torch-fidelity's FID Inception .pth (default: torch hub cache)")
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
         options = EvalOptions(model=args.model, out=args.out, configs=parse_configs(args.configs),
                               seeds=parse_seeds(args.seeds), prompts=args.prompts, steps=args.steps,
                               resolution=args.resolution, frames=args.frames, device=args.device, dtype=args.dtype,
-                              repeats=args.repeats, warmup=args.warmup, inception=args.inception,
+                              repeats=args.repeats, timing_budget_s=args.timing_budget, warmup=args.warmup, inception=args.inception,
                               fid_ref=args.fid_ref, clip=args.clip, progress=not args.no_progress)
         results = run_evaluation(options)
     except (ValueError, FileNotFoundError) as err:

@@ -41,7 +41,7 @@ class Method:
     def check_family(self, family: str) -> None:
         if family not in self.families:
             raise ValueError(
-                f"{type(self).__name__} cannot accelerate a {family} pipeline; it supports "
+                f"{type(self).__name__} cannot accelerate pipelines of the {family} family; it supports "
                 f"{', '.join(self.families)}. Pick a method for {family} (see diffaccel.METHODS) or a preset."
             )
 
