@@ -31,7 +31,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or no_default or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 

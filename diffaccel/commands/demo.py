@@ -118,8 +118,9 @@ def caption(config: str, results: dict) -> str:
 
     r = results["configs"][config]
     s = r["speed"]
-    spread = 100 * (s["e2e_iqr_s"] / s["e2e_median_s"]) if s["e2e_median_s"] else 0.0
-    speed = f"{s['speedup']:.2f}x" + ("?" if timing_warning(results) else "") + f" +-{spread:.0f}%"
+    speed = f"{s['speedup']:.2f}x" + ("?" if timing_warning(results) else "")
+    if s["e2e_iqr_s"] is not None and s["e2e_median_s"]:
+        speed += f" IQR {100 * s['e2e_iqr_s'] / s['e2e_median_s']:.0f}%"
     if s["above_ideal"]:
         speed += "\n> FLOPs ideal"
     psnr = "" if config == "baseline" else _fmt(r.get("psnr"), ".1f") + (" dB" if r.get("psnr") != "inf" else "")

@@ -81,9 +81,11 @@ def timing_warning(results: dict) -> str | None:
 
 
 def latency_text(median, iqr, fmt: str = ".3f") -> str:
-    """A latency with its spread: median (IQR as a share of it)."""
+    """A latency with its spread: median (IQR as a share of it; "1 round" when there is no spread)."""
     if median is None:
         return "-"
+    if iqr is None:
+        return f"{format(median, fmt)} (1 round)"
     return f"{format(median, fmt)} ({100 * iqr / median:.0f}%)" if median else format(median, fmt)
 
 

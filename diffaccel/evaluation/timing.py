@@ -81,8 +81,11 @@ def stop_reason(samples: dict[str, list[float]], elapsed_s: float, plan: TimingP
 
 
 def spread(samples: list[float]) -> dict:
-    """Median, quartiles, interquartile range and minimum of one config's times (seconds)."""
-    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else samples * 3
+    """Median, quartiles, interquartile range and minimum of one config's times (seconds); the
+    quartiles are None for a single round."""
+    if len(samples) < 2:
+        return {"median_s": samples[0], "q1_s": None, "q3_s": None, "iqr_s": None, "min_s": samples[0]}
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return {"median_s": statistics.median(samples), "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "min_s": min(samples)}
 
 
@@ -92,11 +95,12 @@ def busy_reasons(times: dict[str, list[float]], stopped: str, loads: list[float]
     reasons = []
     for name, samples in times.items():
         s = spread(samples)
-        if s["median_s"] > 0 and s["iqr_s"] > BUSY_SPREAD * s["median_s"]:
+        if s["iqr_s"] is not None and s["median_s"] > 0 and s["iqr_s"] > BUSY_SPREAD * s["median_s"]:
             reasons.append(f"{name}: rounds spread over {100 * s['iqr_s'] / s['median_s']:.0f}% of the median (IQR)")
     others = max(loads, default=0.0) - threads  # the load average counts our own busy threads too
     if loads and others > max(0.5, 0.25 * cpus):
-        reasons.append(f"load average {max(loads):.1f} on {cpus} cores while timing with {threads} threads")
+        reasons.append(f"load average {max(loads):.1f} on {cpus} cores while timing with {threads} "
+                       f"thread{'s' if threads != 1 else ''}")
     if stopped != "stable" and len(next(iter(times.values()))) >= MIN_STABLE_SAMPLES:
         reasons.append(f"medians not within +-{100 * tolerance:g}% after {len(next(iter(times.values())))} rounds "
                        f"({stopped})")
