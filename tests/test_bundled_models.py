@@ -48,12 +48,18 @@ def test_unknown_bundled_name_lists_valid_ones():
         loader.load_bundled("tiny-nope")
 
 
-@pytest.mark.parametrize("name", list(loader.BUNDLED_MODELS))
-def test_shipped_bundled_model_loads_and_generates(name):
+def shipped(name):
+    """The shipped bundled pipeline, progress bars off (skips the test when it is not in assets/)."""
     if not (loader.bundled_dir() / name / "model_index.json").exists():
         pytest.skip(f"{name} not trained into {loader.bundled_dir()} yet (eval/gpu_train.sh)")
     pipe = loader.load_bundled(name)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("name", list(loader.BUNDLED_MODELS))
+def test_shipped_bundled_model_loads_and_generates(name):
+    pipe = shipped(name)
     out = generate(pipe, name)
     assert np.isfinite(out).all() and out.std() > 0.01
 
@@ -63,12 +69,9 @@ SHAPES = {"tiny-sd": (1, 32, 32, 3), "tiny-dit": (1, 32, 32, 3), "tiny-video": (
 
 @pytest.mark.parametrize("name", list(loader.BUNDLED_MODELS))
 def test_a_prompt_alone_gives_the_bundled_models_own_output(name):
-    if not (loader.bundled_dir() / name / "model_index.json").exists():
-        pytest.skip(f"{name} not trained into {loader.bundled_dir()} yet (eval/gpu_train.sh)")
     import diffaccel
 
-    pipe = loader.load_bundled(name)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = shipped(name)
     steps = []
     hook = pipe.scheduler.__class__.step
     pipe.scheduler.step = lambda *a, **k: steps.append(1) or hook(pipe.scheduler, *a, **k)
