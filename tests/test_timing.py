@@ -100,3 +100,15 @@ def test_busy_results_carry_a_warning_line():
     results = {"timing": {"busy": ["load average 6.4 on 2 cores while timing with 2 threads"]}}
     assert report.timing_warning(results).startswith("Timings unreliable, the machine was busy: load average 6.4")
     assert report.timing_warning({"timing": {"busy": []}}) is None
+
+
+def test_grid_captions_carry_the_flags():
+    from diffaccel.commands.demo import caption
+
+    base = entry(1.0, 0.02, 100, 80)
+    results = {"timing": {"busy": []}, "configs": {
+        "baseline": {"speed": report.speed_summary(base, base)},
+        "fast": {"speed": report.speed_summary(entry(0.2, 0.01, 50, 30), base), "psnr": 31.25}}}
+    assert caption("fast", results) == "fast\n5.00x IQR 5%\n> FLOPs ideal\n31.2 dB"
+    results["timing"]["busy"] = ["load average 6.4 on 2 cores while timing with 2 threads"]
+    assert caption("baseline", results) == "baseline\n1.00x? IQR 2%\n"

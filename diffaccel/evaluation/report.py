@@ -188,11 +188,13 @@ def plot(results: dict, path: Path) -> None:
     for name, r in rows.items():
         y = r["psnr"] if isinstance(r.get("psnr"), float) else top
         ax.scatter(r["speed"]["speedup"], y, color="tab:gray" if name == "baseline" else "tab:blue")
-        ax.annotate(name if y != top else f"{name} (identical)", (r["speed"]["speedup"], y), fontsize=8,
+        label = (name if y != top else f"{name} (identical)") + (" (above FLOPs ideal)" if r["speed"]["above_ideal"] else "")
+        ax.annotate(label, (r["speed"]["speedup"], y), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("end-to-end speed-up vs baseline")
     ax.set_ylabel("PSNR vs baseline (dB)")
-    ax.set_title(f"{results['model']}: speed vs fidelity", fontsize=9)
+    busy = " (timings unreliable: machine busy)" if timing_warning(results) else ""
+    ax.set_title(f"{results['model']}: speed vs fidelity{busy}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.margins(x=0.3, y=0.15)  # room for the labels
     fig.tight_layout()
