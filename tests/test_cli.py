@@ -79,3 +79,14 @@ def test_demo_bad_models_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["diffaccel demo: error: --models: tiny-nope; the demo runs bundled models: tiny-sd, tiny-dit, "
                    "tiny-video."]
+
+
+def test_profile_says_each_phase_and_the_whole_time(tmp_path, capsys):
+    out = tmp_path / "not-yet" / "p.json"  # the folder is created
+    assert cli.main(["profile", "tiny-sd", "--out", str(out), "--num-prompts", "1", "--steps", "3",
+                     "--calibration-prompts", "1", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("profiling tiny-sd: per-module costs") and "1 prompt x 3 steps" in lines[0]
+    assert lines[1].startswith("calibrating PSNR: probe schedules")
+    assert lines[2].startswith(f"wrote {out}") and "calibration" in lines[2] and lines[2].endswith("s in all")
+    assert out.is_file()

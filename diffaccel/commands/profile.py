@@ -70,6 +70,10 @@ def call_arguments(model: str, args) -> dict:
     return kwargs
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def set_scheduler(pipe, name: str | None) -> None:
     if name is None:
         return
@@ -99,11 +103,12 @@ def main(args) -> int:
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
     set_scheduler(pipe, args.scheduler)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial.json")
     seeds = [args.seed + i for i in range(len(prompts))]
     call = call_arguments(args.model, args)
-    print(f"profiling {args.model}: per-module costs (one call, timed modules), then {len(prompts)} prompts x "
-          f"{args.steps} steps", flush=True)
+    print(f"profiling {args.model}: per-module costs (one call, timed modules), then {_count(len(prompts), 'prompt')} "
+          f"x {args.steps} steps", flush=True)
     profile = measure(pipe, prompts, call, model=args.model, seeds=seeds, partial_path=partial,
                       progress=not args.no_progress, describe={"device": device, "dtype": str(pipe.dtype).replace("torch.", "")})
     calibration_s = 0.0
@@ -111,13 +116,13 @@ def main(args) -> int:
         from diffaccel.profiler.calibrate_psnr import calibrate_psnr
 
         count = min(args.calibration_prompts, len(prompts))
-        print(f"calibrating PSNR: probe schedules vs the unaccelerated output on {count} prompt(s)", flush=True)
+        print(f"calibrating PSNR: probe schedules vs the unaccelerated output on {_count(count, 'prompt')}", flush=True)
         calibration_start = time.perf_counter()
         profile.calibration = calibrate_psnr(pipe, profile, prompts[:count], call, seeds[:count])
         calibration_s = time.perf_counter() - calibration_start
     profile.save(out)
     partial.unlink(missing_ok=True)
-    print(f"wrote {out}: {len(profile.times)} steps x {len(profile.modules)} modules, {len(prompts)} prompts; "
+    print(f"wrote {out}: {len(profile.times)} steps x {len(profile.modules)} modules, {_count(len(prompts), 'prompt')}; "
           f"profiling {profile.measured['seconds']:.1f} s, calibration {calibration_s:.1f} s, "
           f"{time.perf_counter() - started:.1f} s in all")
     if args.plot:
