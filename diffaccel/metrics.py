@@ -3,10 +3,11 @@
 Both take images as float tensors or numpy arrays in [0, 1], shaped (H, W, C), (N, H, W, C),
 (C, H, W) or (N, C, H, W); videos are compared frame by frame by passing the frames as the
 batch. SSIM uses torchmetrics' implementation (Gaussian window 11, sigma 1.5), the one papers
-report.
+report; torchmetrics comes with the ``eval`` extra, and without it SSIM and FID are skipped.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -27,6 +28,26 @@ def to_nchw(images) -> torch.Tensor:
     return x.contiguous()
 
 
+EVAL_EXTRA = 'pip install "diffaccel[eval]"'
+# What each package of the eval extra adds to an evaluation (the base install skips it, with one note).
+EVAL_EXTRA_PARTS = {"torchmetrics": "SSIM and FID", "matplotlib": "the speed/quality plot",
+                    "imageio_ffmpeg": "MP4 samples (GIF instead)"}
+
+
+def available(module: str) -> bool:
+    """Whether ``module`` can be imported here (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or the module is blocked
+        return False
+
+
+def eval_extra_note() -> str | None:
+    """One line naming what this install skips for want of the eval extra, or None."""
+    missing = [what for module, what in EVAL_EXTRA_PARTS.items() if not available(module)]
+    return None if not missing else f"Skipped {', '.join(missing)}: they need the eval extra, {EVAL_EXTRA}."
+
+
 def psnr(a, b, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB over the whole batch; inf for identical inputs."""
     x, y = to_nchw(a), to_nchw(b)
@@ -37,7 +58,9 @@ def psnr(a, b, data_range: float = 1.0) -> float:
 
 
 def ssim(a, b, data_range: float = 1.0) -> float:
-    """Mean structural similarity over the batch (1.0 for identical inputs)."""
+    """Mean structural similarity over the batch (1.0 for identical inputs); needs torchmetrics."""
+    if not available("torchmetrics"):
+        raise MetricUnavailable(f"SSIM needs torchmetrics: {EVAL_EXTRA}.")
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     x, y = to_nchw(a), to_nchw(b)
@@ -111,6 +134,8 @@ class ColourGridFeatures(torch.nn.Module):
 def make_fid(feature: torch.nn.Module):
     """torchmetrics FID on a custom feature module; reference features survive ``reset()`` and
     states are summed across ranks on ``compute()`` under torch.distributed."""
+    if not available("torchmetrics"):
+        raise MetricUnavailable(f"FID skipped: it needs torchmetrics, {EVAL_EXTRA}.")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(feature=feature, reset_real_features=False, input_img_size=(3, 299, 299))

@@ -4,17 +4,14 @@
     python eval/bench.py --suite dit      # PixArt-alpha: diffusers' caches, cache-dit vs ours (eval/bench_dit.py)
     python eval/bench.py --suite video    # CogVideoX-2b: the same (eval/bench_dit.py)
 
-Each suite lives in its own module with ``add_arguments(parser)`` and ``main(args)``; add a
-suite by adding its module to SUITES.
+Each suite lives in its own module beside this script, with ``add_arguments(parser)`` and
+``main(args)``; add a suite by adding its module to SUITES. (Run as a script, Python puts this
+folder first on the import path, which is how the suites are found.)
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SUITES = {
     "unet": "bench_unet",

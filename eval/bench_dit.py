@@ -4,7 +4,7 @@
     python eval/bench.py --suite video [--layers 10 --size 96 --frames 9 --steps 10]
 
 The PixArt-alpha / CogVideoX-2b transformers are built from the public configs in
-/work/shared/configs (random weights; ``--layers`` may shorten them to fit a CPU budget) and
+eval/configs (random weights; ``--layers`` may shorten them to fit a CPU budget) and
 driven through their real pipeline classes with precomputed random prompt embeddings, latents
 out. Every method runs in the same process: one FLOP-counted call (torch FlopCounterMode over
 the whole call, CPU SDPA counted), then ``--repeats`` timed calls interleaved with the other
@@ -27,10 +27,10 @@ import torch
 import diffusers as D
 
 import diffaccel
-from diffaccel.flops import _register_cpu_sdpa_formula
+from diffaccel.flops import flop_counter
 from diffaccel.metrics import psnr, ssim
 
-CONFIGS = Path("/work/shared/configs")
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def build(suite: str, layers: int | None):
@@ -193,7 +193,6 @@ def main(args) -> None:
     args.size = args.size or (128 if args.suite == "dit" else 64)
     args.steps = args.steps or (20 if args.suite == "dit" else 10)
     torch.set_num_threads(args.threads)
-    _register_cpu_sdpa_formula()
 
     pipe = build(args.suite, args.layers)
     probe = TimestepProbe(pipe)
@@ -212,7 +211,7 @@ def main(args) -> None:
     for name, (enable, disable) in table.items():  # FLOPs and outputs, one call each
         try:
             enable()
-            with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 out = run_once(pipe, kw)
             disable()
         except Exception as exc:  # a peer that cannot serve this model: report it, keep going

@@ -13,18 +13,19 @@ speed-up 1/density, and the fraction of ideal reached.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from diffaccel.kernels import sliding_tile_attention, sliding_tile_density
-from diffaccel.kernels.sliding_tile_cpu import _cpu_pool
 from diffaccel.kernels.tile_layout import key_tile_range
 
 # (name, grid, tile, window, text_tokens): 4k-16k video tokens, densities ~10-50 %
@@ -68,15 +69,22 @@ def naive_gathered(q, k, v, grid, tile, window):
     return out.reshape(batch, heads, T * H * W, dim)
 
 
+@functools.cache
+def worker_pool() -> ThreadPoolExecutor:
+    """Threads like the box path's: one per torch thread, each running single-threaded torch."""
+    return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), initializer=torch.set_num_threads,
+                              initargs=(1,))
+
+
 def dense_on_worker_pool(q, k, v, chunk: int = 512):
-    """Control: dense SDPA with the queries split in chunks over the box path's worker pool,
-    so the table separates the gain from sparsity from the gain from threading."""
+    """Control: dense SDPA with the queries split in chunks over a worker pool like the box
+    path's, so the table separates the gain from sparsity from the gain from threading."""
     out = torch.empty_like(q)
 
     def run(start):
         out[:, :, start:start + chunk] = F.scaled_dot_product_attention(q[:, :, start:start + chunk], k, v)
 
-    for future in [_cpu_pool().submit(run, start) for start in range(0, q.shape[2], chunk)]:
+    for future in [worker_pool().submit(run, start) for start in range(0, q.shape[2], chunk)]:
         future.result()
     return out
 

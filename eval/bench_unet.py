@@ -1,6 +1,6 @@
 """U-Net speed suite: DeepCache and tomesd against diffaccel's DeepCache and ToMe, one process.
 
-    python eval/bench.py --suite unet [--config-dir ../shared/configs] [--res 256 512] [--steps 10]
+    python eval/bench.py --suite unet [--res 256 512] [--steps 10]
 
 SD1.5 U-Net architecture with random weights (compute does not depend on weight values),
 DDIM, CFG (U-Net batch 2), latents out. Every variant runs inside a real pipeline call with its
@@ -14,8 +14,8 @@ scheduler's own (negligible) time.
 
 FLOPs: one counted U-Net forward per resolution (``diffaccel.flops.count_flops``) gives the cost
 of every module; a cached step costs the full forward minus the modules it skips; ToMe saves
-what the merged attention does not compute, minus the similarity matmul (the same formula
-diffaccel's stats use).
+what the self-attention does not compute on the merged tokens (counted on the attention module
+at both token counts), minus the similarity matmul.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "eval" / "results" / "bench_unet.md"
+EVAL = Path(__file__).resolve().parent
+RESULTS = EVAL / "results" / "bench_unet.md"
 
 
 def build_pipe(config_dir: Path):
@@ -121,9 +121,9 @@ def measure(pipe, variant: Variant, res: int, record: bool = True) -> None:
     try:
         with torch.no_grad():
             pipe(**call_inputs(res), num_inference_steps=2 if variant.two_steps else 1)
-        if variant.impl == "diffaccel":
+        if variant.impl == "diffaccel" and not record:  # warm-up only: stats() counts FLOPs once
             import diffaccel
-            variant.stats = dict(diffaccel.api.session_of(pipe).last_stats["methods"])  # no FLOP count here
+            variant.stats = diffaccel.stats(pipe)["methods"]
     finally:
         undo()
         pre.remove()
@@ -144,7 +144,7 @@ def module_flops(unet, res: int) -> dict[str, int]:
 
 def tome_saving_per_block(unet, res: int, ratio: float) -> tuple[float, list[str]]:
     """FLOPs one full-resolution transformer block saves at ``ratio``, and those blocks' paths."""
-    from diffaccel.methods.tome import _attention_flops
+    from diffaccel.flops import count_flops
 
     h = w = res // 8
     n, d = h * w, (h // 2) * (w // 2)
@@ -154,7 +154,8 @@ def tome_saving_per_block(unet, res: int, ratio: float) -> tuple[float, list[str
               if type(mod).__name__ == "BasicTransformerBlock" and name.startswith(("down_blocks.0.", f"up_blocks.{len(unet.up_blocks) - 1}."))]
     attn = unet.get_submodule(blocks[0]).attn1
     c = attn.to_q.in_features
-    saving = _attention_flops(attn, 2, n, n) - _attention_flops(attn, 2, m, m) - 2.0 * 2 * (n - d) * d * c
+    attention = {tokens: count_flops(attn, torch.zeros(2, tokens, c))[0] for tokens in (n, m)}
+    saving = attention[n] - attention[m] - 2.0 * 2 * (n - d) * d * c  # minus the src-dst cosine similarities
     return (saving if r > 0 else 0.0), blocks
 
 
@@ -214,7 +215,7 @@ def markdown(rows: list[dict], args, started: str, loads: list[str]) -> str:
     lines = [
         "# U-Net speed: DeepCache / tomesd vs diffaccel",
         "",
-        f"Command: `python eval/bench.py --suite unet{'' if Path(args.out) == RESULTS else ' --out ' + args.out} --res {' '.join(map(str, args.res))} --steps {args.steps} "
+        f"Command: `python eval/bench.py --suite unet{out_arg(args, RESULTS)} --res {' '.join(map(str, args.res))} --steps {args.steps} "
         f"--rounds {args.rounds} --ratios {' '.join(map(str, args.ratios))}"
         + (f" --ratios-large {' '.join(map(str, args.ratios_large))}" if args.ratios_large else "") + "`  ",
         f"Started {started}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; load average "
@@ -245,6 +246,10 @@ def markdown(rows: list[dict], args, started: str, loads: list[str]) -> str:
             lines.append(f"- {res}px, {shape}: plain {g['plain_ms']} ms, merged {g['merged_ms']} ms -> "
                          f"{'merge' if g['merge'] else 'skip merging'}")
     return "\n".join(lines) + "\n"
+
+
+def out_arg(args, default: Path) -> str:
+    return "" if Path(args.out).resolve() == default.resolve() else f" --out {args.out}"
 
 
 def load() -> str:
@@ -280,8 +285,9 @@ def run(args) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-dir", default=str(REPO.parent / "shared" / "configs"))
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--config-dir", default=str(EVAL / "configs"), help="folder holding sd15_unet.json")
+    parser.add_argument("--out", default=None, help="markdown table to write (default: eval/results/bench_unet.md, "
+                                                    "with --mode block eval/results/bench_unet_block.md)")
     parser.add_argument("--mode", choices=("pipeline", "block"), default="pipeline",
                         help="block: time one transformer block, plain vs tomesd vs ours (eval/results/bench_unet_block.md)")
     parser.add_argument("--res", type=int, nargs="+", default=[256, 512])
@@ -298,58 +304,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
+    args.out = args.out or str(BLOCK_RESULTS if args.mode == "block" else RESULTS)
     print(block_level(args) if args.mode == "block" else run(args))
 
 
 # ---- block level: one full-resolution transformer block, ToMe paths only ---------------
-BLOCK_RESULTS = REPO / "eval" / "results" / "bench_unet_block.md"
+BLOCK_RESULTS = EVAL / "results" / "bench_unet_block.md"
+BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
+
+
+class BlockClock:
+    """Wall and process-CPU seconds of one module's forward calls, read from hooks around it."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.wall, self.cpu, self._start = [], [], None
+        self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._leave)]
+
+    def _enter(self, *_):
+        self._start = (time.perf_counter(), time.process_time())
+
+    def _leave(self, *_):
+        self.wall.append(time.perf_counter() - self._start[0])
+        self.cpu.append(time.process_time() - self._start[1])
+
+    def close(self):
+        for handle in self._handles:
+            handle.remove()
 
 
 def block_level(args) -> str:
-    """Time SD1.5's first transformer block alone: plain vs tomesd vs diffaccel ToMe (gate off).
+    """Time SD1.5's first transformer block: plain vs tomesd vs diffaccel ToMe (gate off).
 
     Far less noisy than whole pipeline calls on a shared CPU, and it is where every ToMe saving
-    and cost sits. Our hooks need a call context; it is set as a pipeline call would set it.
+    and cost sits. The block runs inside a real one-step pipeline call (so both ToMe
+    implementations see the call they are built for); hooks around it time its forward.
     """
     import diffaccel
     import tomesd
-    from diffaccel.api import session_of
-    from diffaccel.pipelines import TokenGrid
-    from diffaccel.state import CallContext
 
     pipe = build_pipe(Path(args.config_dir))
-    name = "down_blocks.0.attentions.0.transformer_blocks.0"
-    block = pipe.unet.get_submodule(name)
+    block = pipe.unet.get_submodule(BLOCK)
     lines = ["# SD1.5 full-resolution transformer block: plain vs tomesd vs diffaccel ToMe", "",
-             f"Command: `python eval/bench.py --suite unet --mode block --res {' '.join(map(str, args.res))} "
+             f"Command: `python eval/bench.py --suite unet --mode block{out_arg(args, BLOCK_RESULTS)} "
+             f"--res {' '.join(map(str, args.res))} "
              f"--ratios {' '.join(map(str, args.ratios))} --rounds {args.rounds}`  ",
-             f"`{name}` of the SD1.5 U-Net (random weights), batch 2 (CFG), 77 text tokens, CPU fp32, "
-             f"{torch.get_num_threads()} threads, load average at start {load()}. Median of {args.rounds} interleaved "
-             "calls each; ToMe merges self-attention only (defaults), diffaccel with gate=False so its merged path is "
-             "what is timed (with the gate on, a shape where this is slower than plain runs plain).", "",
+             f"`{BLOCK}` of the SD1.5 U-Net (random weights), batch 2 (CFG), 77 text tokens, CPU fp32, "
+             f"{torch.get_num_threads()} threads, load average at start {load()}. The block runs inside a one-step "
+             f"pipeline call; hooks around it time its forward. Median of {args.rounds} interleaved calls each; ToMe "
+             "merges self-attention only (defaults), diffaccel with gate=False so its merged path is what is timed "
+             "(with the gate on, a shape where this is slower than plain runs plain).", "",
              "| res | clock | tokens | ratio | plain ms | tomesd ms | diffaccel ms | tomesd speed-up | diffaccel speed-up | ours/ref |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in args.res:
         h = w = res // 8
-        x, text = torch.randn(2, h * w, 320), torch.randn(2, 77, 768)
 
         def plain():
             return lambda: None
 
         def reference(r):
             tomesd.apply_patch(pipe, ratio=r)
-            pipe.unet._tome_info["size"] = (h, w)  # what tomesd's U-Net pre-hook records
             return lambda: tomesd.remove_patch(pipe)
 
         def ours(r):
             diffaccel.accelerate(pipe, methods=[diffaccel.ToMe(ratio=r, gate=False)])
-            session = session_of(pipe)
-            session.ctx = CallContext(active=True, grid=TokenGrid(1, h, w, 77))
-
-            def undo():
-                assert session.installed[0].counters.get("merged_blocks") == 1, "ToMe did not merge"
-                diffaccel.disable(pipe)
-            return undo
+            return lambda: diffaccel.disable(pipe)
 
         variants = {("plain", 0): plain}
         for r in args.ratios:
@@ -361,19 +379,25 @@ def block_level(args) -> str:
             for round_ in range(args.rounds + 1):  # round 0 warms up
                 for key, install in variants.items():
                     undo = install()
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    block(x, encoder_hidden_states=text)
-                    elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-                    undo()
+                    clock = BlockClock(block)
+                    try:
+                        pipe(**call_inputs(res), num_inference_steps=1)
+                        if key[0] == "ours" and not round_:
+                            merged = diffaccel.stats(pipe)["methods"]["tome"].get("merged_blocks", 0)
+                            assert merged > 0, "ToMe did not merge"
+                    finally:
+                        clock.close()
+                        undo()
                     if round_:
-                        times[key].append(elapsed)
-                        cpu[key].append(elapsed_cpu)
-        for clock, samples in (("wall", times), ("CPU", cpu)):
+                        times[key] += clock.wall
+                        cpu[key] += clock.cpu
+        for clock_name, samples in (("wall", times), ("CPU", cpu)):
             med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
             for r in args.ratios:
                 p, t, o = med[("plain", 0)], med[("tomesd", r)], med[("ours", r)]
-                lines.append(f"| {res} | {clock} | {h * w} | {r} | {p:.0f} | {t:.0f} | {o:.0f} | {p / t:.2f}x | {p / o:.2f}x | {t / o:.2f} |")
+                lines.append(f"| {res} | {clock_name} | {h * w} | {r} | {p:.0f} | {t:.0f} | {o:.0f} | {p / t:.2f}x | "
+                             f"{p / o:.2f}x | {t / o:.2f} |")
         print("\n".join(lines[-2 * len(args.ratios):]), flush=True)
     text = "\n".join(lines) + "\n"
-    BLOCK_RESULTS.write_text(text)
+    Path(args.out).write_text(text)
     return text

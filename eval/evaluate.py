@@ -18,7 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from diffaccel.cli import DefaultsFormatter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
     p.add_argument("--model", required=True, help="bundled name (tiny-sd, tiny-dit, tiny-video), local pipeline folder or hub id")
     p.add_argument("--configs", default="baseline,balanced",
                    help="comma-separated: baseline, quality/balanced/fast, method lists like "
@@ -27,20 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help="file with one prompt per line, or a built-in set: bundled (default for bundled models), heldout, generic")
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the bundled model's, else 20)")
-    p.add_argument("--resolution", type=int, default=None, help="height = width in pixels")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip (video models)")
+    p.add_argument("--resolution", type=int, default=None, help="height = width in pixels (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip, video models (default: the model's)")
     p.add_argument("--out", required=True, type=Path, help="output folder (resumed if it holds this model's run)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available; one GPU per rank)")
     p.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the checkpoint's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per config (median)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds per config at least (median); more follow until the medians are stable")
+    p.add_argument("--timing-budget", type=float, default=60.0,
+                   help="seconds after which no more timing rounds start (0: exactly --repeats)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per config before timing")
     p.add_argument("--inception", default=None,
                    help="FID features: TorchScript module file or torch-fidelity's FID Inception .pth (default: torch hub cache)")
     p.add_argument("--fid-ref", default=None,
                    help="FID reference: folder of images or .npz with mu, sigma, n (default: bundled dataset or baseline outputs)")
-    p.add_argument("--clip", default=None, help="local CLIP model folder for CLIP score (named in the report)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--clip", default=None, help="local CLIP model folder for CLIP score, named in the report (default: no CLIP score)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
 
@@ -58,7 +63,7 @@ def main(argv=None) -> int:
         options = EvalOptions(model=args.model, out=args.out, configs=parse_configs(args.configs),
                               seeds=parse_seeds(args.seeds), prompts=args.prompts, steps=args.steps,
                               resolution=args.resolution, frames=args.frames, device=args.device, dtype=args.dtype,
-                              repeats=args.repeats, warmup=args.warmup, inception=args.inception,
+                              repeats=args.repeats, timing_budget_s=args.timing_budget, warmup=args.warmup, inception=args.inception,
                               fid_ref=args.fid_ref, clip=args.clip, progress=not args.no_progress)
         results = run_evaluation(options)
     except (ValueError, FileNotFoundError) as err:

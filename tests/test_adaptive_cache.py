@@ -121,7 +121,7 @@ def test_no_block_left_to_cache_and_wrong_family():
     pipe = tp.build("pixart")  # 2 blocks
     with pytest.raises(ValueError, match="leaves no block to cache"):
         diffaccel.accelerate(pipe, methods=[diffaccel.AdaptiveCache(head_blocks=1, tail_blocks=1)])
-    with pytest.raises(ValueError, match="cannot accelerate a unet pipeline"):
+    with pytest.raises(ValueError, match="cannot accelerate pipelines of the unet family"):
         diffaccel.accelerate(tp.build("sd"), methods=[diffaccel.AdaptiveCache()])
 
 

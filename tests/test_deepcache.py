@@ -166,5 +166,5 @@ def test_bad_input_messages():
         diffaccel.accelerate(pipe, methods=[DeepCache(schedule="quadratic")])
     with pytest.raises(ValueError, match="only ints"):
         diffaccel.accelerate(pipe, methods=[DeepCache(schedule=[0, 0.5])])
-    with pytest.raises(ValueError, match="cannot accelerate a image_dit pipeline"):
+    with pytest.raises(ValueError, match="cannot accelerate pipelines of the image_dit family"):
         diffaccel.accelerate(build("pixart"), methods=[DeepCache()])

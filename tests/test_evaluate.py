@@ -64,13 +64,14 @@ def clip_dir(tmp_path_factory):
 
 def options(model_dir, out, clip_dir=None, **kw):
     base = dict(model=model_dir, out=out, configs="baseline,deepcache:interval=2", seeds=[0, 1, 2], prompts="bundled",
-                steps=int(STEPS), resolution=32, repeats=1, warmup=0, progress=False)
+                steps=int(STEPS), resolution=32, repeats=1, timing_budget_s=0, warmup=0, progress=False)
     return EvalOptions(clip=clip_dir, fid_feature=ColourGridFeatures(), **{**base, **kw})
 
 
 def without_speed(results):
     """Latency differs between runs; everything else must not."""
     out = json.loads(json.dumps(results))
+    out.pop("timing")
     for row in out["configs"].values():
         row.pop("speed")
     return out
@@ -186,7 +187,8 @@ def evaluate_cli(*argv):
 def test_bad_input_is_a_clear_error_and_overwrites_nothing(first_run, model_dir, tmp_path, capsys):
     out, _ = first_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    common = ["--model", model_dir, "--steps", STEPS, "--resolution", "32", "--seeds", "0-1", "--no-progress"]
+    common = ["--model", model_dir, "--steps", STEPS, "--resolution", "32", "--timing-budget", "0", "--seeds", "0-1",
+              "--no-progress"]
     assert evaluate_cli(*common, "--out", str(tmp_path / "a"), "--prompts", str(tmp_path / "missing.txt")) == 2
     assert "missing.txt' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()

@@ -113,5 +113,5 @@ def test_bad_parameters_are_named(kwargs, message):
 
 
 def test_wrong_family_is_refused():
-    with pytest.raises(ValueError, match="FasterCache cannot accelerate a unet pipeline"):
+    with pytest.raises(ValueError, match="FasterCache cannot accelerate pipelines of the unet family"):
         diffaccel.accelerate(tp.build("sd"), methods=[diffaccel.FasterCache()])

@@ -187,7 +187,7 @@ def test_bad_input_messages():
     pipe.register_modules(unet=plain_unet)
     with pytest.raises(ValueError, match="ToMe needs transformer blocks.*has none"):
         diffaccel.accelerate(pipe, methods=[ToMe()])
-    with pytest.raises(ValueError, match="cannot accelerate a video_dit pipeline"):
+    with pytest.raises(ValueError, match="cannot accelerate pipelines of the video_dit family"):
         diffaccel.accelerate(build("wan"), methods=[ToMe()])
 
 

@@ -1,17 +1,20 @@
 """Load a bundled trained pipeline (tiny-sd, tiny-dit, tiny-video) offline.
 
->>> pipe = load_bundled("tiny-sd")                              # doctest: +SKIP
->>> image = pipe("a red circle in the center on a black background",
-...              **default_call_kwargs("tiny-sd")).images[0]   # doctest: +SKIP
+>>> pipe = load_bundled("tiny-dit")                             # doctest: +SKIP
+>>> image = pipe("a red circle in the center on a black background").images[0]  # doctest: +SKIP
 
 The pipelines are ordinary diffusers folders (model_index.json + safetensors), loaded
-with their real pipeline class's from_pretrained. Their default call arguments differ
-from the big models' (32x32 pixels, 9 frames, no PixArt resolution binning), so
-default_call_kwargs gives the ones each was trained and measured with.
+with their real pipeline class's from_pretrained. The big models' call defaults do not fit
+them (50 steps, 512-1024 pixels, 81 frames, PixArt's resolution binning), so a loaded
+bundled pipeline calls with the arguments it was trained and measured with
+(default_call_kwargs) wherever the caller gives none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,8 +70,55 @@ def default_call_kwargs(name: str) -> dict:
     return kwargs
 
 
+@functools.cache
+def bundled_class(cls: type, name: str) -> type:
+    """A subclass of the pipeline class ``cls`` whose call fills in bundled model ``name``'s
+    default call arguments where the caller gives none.
+
+    Special methods are looked up on the type, so per-instance defaults need a subclass; it
+    keeps the original name (``save_pretrained`` writes it into model_index.json and adapters
+    recognise it), and ``diffaccel.accelerate`` subclasses it in turn.
+    """
+    defaults = default_call_kwargs(name)
+    signature = inspect.signature(cls.__call__)
+
+    @functools.wraps(cls.__call__)
+    def __call__(self, *args, **kwargs):
+        try:
+            given = signature.bind_partial(self, *args, **kwargs).arguments
+        except TypeError:  # a wrong argument: let the pipeline's own call say so
+            return super(called, self).__call__(*args, **kwargs)
+        kwargs.update({key: value for key, value in defaults.items() if key not in given})
+        return super(called, self).__call__(*args, **kwargs)
+
+    called = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                         "bundled_model": name, "bundled_call_defaults": dict(defaults)})
+    return called
+
+
+@contextlib.contextmanager
+def _quiet_loading_bars():
+    """Hide the libraries' loading bars: loading a bundled model takes a fraction of a second."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in enabled:
+            if was:
+                lib.enable_progress_bar()
+
+
 def load_bundled(name: str, device=None, dtype=None):
-    """The bundled pipeline `name`, loaded offline from bundled_dir()/<name>."""
+    """The bundled pipeline ``name``, loaded offline from bundled_dir()/<name>.
+
+    Called with just a prompt it produces what the model was trained for: its size, frame
+    count, steps and guidance (:func:`default_call_kwargs`); any argument given wins.
+    """
     import diffusers
 
     from diffaccel.compat import dtype_kwargs
@@ -80,7 +130,9 @@ def load_bundled(name: str, device=None, dtype=None):
             f"bundled model {name!r} is missing: no {folder / 'model_index.json'}. "
             f"Reproduce it with `python eval/train_bundled.py --model {name} --out {bundled_dir()}`.")
     pipeline_class = getattr(diffusers, model.pipeline_class)
-    pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, **dtype_kwargs(dtype))
+    with _quiet_loading_bars():
+        pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, **dtype_kwargs(dtype))
+    pipe.__class__ = bundled_class(type(pipe), name)
     if device is not None:
         pipe = pipe.to(device)
     return pipe

@@ -2,25 +2,56 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
+
+FAMILY_NAMES = {"unet": "U-Net", "image_dit": "image DiT", "video_dit": "video DiT"}
+CFG_MODES = {"batched": "unconditional and conditional halves in one denoiser call",
+             "separate": "one denoiser call per guidance branch"}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="bundled name (tiny-sd, tiny-dit, tiny-video), local pipeline folder or hub id")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="where to load the model: cpu, cuda or auto")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def method_text(method) -> str:
+    """``DeepCache(interval=3, branch=0, schedule='uniform')``: the config as it would be written."""
+    settings = [f"{f.name}={getattr(method, f.name)!r}" for f in fields(method) if f.init]
+    return f"{type(method).__name__}({', '.join(settings)})"
+
+
+def preset_methods_of(family: str) -> dict[str, list]:
+    from diffaccel.presets import PRESETS, preset_methods
+
+    return {name: preset_methods(name, family) for name in PRESETS}
+
+
+def render(info: dict, presets: dict[str, list]) -> str:
+    family = info["family"]
+    attention = ", ".join(f"{count} {kind}" for kind, count in info["attention"].items()) or "none found"
+    lines = [f"{info['pipeline']}: {FAMILY_NAMES.get(family, family)} family",
+             f"  denoiser   {info['denoiser']}, {info['blocks']} blocks",
+             f"  attention  {attention}",
+             f"  CFG        {info['cfg_mode']}: {CFG_MODES.get(info['cfg_mode'], '')}".rstrip(": "),
+             "  presets"]
+    width = max(len(name) for name in presets)
+    for name, methods in presets.items():
+        for i, text in enumerate([method_text(m) for m in methods] or ["(no methods)"]):
+            lines.append(f"    {name if i == 0 else '':<{width}}  {'+ ' if i else ''}{text}")
+    return "\n".join(lines)
 
 
 def main(args) -> int:
     from diffaccel.loading import load_pipeline
     from diffaccel.pipelines import detect
-    from diffaccel.presets import PRESETS
 
     adapter = detect(load_pipeline(args.model, device=args.device))
     info = adapter.describe()
-    info["presets"] = {p: [name for name, _ in fams[adapter.family]] for p, fams in PRESETS.items()}
+    presets = preset_methods_of(adapter.family)
     if args.json:
-        print(json.dumps(info, indent=2))
+        as_dicts = {name: [m.to_dict() for m in methods] for name, methods in presets.items()}
+        print(json.dumps({**info, "presets": as_dicts}, indent=2, default=str))
     else:
-        for key, value in info.items():
-            print(f"{key:>10}: {value}")
+        print(render(info, presets))
     return 0

@@ -10,22 +10,23 @@ GENERIC_PROMPTS = ("a photo of a cat", "a watercolor landscape", "a red car on a
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="bundled name (tiny-sd, tiny-dit, tiny-video), local pipeline folder or hub id")
     parser.add_argument("--out", required=True, help="profile JSON to write (progress is kept in OUT.partial.json)")
-    parser.add_argument("--plot", help="also write a PNG: step x block heatmap and per-step curves")
+    parser.add_argument("--plot", help="also write a PNG: step x block heatmap and per-step curves (needs the eval "
+                                       "extra; default: no plot)")
     parser.add_argument("--prompts", help="text file, one prompt per line (default: built-in prompts)")
-    parser.add_argument("--num-prompts", type=int, default=8, help="how many prompts to use (default 8)")
-    parser.add_argument("--steps", type=int, default=25, help="num_inference_steps (default 25)")
+    parser.add_argument("--num-prompts", type=int, default=8, help="how many prompts to use")
+    parser.add_argument("--steps", type=int, default=25, help="num_inference_steps")
     parser.add_argument("--scheduler", help="diffusers scheduler class, e.g. DDIMScheduler (default: the pipeline's)")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--frames", type=int, help="video models: number of frames")
-    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    parser.add_argument("--frames", type=int, help="video models: number of frames (default: the model's)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: GPU when available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto, a GPU when available)")
     parser.add_argument("--dtype", help="fp32, fp16 or bf16 (default: as stored)")
     parser.add_argument("--calibration-prompts", type=int, default=2,
                         help="prompts on which probe schedules are compared with the unaccelerated output, to map "
-                             "predicted error to PSNR for `diffaccel schedule --min-psnr` (default 2; 0 skips)")
-    parser.add_argument("--no-progress", action="store_true")
+                             "predicted error to PSNR for `diffaccel schedule --min-psnr` (0 skips)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def read_prompts(path: str | None, count: int, model: str) -> list[str]:
@@ -69,6 +70,10 @@ def call_arguments(model: str, args) -> dict:
     return kwargs
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def set_scheduler(pipe, name: str | None) -> None:
     if name is None:
         return
@@ -82,30 +87,44 @@ def set_scheduler(pipe, name: str | None) -> None:
 
 
 def main(args) -> int:
+    import time
+
     from diffaccel.loading import load_pipeline, resolve_device
+    from diffaccel.metrics import EVAL_EXTRA, available
     from diffaccel.profiler.measure import measure
 
     if args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (change is measured between steps), got {args.steps}.")
+    if args.plot and not available("matplotlib"):
+        raise ValueError(f"--plot needs matplotlib: {EVAL_EXTRA} (or leave out --plot).")
+    started = time.perf_counter()
     prompts = read_prompts(args.prompts, args.num_prompts, args.model)
     device = resolve_device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
     set_scheduler(pipe, args.scheduler)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial.json")
     seeds = [args.seed + i for i in range(len(prompts))]
     call = call_arguments(args.model, args)
+    print(f"profiling {args.model}: per-module costs (one call, timed modules), then {_count(len(prompts), 'prompt')} "
+          f"x {args.steps} steps", flush=True)
     profile = measure(pipe, prompts, call, model=args.model, seeds=seeds, partial_path=partial,
                       progress=not args.no_progress, describe={"device": device, "dtype": str(pipe.dtype).replace("torch.", "")})
+    calibration_s = 0.0
     if args.calibration_prompts > 0:
         from diffaccel.profiler.calibrate_psnr import calibrate_psnr
 
         count = min(args.calibration_prompts, len(prompts))
+        print(f"calibrating PSNR: probe schedules vs the unaccelerated output on {_count(count, 'prompt')}", flush=True)
+        calibration_start = time.perf_counter()
         profile.calibration = calibrate_psnr(pipe, profile, prompts[:count], call, seeds[:count])
+        calibration_s = time.perf_counter() - calibration_start
     profile.save(out)
     partial.unlink(missing_ok=True)
-    print(f"wrote {out}: {len(profile.times)} steps x {len(profile.modules)} modules, {len(prompts)} prompts, "
-          f"{profile.measured['seconds']:.1f} s")
+    print(f"wrote {out}: {len(profile.times)} steps x {len(profile.modules)} modules, {_count(len(prompts), 'prompt')}; "
+          f"profiling {profile.measured['seconds']:.1f} s, calibration {calibration_s:.1f} s, "
+          f"{time.perf_counter() - started:.1f} s in all")
     if args.plot:
         from diffaccel.profiler.plot import plot_profile
 

@@ -10,7 +10,7 @@ def add_arguments(parser) -> None:
     goal.add_argument("--min-psnr", type=float, help="fastest schedule whose predicted PSNR vs the unaccelerated output "
                       "(calibrated when profiling) is at least this many dB")
     parser.add_argument("--steps", type=int, help="plan for this many steps (default: the profiled count)")
-    parser.add_argument("--out", help="schedule JSON to write")
+    parser.add_argument("--out", help="schedule JSON to write (default: print only)")
 
 
 def main(args) -> int:

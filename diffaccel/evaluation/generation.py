@@ -1,7 +1,7 @@
 """Prompts, call arguments, and one saved output per (config, seed).
 
 Each sample is written as ``<out>/samples/<config>/seed0003.png`` (image) or ``.mp4`` (video,
-via imageio-ffmpeg), plus ``seed0003.npy``: the raw float32 output in [0, 1] that every metric
+via imageio-ffmpeg from the eval extra; an animated ``.gif`` without it), plus ``seed0003.npy``: the raw float32 output in [0, 1] that every metric
 reads, so metrics never see PNG/MP4 quantisation. The ``.npy`` is written last and atomically:
 its presence means the sample is finished, and a finished sample is never generated again.
 """
@@ -101,7 +101,13 @@ def sample_paths(out: Path, config: str, seed: int, video: bool) -> tuple[Path, 
     """(viewable file, raw .npy) of one sample."""
     folder = out / "samples" / config
     stem = f"seed{seed:04d}"
-    return folder / (stem + (".mp4" if video else ".png")), folder / (stem + ".npy")
+    return folder / (stem + (video_suffix() if video else ".png")), folder / (stem + ".npy")
+
+
+def video_suffix() -> str:
+    from diffaccel.metrics import available
+
+    return ".mp4" if available("imageio") and available("imageio_ffmpeg") else ".gif"
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
@@ -111,10 +117,15 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
 def save_sample(array: np.ndarray, viewable: Path, raw: Path, fps: int = 8) -> None:
     viewable.parent.mkdir(parents=True, exist_ok=True)
     tmp_view = viewable.with_name(viewable.stem + ".partial" + viewable.suffix)
-    if array.ndim == 4:
+    if array.ndim == 4 and viewable.suffix == ".mp4":
         import imageio.v2 as imageio
 
         imageio.mimwrite(tmp_view, list(to_uint8(array)), fps=fps, codec="libx264", macro_block_size=1)
+    elif array.ndim == 4:
+        from PIL import Image
+
+        frames = [Image.fromarray(frame) for frame in to_uint8(array)]
+        frames[0].save(tmp_view, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     else:
         from PIL import Image
 

@@ -37,7 +37,8 @@ def sample_record(config: str, seed: int, prompt: str, sample: np.ndarray, basel
         record["mse"] = float(per_frame_mse.mean())
         record["psnr"] = _psnr(record["mse"])
         record["psnr_frames"] = [_psnr(float(m)) for m in per_frame_mse] if video else None
-        record["ssim"] = metrics.ssim(frames, ref)
+        if metrics.available("torchmetrics"):  # else skipped, with the eval extra's note
+            record["ssim"] = metrics.ssim(frames, ref)
         if lpips is not None:
             record["lpips"] = lpips.distance(frames, ref)
     if clip is not None:
@@ -62,7 +63,8 @@ def summarise(records: list[dict]) -> dict:
     if with_ref:
         out["psnr"] = _psnr(float(np.mean([r["mse"] for r in with_ref])))  # pooled MSE: one identical seed is not inf
         out["psnr_worst_seed"] = min(r["psnr"] for r in with_ref)
-        out["ssim"] = float(np.mean([r["ssim"] for r in with_ref]))
+        if all("ssim" in r for r in with_ref):
+            out["ssim"] = float(np.mean([r["ssim"] for r in with_ref]))
         if all("lpips" in r for r in with_ref):
             out["lpips"] = float(np.mean([r["lpips"] for r in with_ref]))
     if records and all("clip" in r for r in records):

@@ -30,7 +30,8 @@ class EvalOptions:
     frames: int | None = None
     device: str | None = None
     dtype: str | None = None
-    repeats: int = 3  # timed rounds (median)
+    repeats: int = 3  # timed rounds at least (median); more until the medians are stable...
+    timing_budget_s: float = 60.0  # ...or this many seconds of timing passed (0: exactly `repeats`)
     warmup: int = 1  # untimed calls per config after the FLOP-counting call
     inception: str | None = None  # FID feature extractor file
     fid_ref: str | None = None  # folder of reference images or .npz statistics
@@ -82,6 +83,10 @@ class _Bar:
     def update(self, n: int = 1):
         self.bar.update(n)
 
+    def add_total(self, n: int):
+        self.bar.total += n
+        self.bar.refresh()
+
     def close(self):
         self.bar.close()
 
@@ -132,6 +137,7 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
     from diffaccel.loading import load_pipeline
 
     check_manifest(out, {"model": model_identity(options.model)})  # fail before loading anything
+    timing.TimingPlan(min_rounds=options.repeats, budget_s=options.timing_budget_s)  # bad values fail here too
     if options.prompts not in (None, *generation.BUILTIN_SETS):
         generation.read_prompts(options.prompts, options.model, video=False)  # a missing file fails here too
     pipe = options.pipe or load_pipeline(options.model, device=ranks.device(options.device), dtype=options.dtype)
@@ -178,7 +184,8 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
     diffaccel.disable(pipe)
     bar.close()
 
-    notes, scorers = [], {}
+    extra_note = metrics.eval_extra_note()
+    notes, scorers = ([extra_note] if extra_note else []), {}
     for key, make in (("clip", lambda: metrics.ClipScorer(options.clip, device=pipe.device)),
                       ("lpips", lambda: metrics.LpipsScorer(device=pipe.device))):
         try:
@@ -189,21 +196,9 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
     if not follows:
         notes.append("Prompt-following skipped: it is read from pixels only for the bundled models' captions.")
 
-    fid, fid_note = None, None
-    try:
-        if options.fid_feature is not None:
-            feature, feature_name = options.fid_feature, getattr(options.fid_feature, "name", "injected feature module")
-        elif options.inception is None and options.model in BUNDLED_MODELS:
-            feature = metrics.ColourGridFeatures()  # the bundle's own extractor: no Inception offline
-            feature_name = feature.name
-        else:
-            feature, feature_name = metrics.fid_feature_extractor(options.inception)
-        if len(options.seeds) < 2:
-            raise metrics.MetricUnavailable("FID skipped: it needs at least 2 seeds (a covariance).")
-        fid = metrics.make_fid(feature.to(pipe.device) if hasattr(feature, "to") else feature)
-        fid_note = {"features": feature_name}
-    except metrics.MetricUnavailable as why:
-        notes.append(str(why))
+    fid, fid_note, why = _fid_metric(options, pipe)
+    if why:
+        notes.append(why)
     if fid is not None:
         fid_note["reference"] = _fid_reference(fid, options, ranks, video, len(options.seeds))
 
@@ -239,6 +234,28 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
     return results
 
 
+def _fid_metric(options: EvalOptions, pipe) -> tuple[object | None, dict | None, str | None]:
+    """(torchmetrics FID on the chosen features, their description, why FID is skipped)."""
+    from diffaccel.bundled.loader import BUNDLED_MODELS
+
+    if not metrics.available("torchmetrics"):
+        return None, None, None  # said once, in the eval extra's note
+    try:
+        if options.fid_feature is not None:
+            feature, feature_name = options.fid_feature, getattr(options.fid_feature, "name", "injected feature module")
+        elif options.inception is None and options.model in BUNDLED_MODELS:
+            feature = metrics.ColourGridFeatures()  # the bundle's own extractor: no Inception offline
+            feature_name = feature.name
+        else:
+            feature, feature_name = metrics.fid_feature_extractor(options.inception)
+        if len(options.seeds) < 2:
+            raise metrics.MetricUnavailable("FID skipped: it needs at least 2 seeds (a covariance).")
+    except metrics.MetricUnavailable as why:
+        return None, None, str(why)
+    fid = metrics.make_fid(feature.to(pipe.device) if hasattr(feature, "to") else feature)
+    return fid, {"features": feature_name}, None
+
+
 def _methods_json(config: EvalConfig) -> str:
     return json.dumps({"spec": config.spec, "methods": config.method_dicts()}, default=str, indent=1)
 
@@ -260,14 +277,15 @@ def _timings(pipe, configs, out: Path, options: EvalOptions, call, prompt: str, 
     names = [c.name for c in configs]
     if path.is_file():
         stored = json.loads(path.read_text())
-        if all(n in stored for n in names):
-            return {n: stored[n] for n in names}
+        if all(n in stored.get("configs", {}) for n in names):
+            return {**stored, "configs": {n: stored["configs"][n] for n in names}}
 
     def one_call():
         generation.generate(pipe, prompt, seed, call)
 
-    bar = _Bar(len(configs) * (1 + options.repeats), f"{options.model}: time", options.progress)
-    measured = timing.measure(pipe, configs, one_call, repeats=options.repeats, warmup=options.warmup, progress=bar)
+    plan = timing.TimingPlan(min_rounds=options.repeats, budget_s=options.timing_budget_s)
+    bar = _Bar(len(configs) * (1 + plan.min_rounds), f"{options.model}: time", options.progress)
+    measured = timing.measure(pipe, configs, one_call, plan, warmup=options.warmup, progress=bar)
     bar.close()
     path.write_text(json.dumps(measured, indent=1))
     return measured

@@ -62,7 +62,7 @@ class Method:
         supported = self.supported_families()
         if family not in supported:
             raise ValueError(
-                f"{type(self).__name__} cannot accelerate a {family} pipeline; it supports "
+                f"{type(self).__name__} cannot accelerate pipelines of the {family} family; it supports "
                 f"{', '.join(supported)}. Pick a method for {family} (see diffaccel.METHODS) or a preset."
             )
 

@@ -1,0 +1,92 @@
+"""The command line: help text, readable info, its own output, one-line errors."""
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffaccel import cli
+
+
+def subcommand_parsers():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def in_required_group(parser, action) -> bool:
+    return any(group.required and action in group._group_actions for group in parser._mutually_exclusive_groups)
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_help_entry_has_text_and_its_default(name):
+    parser = subcommand_parsers()[name]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if action.option_strings and not flag and not action.required and not in_required_group(parser, action):
+            text = formatter._expand_help(action)
+            assert "default" in text, f"{name} {action.option_strings}: help does not say the default: {text!r}"
+    assert "(default: 3)" in subcommand_parsers()["demo"].format_help()  # --repeats
+
+
+def test_info_prints_readable_text_with_preset_settings(capsys):
+    assert cli.main(["info", "tiny-sd"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("StableDiffusionPipeline: U-Net family")
+    assert "{" not in out and "['" not in out  # no dict or list reprs
+    assert "balanced  DeepCache(interval=3" in out and "+ ToMe(ratio=0.5" in out
+
+
+def test_library_noise_is_dropped_only_while_a_command_runs():
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    library = logging.getLogger("transformers")
+    keep = Keep()
+    library.addHandler(keep)
+    noisy = logging.getLogger("transformers.utils.import_utils")
+    try:
+        with cli.own_output():
+            noisy.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back ...")
+            noisy.warning("a warning the user should see")
+        noisy.warning("`SiglipImageProcessor` requires torchvision (not installed); falling back ...")
+    finally:
+        library.removeHandler(keep)
+    assert seen == ["a warning the user should see",
+                    "`SiglipImageProcessor` requires torchvision (not installed); falling back ..."]
+
+
+def test_a_cli_run_starts_with_our_output(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffaccel.cli", "info", "tiny-video"], cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("WanPipeline: video DiT family")
+    assert "torchvision" not in proc.stderr and "low cpu memory" not in proc.stderr
+    assert "Loading" not in proc.stderr  # a bundled model loads in a blink: no loading bars
+
+
+def test_demo_bad_models_is_one_line(capsys):
+    assert cli.main(["demo", "--models", "tiny-nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["diffaccel demo: error: --models: tiny-nope; the demo runs bundled models: tiny-sd, tiny-dit, "
+                   "tiny-video."]
+
+
+def test_profile_says_each_phase_and_the_whole_time(tmp_path, capsys):
+    out = tmp_path / "not-yet" / "p.json"  # the folder is created
+    assert cli.main(["profile", "tiny-sd", "--out", str(out), "--num-prompts", "1", "--steps", "3",
+                     "--calibration-prompts", "1", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("profiling tiny-sd: per-module costs") and "1 prompt x 3 steps" in lines[0]
+    assert lines[1].startswith("calibrating PSNR: probe schedules")
+    assert lines[2].startswith(f"wrote {out}") and "calibration" in lines[2] and lines[2].endswith("s in all")
+    assert out.is_file()
