@@ -22,13 +22,6 @@ def flop_counter() -> Iterator[FlopCounterMode]:
         yield counter
 
 
-def flop_counter() -> FlopCounterMode:
-    """A ``torch.utils.flop_counter.FlopCounterMode`` (no display) that also counts attention on
-    CPU; use it as a context manager around any call, e.g. a whole pipeline call."""
-    _register_cpu_sdpa_formula()
-    return FlopCounterMode(display=False)
-
-
 def count_flops(fn, *args, **kwargs) -> tuple[int, dict[str, int]]:
     """Run ``fn(*args, **kwargs)`` once and return (total FLOPs, FLOPs per module path).
 
