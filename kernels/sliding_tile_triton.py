@@ -39,7 +39,7 @@ def _interpreting() -> bool:
 def triton_unavailable_reason(device: torch.device, head_dim: int, value_dim: int) -> str | None:
     """None when the Triton kernel can run these inputs, else why not (for error messages)."""
     if triton is None:
-        return "triton is not installed"
+        return 'triton is not installed (pip install "diffaccel[gpu]" on Linux x86_64)'
     if value_dim != head_dim:
         return f"the Triton kernel needs v's head_dim ({value_dim}) equal to q's ({head_dim})"
     if head_dim > MAX_HEAD_DIM:
