@@ -9,7 +9,7 @@ diffusers and the rest of diffaccel need not be installed. Robust by design: eve
 is caught on its own (the error goes in the table), the table is rewritten after each
 case, and cases are skipped once --budget seconds (default 150) have passed.
 
-    bash eval/gpu_kernels.sh                                   # on the GPU machine
+    bash eval/gpu_suite.sh --only kernels                      # on the GPU machine
     TRITON_INTERPRET=1 python eval/gpu_kernels.py --tiny --out /tmp/k.md   # CPU dry run
 """
 
@@ -303,7 +303,7 @@ def main(argv=None):
         "# diffaccel attention kernels on GPU",
         "",
         f"Device: {name}; torch {torch.__version__}; triton {triton_version}; python {platform.python_version()}.",
-        "Command: `bash eval/gpu_kernels.sh` (eval/gpu_kernels.py). Times are medians of CUDA-event timings after "
+        "Command: `bash eval/gpu_suite.sh --only kernels` (eval/gpu_kernels.py). Times are medians of CUDA-event timings after "
         "warm-up; every sliding-tile time includes the reorder into tiles and back. 'of ideal' = speed-up x density.",
     ])
     torch.manual_seed(0)
