@@ -8,9 +8,9 @@ depend on weight values), bf16, driven through their real pipeline classes with 
 embeddings, latents out. Sections, each with a time guard that skips its remaining rows with a
 note instead of overrunning (estimated H100 seconds in brackets; the plan is printed first):
 
-* ``kernels`` [60]: eval/gpu_kernels.py, sliding-tile correctness against the fp64 reference and
+* ``kernels`` [90]: eval/gpu_kernels.py, sliding-tile correctness against the fp64 reference and
   kernel speed (including the tile-ordered kernel alone).
-* ``models`` [270]: SD1.5 512 px, SDXL 1024 px, PixArt-alpha 1024 px, FLUX.1-dev 1024 px,
+* ``models`` [250]: SD1.5 512 px, SDXL 1024 px, PixArt-alpha 1024 px, FLUX.1-dev 1024 px,
   Wan2.1-1.3B 480p (81 frames), CogVideoX-2b (49 frames 480x720). Per model: the baseline, the
   diffaccel presets and single methods, and the peers at matched settings (diffusers'
   FirstBlockCache, MagCache, TaylorSeerCache, FasterCache, PAB on transformers; the DeepCache
@@ -20,7 +20,7 @@ note instead of overrunning (estimated H100 seconds in brackets; the plan is pri
   of ``gen_steps`` steps with the measured fraction of cached calls (as eval/bench_unet.py does).
   achieved/ideal = wall speed-up / FLOP ratio (diffaccel's own FLOP accounting). Peak GPU memory
   per variant vs the baseline.
-* ``compile`` [50]: baseline and the "balanced" preset under torch.compile (repeated blocks) on
+* ``compile`` [40]: baseline and the "balanced" preset under torch.compile (repeated blocks) on
   PixArt and SD1.5, compile time excluded (warm-up call).
 * ``sta`` [60]: sliding-tile attention inside full transformer steps: CogVideoX-2b (13x30x45) and
   a HunyuanVideo-size step (768x1280, 117 frames: grid 30x48x80; 2 dual + 2 single blocks, per
@@ -39,7 +39,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -198,7 +197,7 @@ MODELS = [
           smoke=dict(num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                      pooled_projection_dim=16, axes_dims_rope=[2, 2, 4], in_channels=16),
           call=dict(height=1024, width=1024), smoke_call=dict(height=64, width=64)),
-    Model("Wan2.1-1.3B 480p 81f", "wan21_t2v_1.3b_transformer.json", "wan", 4, 50, 60,
+    Model("Wan2.1-1.3B 480p 81f", "wan21_t2v_1.3b_transformer.json", "wan", 3, 50, 55,
           smoke=dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, ffn_dim=32, text_dim=32, freq_dim=16,
                      in_channels=4, out_channels=4, rope_max_seq_len=32),
           call=dict(height=480, width=832, num_frames=81), smoke_call=dict(height=64, width=64, num_frames=5)),
@@ -422,14 +421,15 @@ class Measured:
     calls_per_step: float
 
 
-def measure_variant(pipe, kw, enable, disable, clock: Clock, device) -> Measured:
+def measure_variant(pipe, kw, enable, disable, clock: Clock, device, warmup_steps: int = 2) -> Measured:
     import diffaccel
 
     timer = CallTimer(denoiser_of(pipe), clock)
     try:
         enable()
         try:
-            run_call(pipe, dict(kw, num_inference_steps=min(2, kw["num_inference_steps"])))  # warm-up (allocations, autotune)
+            warm = min(warmup_steps, kw["num_inference_steps"])
+            run_call(pipe, dict(kw, num_inference_steps=warm))  # warm-up (allocations, autotune, first cached step)
             timer.take()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -514,7 +514,8 @@ def section_models(args, guard: Guard, results: Path, device, dtype, clock: Cloc
                     table.add(model.name, name, "skipped (time guard)", *[""] * 9)
                     continue
                 try:
-                    m = measure_variant(pipe, kw, enable, disable, clock, device)
+                    m = measure_variant(pipe, kw, enable, disable, clock, device,
+                                        warmup_steps=1 if model.kind in ("wan", "cogvideox") else 2)
                 except Exception as exc:  # noqa: BLE001 -- a peer that cannot serve this model
                     traceback.print_exc()
                     table.add(model.name, name, short_error(exc), *[""] * 9)
@@ -536,7 +537,7 @@ def section_models(args, guard: Guard, results: Path, device, dtype, clock: Cloc
             traceback.print_exc()
             table.note(f"{model.name}: {short_error(exc)}")
         finally:
-            del pipe
+            pipe = None
             free(device)
     return summary
 
@@ -582,7 +583,7 @@ def section_compile(args, guard: Guard, results: Path, device, dtype, clock: Clo
             traceback.print_exc()
             table.note(f"{model.name}: {short_error(exc)}")
         finally:
-            del pipe
+            pipe = None
             free(device)
     return summary
 
@@ -630,8 +631,8 @@ def section_sta(args, guard: Guard, results: Path, device, dtype, clock: Clock) 
         "step (diffaccel.methods.tile_order). ideal = 1 / attention density (attention only)."],
         ["shape", "variant", "tile", "window", "density", "ms/call", "speed-up vs best dense", "ideal (attention)"])
     summary = []
-    backends = {"SDPA default": None, "SDPA flash": SDPBackend.FLASH_ATTENTION,
-                "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION, "SDPA cudnn": SDPBackend.CUDNN_ATTENTION}
+    backends = {"SDPA default": None, "SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cudnn": SDPBackend.CUDNN_ATTENTION,
+                "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION}
     for label, model, overrides, sizes, tile, window in STA_SHAPES:
         if not guard.allows(0 if args.smoke else 15):
             table.note(f"{label}: skipped (time guard)")
@@ -643,7 +644,7 @@ def section_sta(args, guard: Guard, results: Path, device, dtype, clock: Clock) 
             spec = Model(**{**model.__dict__, "smoke": overrides})
             pipe = build_pipeline(spec, True, device, dtype)  # "smoke" = apply the overrides
             spec_call = Model(**{**spec.__dict__, "call": sizes, "smoke_call": sizes})
-            kw = call_kwargs(spec_call, pipe, args.smoke, 3 if not args.smoke else 2, device, dtype)
+            kw = call_kwargs(spec_call, pipe, args.smoke, 2, device, dtype)
             dense = {}
             for name, backend in backends.items():
                 if not guard.allows():
@@ -651,7 +652,7 @@ def section_sta(args, guard: Guard, results: Path, device, dtype, clock: Clock) 
                 context = contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
                 try:
                     with context:
-                        m = measure_variant(pipe, kw, lambda: None, lambda: None, clock, device)
+                        m = measure_variant(pipe, kw, lambda: None, lambda: None, clock, device, warmup_steps=1)
                 except Exception as exc:  # noqa: BLE001 -- backend not available for this shape
                     table.add(label, name, "", "", "100%", short_error(exc)[:80], "", "")
                     continue
@@ -674,7 +675,7 @@ def section_sta(args, guard: Guard, results: Path, device, dtype, clock: Clock) 
                     diffaccel.disable(pipe)
 
                 try:
-                    m = measure_variant(pipe, kw, enable, disable, clock, device)
+                    m = measure_variant(pipe, kw, enable, disable, clock, device, warmup_steps=1)
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc()
                     table.add(label, name, tile, window, "", short_error(exc), "", "")
@@ -688,7 +689,7 @@ def section_sta(args, guard: Guard, results: Path, device, dtype, clock: Clock) 
             traceback.print_exc()
             table.note(f"{label}: {short_error(exc)}")
         finally:
-            del pipe
+            pipe = None
             free(device)
     return summary
 
@@ -723,7 +724,7 @@ def section_profile(args, guard: Guard, results: Path, device, dtype, clock: Clo
                                          scheduler=unet_pipe.scheduler, safety_checker=None, feature_extractor=None,
                                          requires_safety_checker=False)
         pipe.save_pretrained(folder)
-        del pipe, unet_pipe
+        pipe = unet_pipe = unet = None
         size = "64" if args.smoke else "512"
         command = ["diffaccel", "profile", folder, "--out", str(Path(folder) / "profile.json"), "--steps",
                    "2" if args.smoke else "10", "--num-prompts", "1" if args.smoke else "2", "--height", size, "--width",
