@@ -122,7 +122,19 @@ class Session:
         self.first_call: DenoiserInputs | None = None  # the running (or last) pipeline call's first denoiser call
         self._cfg_guess: bool | None = None  # per pipeline call, see _batched_cfg
         self._costs: dict[tuple, dict[str, int]] = {}  # input signature -> FLOPs per module path
+        self.denoiser = adapter.denoiser  # the module the hooks are on (adapter.denoiser reads the pipeline live)
         self._hook = adapter.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+
+    def replaced_denoiser(self) -> str | None:
+        """Why the acceleration no longer applies, when ``pipe.unet`` / ``pipe.transformer`` was
+        replaced after accelerate (its hooks stay on the old module); None while it applies.
+        A torch.compile wrapper of the accelerated module still runs its hooks, so it counts as it."""
+        current = getattr(self.pipe, self.adapter.denoiser_attr, None)
+        if current is self.denoiser or getattr(current, "_orig_mod", None) is self.denoiser:
+            return None
+        return (f"pipe.{self.adapter.denoiser_attr} was replaced after diffaccel.accelerate(pipe), so the acceleration no "
+                f"longer applies to it: call diffaccel.accelerate(pipe, ...) again for the new "
+                f"{type(current).__name__}, or diffaccel.disable(pipe) to run it plain.")
 
     # ---- pipeline call -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -306,6 +318,9 @@ def _accelerated_class(cls: type) -> type:
         session: Session | None = getattr(self, _ATTR, None)
         if session is None:
             return cls.__call__(self, *args, **kwargs)
+        replaced = session.replaced_denoiser()
+        if replaced:
+            raise RuntimeError(f"diffaccel: {replaced}")
         with session.pipeline_call():
             return cls.__call__(self, *args, **kwargs)
 

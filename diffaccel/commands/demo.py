@@ -52,7 +52,10 @@ def main(args) -> int:
     from diffaccel.metrics import eval_extra_note
     from diffaccel.pipelines import detect
 
+    from diffaccel.validate import output_folder
+
     start, cpu_start = time.perf_counter(), time.process_time()
+    output_folder(args.out, "--out")  # before loading and generating: a bad path fails now
     seeds = parse_seeds(args.seeds)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in BUNDLED_MODELS]
@@ -134,6 +137,7 @@ def write_grid(out: Path, results: dict, folder: Path) -> Path:
 
     from diffaccel.evaluation.generation import load_sample, sample_paths, to_uint8
     from diffaccel.evaluation.report import timing_warning
+    from diffaccel.validate import write_atomic
 
     configs, seeds, video = list(results["configs"]), results["seeds"], results["video"]
     samples = {(c, s): to_uint8(load_sample(sample_paths(out, c, s, video)[1])) for c in configs for s in seeds}
@@ -164,7 +168,6 @@ def write_grid(out: Path, results: dict, folder: Path) -> Path:
         pictures.append(canvas)
     path = folder / f"{results['model']}.{'gif' if video else 'png'}"
     if video:
-        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=150, loop=0)
-    else:
-        pictures[0].save(path)
-    return path
+        return write_atomic(path, lambda tmp: pictures[0].save(tmp, save_all=True, append_images=pictures[1:],
+                                                               duration=150, loop=0))
+    return write_atomic(path, pictures[0].save)

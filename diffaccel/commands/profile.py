@@ -92,7 +92,11 @@ def main(args) -> int:
     from diffaccel.loading import load_pipeline, resolve_device
     from diffaccel.metrics import EVAL_EXTRA, available
     from diffaccel.profiler.measure import measure
+    from diffaccel.validate import output_file
 
+    output_file(args.out, "--out")  # before loading and measuring (minutes): a bad path fails now
+    if args.plot:
+        output_file(args.plot, "--plot")
     if args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (change is measured between steps), got {args.steps}.")
     if args.plot and not available("matplotlib"):

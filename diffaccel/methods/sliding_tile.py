@@ -73,7 +73,8 @@ class SlidingTileAttention(Method):
                              f"got {type(self.layer_windows).__name__}")
         for name, per_layer in self.layer_windows.items():
             window(per_layer, f"SlidingTileAttention(layer_windows[{name!r}])")
-        fraction(self.full_attention_fraction, "SlidingTileAttention(full_attention_fraction=...)")
+        fraction(self.full_attention_fraction, "SlidingTileAttention(full_attention_fraction=...)",
+                 hint="0 makes every step sparse; 0.3 keeps the first 30% of the steps dense (STA).")
         non_negative_int(self.min_tokens, "SlidingTileAttention(min_tokens=...)")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"SlidingTileAttention(backend=...) must be one of {BACKEND_CHOICES}, got {self.backend!r}")

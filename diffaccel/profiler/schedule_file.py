@@ -23,7 +23,6 @@ def save_schedule(path, profile, chosen, plans, request: dict, steps: int) -> Pa
             "pipeline": profile.pipeline, "fingerprint": profile.fingerprint, "planned_for_steps": steps,
             "request": request, "chosen": chosen.describe(), "candidates": [p.describe() for p in plans]}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
     return path
 
