@@ -37,7 +37,7 @@ from diffaccel.methods.base import Installed, Method
 from diffaccel.methods.sliding_tile import KINDS, SlidingTileAttention
 from diffaccel.pipelines import detect
 from diffaccel.state import attach, detach
-from diffaccel.validate import at_least, fraction, positive_int
+from diffaccel.validate import at_least, fraction, positive_int, write_atomic
 
 
 @dataclass
@@ -68,7 +68,8 @@ class WindowSearchResult:
             "errors": self.errors,
             "search_seconds": self.seconds,
         }
-        path.write_text(json.dumps(data, indent=1))
+        text = json.dumps(data, indent=1)
+        write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _jsonable(window):
