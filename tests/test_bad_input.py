@@ -8,6 +8,7 @@ import diffaccel
 import diffaccel.profiler.calibrate_psnr as C
 import diffaccel.profiler.schedule as S
 from diffaccel.methods.deepcache import MAX_POWER, centred_steps
+from diffaccel.profiler.schedule_file import load_schedule
 
 NAN, INF = float("nan"), float("inf")
 
@@ -390,3 +391,52 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomic(out, fail)
     assert out.read_text() == "old" and _listing(tmp_path) == [str(out)]
+
+
+# ---- files the library reads back -----------------------------------------------------------
+def _schedule_file(tmp_path, chosen):
+    import json
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"format": "diffaccel-schedule", "version": 1, "chosen": chosen}))
+    return path
+
+
+READ_BACK = [
+    (lambda d: load_schedule(123), TypeError,
+     "load_schedule needs the path of a schedule file, got int 123"),
+    (lambda d: load_schedule(d / "none.json"), ValueError,
+     "Schedule file .* does not exist; write one with `diffaccel schedule"),
+    (lambda d: load_schedule(d), ValueError,
+     "Schedule file .* is corrupted or not a file"),
+    (lambda d: load_schedule(
+        _schedule_file(d, {"config": {"method": "warpdrive"}})), ValueError, "is corrupted: its chosen method config cannot be read"),
+    (lambda d: load_schedule(
+        _schedule_file(d, {"config": {"method": "deepcache", "intervall": 3}})), ValueError, "is corrupted: .*TypeError"),
+    (lambda d: load_schedule(
+        _schedule_file(d, {"config": {"method": "deepcache", "schedule": "non-uniform", "power": 1e6}})), ValueError,
+     "DeepCache power must be a number in"),
+    (lambda d: diffaccel.SlidingTileAttention.from_profile(d / "none.json"), FileNotFoundError,
+     "Window file .* does not exist; create it with diffaccel.methods.window_search"),
+    (lambda d: diffaccel.SlidingTileAttention.from_profile(d), ValueError, "is not a JSON window file"),
+    (lambda d: diffaccel.SlidingTileAttention.from_profile(_schedule_file(d, {})), ValueError, "holds no 'sliding_tile' section"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", READ_BACK, ids=[m for _, _, m in READ_BACK])
+def test_a_bad_file_read_back_is_one_clear_line(tmp_path, call, error, message):
+    with pytest.raises(error, match=message) as err:
+        call(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_corrupt_window_section_is_one_clear_line(tmp_path):
+    import json
+
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({"sliding_tile": {"tile": [1, 2, 2]}}))
+    with pytest.raises(ValueError, match="'sliding_tile' section is corrupted \\(KeyError"):
+        diffaccel.SlidingTileAttention.from_profile(path)
+    path.write_text(json.dumps({"sliding_tile": {"tile": [1, 2, 2], "window": [1, 2, 3], "layer_windows": {}}}))
+    with pytest.raises(ValueError, match="window=...\\) must be 3 odd positive ints"):
+        diffaccel.SlidingTileAttention.from_profile(path)
