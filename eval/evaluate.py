@@ -56,11 +56,12 @@ def main(argv=None) -> int:
     from diffaccel.evaluation.configs import parse_configs
     from diffaccel.evaluation.report import markdown
     from diffaccel.evaluation.runner import EvalOptions, parse_seeds, run_evaluation
-    from diffaccel.validate import output_folder
+    from diffaccel.validate import output_folder, positive_int
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads is not None:
+            positive_int(args.threads, "--threads", "Leave it out for torch's default.")
+            torch.set_num_threads(args.threads)
         output_folder(args.out, "--out")  # before loading and generating: a bad path fails now
         options = EvalOptions(model=args.model, out=args.out, configs=parse_configs(args.configs),
                               seeds=parse_seeds(args.seeds), prompts=args.prompts, steps=args.steps,

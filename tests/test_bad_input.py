@@ -440,3 +440,64 @@ def test_a_corrupt_window_section_is_one_clear_line(tmp_path):
     path.write_text(json.dumps({"sliding_tile": {"tile": [1, 2, 2], "window": [1, 2, 3], "layer_windows": {}}}))
     with pytest.raises(ValueError, match="window=...\\) must be 3 odd positive ints"):
         diffaccel.SlidingTileAttention.from_profile(path)
+
+
+# ---- the CLI's numbers: one line, exit 2, before anything is loaded or written ---------------
+CLI_NUMBERS = [
+    (["demo", "--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["demo", "--steps", "-3"], "--steps must be a positive integer, got -3"),
+    (["demo", "--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (["demo", "--timing-budget", "nan"], "--timing-budget must be a finite number >= 0, got nan"),
+    (["demo", "--timing-budget", "-1"], "--timing-budget must be a finite number >= 0"),
+    (["demo", "--presets", "turbo"], "--presets: unknown turbo"),
+    (["schedule", _shipped("tiny-sd"), "--target-speedup", "nan"], "target_speedup must be a finite number >= 1, got nan"),
+    (["schedule", _shipped("tiny-sd"), "--target-speedup", "2", "--steps", "0"], "steps must be a positive integer, got 0"),
+    (["schedule", _shipped("tiny-sd"), "--max-error", "nan"], "max_error must be a finite number >= 0, got nan"),
+    (["schedule", _shipped("tiny-sd"), "--min-psnr", "inf"], "--min-psnr must be a number of dB"),
+    (["schedule", "missing.json", "--target-speedup", "2"], "Profile file 'missing.json' does not exist"),
+    (["profile", "tiny-sd", "--steps", "1"], "--steps must be >= 2"),
+    (["profile", "tiny-sd", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CLI_NUMBERS, ids=[m for _, m in CLI_NUMBERS])
+def test_a_bad_cli_number_is_one_line_exit_2_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    import re
+
+    from diffaccel import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "out")] if argv[0] in ("demo", "profile") else []
+    assert cli.main([*argv, *out]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"diffaccel {argv[0]}: error: "), captured.err
+    assert re.search(message, err[0]), err[0]
+    assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+EVALUATE_NUMBERS = [
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--resolution", "-32"], "--resolution must be a positive integer, got -32"),
+    (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--timing-budget", "inf"], "--timing-budget must be a finite number >= 0, got inf"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["--seeds", "a"], "Seeds 'a': use a range like 0-7"),
+]
+
+
+@pytest.mark.parametrize("argv, message", EVALUATE_NUMBERS, ids=[m for _, m in EVALUATE_NUMBERS])
+def test_evaluate_refuses_a_bad_number_in_one_line_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    import re
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", "tiny-sd", "--out", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "eval" / "evaluate.py"), run_name="__main__")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate.py: error: ") and re.search(message, err[0]), err
+    assert list(tmp_path.iterdir()) == []

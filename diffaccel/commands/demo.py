@@ -52,10 +52,16 @@ def main(args) -> int:
     from diffaccel.metrics import eval_extra_note
     from diffaccel.pipelines import detect
 
-    from diffaccel.validate import output_folder
+    from diffaccel.validate import at_least, output_folder, positive_int
 
     start, cpu_start = time.perf_counter(), time.process_time()
     output_folder(args.out, "--out")  # before loading and generating: a bad path fails now
+    if args.steps is not None:
+        positive_int(args.steps, "--steps", "Leave it out for each model's own (20).")
+    positive_int(args.repeats, "--repeats", "It is the least number of timed rounds, e.g. 3.")
+    at_least(args.timing_budget, "--timing-budget", 0.0, "Seconds of timing per model; 0 times exactly --repeats rounds.")
+    if args.presets:
+        demo_configs("", args.presets)  # unknown presets fail before the first model loads
     seeds = parse_seeds(args.seeds)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in BUNDLED_MODELS]
