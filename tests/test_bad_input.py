@@ -450,6 +450,9 @@ CLI_NUMBERS = [
     (["demo", "--timing-budget", "nan"], "--timing-budget must be a finite number >= 0, got nan"),
     (["demo", "--timing-budget", "-1"], "--timing-budget must be a finite number >= 0"),
     (["demo", "--presets", "turbo"], "--presets: unknown turbo"),
+    (["demo", "--device", "nope"], "Unknown --device 'nope'; use cpu, cuda"),
+    (["profile", "tiny-sd", "--device", "nope"], "Unknown --device 'nope'"),
+    (["profile", "tiny-sd", "--dtype", "fp8"], "Unknown dtype 'fp8'"),
     (["schedule", _shipped("tiny-sd"), "--target-speedup", "nan"], "target_speedup must be a finite number >= 1, got nan"),
     (["schedule", _shipped("tiny-sd"), "--target-speedup", "2", "--steps", "0"], "steps must be a positive integer, got 0"),
     (["schedule", _shipped("tiny-sd"), "--max-error", "nan"], "max_error must be a finite number >= 0, got nan"),
@@ -484,6 +487,9 @@ EVALUATE_NUMBERS = [
     (["--timing-budget", "inf"], "--timing-budget must be a finite number >= 0, got inf"),
     (["--threads", "0"], "--threads must be a positive integer, got 0"),
     (["--seeds", "a"], "Seeds 'a': use a range like 0-7"),
+    (["--device", "nope"], "Unknown --device 'nope'"),
+    (["--configs", "baseline,deepcache:power=1e6"], "DeepCache power must be a number in"),
+    (["--configs", "target@nan"], "target"),
 ]
 
 

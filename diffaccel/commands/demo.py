@@ -48,7 +48,7 @@ def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffaccel.bundled.loader import BUNDLED_MODELS
     from diffaccel.evaluation.runner import EvalOptions, parse_seeds, run_evaluation
-    from diffaccel.loading import load_pipeline
+    from diffaccel.loading import load_pipeline, resolve_device
     from diffaccel.metrics import eval_extra_note
     from diffaccel.pipelines import detect
 
@@ -62,6 +62,7 @@ def main(args) -> int:
     at_least(args.timing_budget, "--timing-budget", 0.0, "Seconds of timing per model; 0 times exactly --repeats rounds.")
     if args.presets:
         demo_configs("", args.presets)  # unknown presets fail before the first model loads
+    resolve_device(args.device)
     seeds = parse_seeds(args.seeds)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in BUNDLED_MODELS]
