@@ -455,6 +455,7 @@ CLI_NUMBERS = [
     (["profile", "tiny-sd", "--dtype", "fp8"], "Unknown dtype 'fp8'"),
     (["profile", "tiny-sd", "--height", "-8"], "--height must be a positive integer, got -8"),
     (["profile", "tiny-sd", "--frames", "0"], "--frames must be a positive integer, got 0"),
+    (["profile", "tiny-sd", "--frames", "5"], "--frames applies to video models only; tiny-sd makes images"),
     (["profile", "tiny-sd", "--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0, got nan"),
     (["profile", "tiny-sd", "--calibration-prompts", "-1"], "--calibration-prompts must be an integer >= 0"),
     (["schedule", _shipped("tiny-sd"), "--target-speedup", "nan"], "target_speedup must be a finite number >= 1, got nan"),

@@ -111,6 +111,12 @@ def main(args) -> int:
     prompts = read_prompts(args.prompts, args.num_prompts, args.model)
     device = resolve_device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+    if args.frames is not None:
+        from diffaccel.families import Capability, has_capability
+        from diffaccel.pipelines import detect
+
+        if not has_capability(detect(pipe).family, Capability.VIDEO):
+            raise ValueError(f"--frames applies to video models only; {args.model} makes images (leave --frames out).")
     set_scheduler(pipe, args.scheduler)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
