@@ -7,7 +7,7 @@ from typing import Iterable, Mapping
 from diffaccel.methods.base import METHODS, Method
 from diffaccel.pipelines import detect
 from diffaccel.presets import PRESETS, preset_methods
-from diffaccel.state import attach, detach, session_of
+from diffaccel.state import attach, denoiser_replaced, detach, session_of
 from diffaccel.validate import at_least
 
 
@@ -48,9 +48,6 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
             ``target_speedup`` the schedule is picked from it.
         target_speedup: wanted speed-up (>= 1); uses ``profile`` or the profile shipped for the model.
 
-    Bad arguments raise before any work. If the pipeline's denoiser is replaced afterwards
-    (``pipe.unet = ...``), its next call raises: accelerate again to accelerate the new one.
-
     Calling ``accelerate`` again replaces the previous acceleration. Example::
 
         pipe = diffaccel.accelerate(pipe, preset="fast")
@@ -59,6 +56,8 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
     """
     adapter = detect(pipe)
     methods = _check_arguments(preset, methods, profile, target_speedup)
+    if methods is not None and (preset is not None or target_speedup is not None):
+        raise ValueError("Give either methods=, preset= or target_speedup=, not several: they all choose the methods.")
     if methods is not None:
         if isinstance(methods, (str, Method)):
             methods = [methods]
@@ -70,14 +69,15 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
 
         chosen = _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
     else:
-        chosen = _resolve_methods(preset_methods("balanced" if preset is None else preset, adapter.family), adapter.family)
+        chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
     attach(pipe, adapter, chosen)
     return pipe
 
 
 def _check_arguments(preset, methods, profile, target_speedup):
     """Refuse bad arguments before any work (a quick calibration can take a minute); returns
-    ``methods`` as a list (or None), so a generator is read once."""
+    ``methods`` as a list (or None), so a generator is read once. (A pipeline whose denoiser is
+    replaced after accelerate raises at its next call: see ``diffaccel.state.denoiser_replaced``.)"""
     given = [name for name, value in (("methods=", methods), ("preset=", preset), ("target_speedup=", target_speedup))
              if value is not None]
     if len(given) > 1:
@@ -122,9 +122,9 @@ def stats(pipe) -> dict:
     session = session_of(pipe)
     if session is None:
         raise ValueError("This pipeline is not accelerated: call diffaccel.accelerate(pipe) first.")
-    replaced = session.replaced_denoiser()
+    replaced = denoiser_replaced(session)
     if replaced:
-        raise RuntimeError(f"diffaccel: {replaced}")
+        raise RuntimeError(replaced)
     return session.stats()
 
 

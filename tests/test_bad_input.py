@@ -51,7 +51,7 @@ CONFIGS = [
     (lambda: diffaccel.PAB(cross_interval=1.5), "cross_interval=...\\) must be a positive integer"),
     (lambda: diffaccel.ToMe(ratio=NAN), r"ToMe ratio must be a number in \[0, 0.75\].*got nan"),
     (lambda: diffaccel.ToMe(ratio=-INF), "ToMe ratio must be a number"),
-    (lambda: diffaccel.ToMe(gate="no"), "ToMe gate must be True or False, got 'no'"),
+    (lambda: diffaccel.ToMe(merge_mlp="no"), "ToMe merge_mlp must be True or False, got 'no'"),
     (lambda: diffaccel.ToMe(use_rand=1), "ToMe use_rand must be True or False"),
     (lambda: diffaccel.ToMe(seed=0.5), "ToMe seed must be an integer, got 0.5"),
     (lambda: diffaccel.ToMe(sx=0), "ToMe sx must be a positive integer"),
