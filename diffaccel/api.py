@@ -1,8 +1,7 @@
 """Public API: ``accelerate``, ``disable``, ``stats``."""
 from __future__ import annotations
 
-import os
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from diffaccel.methods.base import METHODS, Method
 from diffaccel.pipelines import detect
@@ -86,7 +85,7 @@ def _check_arguments(preset, methods, profile, target_speedup):
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)} (or leave preset out for balanced).")
     if methods is not None:
-        if isinstance(methods, Mapping) or not isinstance(methods, (str, Method, Iterable)):
+        if isinstance(methods, dict) or not isinstance(methods, (str, Method, Iterable)):
             raise TypeError(f"methods must be a list of method configs or names, e.g. [diffaccel.DeepCache(interval=3)] or "
                             f"['deepcache'], got {type(methods).__name__}.")
         methods = [methods] if isinstance(methods, (str, Method)) else list(methods)
@@ -96,6 +95,8 @@ def _check_arguments(preset, methods, profile, target_speedup):
     if profile is not None:
         if methods is not None:
             raise ValueError("profile= is used with target_speedup= to plan the methods; it cannot go with methods=.")
+        import os
+
         from diffaccel.profiler.profile import Profile
 
         if not isinstance(profile, (str, os.PathLike, Profile)):
