@@ -103,6 +103,10 @@ def main(args) -> int:
     if args.guidance_scale is not None:
         at_least(args.guidance_scale, "--guidance-scale", 0.0, "Leave it out for the model's default.")
     non_negative_int(args.calibration_prompts, "--calibration-prompts", "0 skips the PSNR calibration.")
+    from diffaccel.bundled.loader import BUNDLED_MODELS
+
+    if args.frames is not None and args.model in BUNDLED_MODELS and BUNDLED_MODELS[args.model].num_frames is None:
+        raise ValueError(f"--frames applies to video models only; {args.model} makes images (leave --frames out).")
     if args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (change is measured between steps), got {args.steps}.")
     if args.plot and not available("matplotlib"):
@@ -111,12 +115,6 @@ def main(args) -> int:
     prompts = read_prompts(args.prompts, args.num_prompts, args.model)
     device = resolve_device(args.device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    if args.frames is not None:
-        from diffaccel.families import Capability, has_capability
-        from diffaccel.pipelines import detect
-
-        if not has_capability(detect(pipe).family, Capability.VIDEO):
-            raise ValueError(f"--frames applies to video models only; {args.model} makes images (leave --frames out).")
     set_scheduler(pipe, args.scheduler)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
