@@ -45,7 +45,7 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
             at least one; instead of ``preset``.
         profile: a redundancy profile (path or ``Profile``) from ``diffaccel profile``; with
             ``target_speedup`` the schedule is picked from it.
-        target_speedup: wanted speed-up (>= 1); uses ``profile`` or the profile shipped for the model.
+        target_speedup: wanted speed-up; uses ``profile`` or the profile shipped for the model.
 
     Calling ``accelerate`` again replaces the previous acceleration. Example::
 
@@ -53,8 +53,8 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         image = pipe("a red circle").images[0]
         print(diffaccel.stats(pipe))
     """
-    adapter = detect(pipe)
     methods = _check_arguments(preset, methods, profile, target_speedup)
+    adapter = detect(pipe)
     if methods is not None and (preset is not None or target_speedup is not None):
         raise ValueError("Give either methods=, preset= or target_speedup=, not several: they all choose the methods.")
     if methods is not None:
