@@ -494,7 +494,8 @@ EVALUATE_NUMBERS = [
     (["--seeds", "a"], "Seeds 'a': use a range like 0-7"),
     (["--device", "nope"], "Unknown --device 'nope'"),
     (["--configs", "baseline,deepcache:power=1e6"], "DeepCache power must be a number in"),
-    (["--configs", "target@nan"], "target"),
+    (["--configs", "target@nan"], "Speed-up target 'nan' must be a finite number >= 1, got nan"),
+    (["--configs", "profile:p.json@0.5"], "Speed-up target '0.5' must be a finite number >= 1, got 0.5"),
 ]
 
 
