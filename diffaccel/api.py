@@ -6,12 +6,16 @@ from typing import Iterable
 from diffaccel.methods.base import METHODS, Method
 from diffaccel.pipelines import detect
 from diffaccel.presets import PRESETS, preset_methods
-from diffaccel.state import attach, detach, session_of
+from diffaccel.state import attach, denoiser_replaced, detach, session_of
+from diffaccel.validate import at_least
 
 
 def _resolve_methods(methods, family: str) -> list[Method]:
     resolved = []
     for m in methods:
+        if isinstance(m, type) and issubclass(m, Method):
+            raise TypeError(f"methods holds the class {m.__name__}; give a config made from it, e.g. "
+                            f"diffaccel.{m.__name__}() (or its name {m.name!r}).")
         if isinstance(m, str):
             if m not in METHODS:
                 raise ValueError(f"Unknown method {m!r}. Known methods: {', '.join(sorted(METHODS)) or 'none'}.")
@@ -37,8 +41,8 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
     Args:
         pipe: a diffusers pipeline of a supported family (see ``diffaccel.pipelines.supported_pipelines()``).
         preset: ``"quality"``, ``"balanced"`` (default) or ``"fast"``: methods chosen for the family.
-        methods: explicit method configs (e.g. ``[diffaccel.DeepCache(interval=3)]``) or names;
-            overrides ``preset``.
+        methods: explicit method configs (e.g. ``[diffaccel.DeepCache(interval=3)]``) or names,
+            at least one; instead of ``preset``.
         profile: a redundancy profile (path or ``Profile``) from ``diffaccel profile``; with
             ``target_speedup`` the schedule is picked from it.
         target_speedup: wanted speed-up; uses ``profile`` or the profile shipped for the model.
@@ -49,6 +53,7 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         image = pipe("a red circle").images[0]
         print(diffaccel.stats(pipe))
     """
+    methods = _check_arguments(preset, methods, profile, target_speedup)
     adapter = detect(pipe)
     if methods is not None and (preset is not None or target_speedup is not None):
         raise ValueError("Give either methods=, preset= or target_speedup=, not several: they all choose the methods.")
@@ -68,6 +73,40 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
     return pipe
 
 
+def _check_arguments(preset, methods, profile, target_speedup):
+    """Refuse bad arguments before any work (a quick calibration can take a minute); returns
+    ``methods`` as a list (or None), so a generator is read once. (A pipeline whose denoiser is
+    replaced after accelerate raises at its next call: see ``diffaccel.state.denoiser_replaced``.)"""
+    given = [name for name, value in (("methods=", methods), ("preset=", preset), ("target_speedup=", target_speedup))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"Give either methods=, preset= or target_speedup=, not several (got {' and '.join(given)}): "
+                         "they all choose the methods.")
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        raise ValueError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESETS)} (or leave preset out for balanced).")
+    if methods is not None:
+        if isinstance(methods, dict) or not isinstance(methods, (str, Method, Iterable)):
+            raise TypeError(f"methods must be a list of method configs or names, e.g. [diffaccel.DeepCache(interval=3)] or "
+                            f"['deepcache'], got {type(methods).__name__}.")
+        methods = [methods] if isinstance(methods, (str, Method)) else list(methods)
+        if not methods:
+            raise ValueError("methods= is empty, so nothing would be accelerated: give at least one method (e.g. "
+                             "[diffaccel.DeepCache()]), a preset=, or call diffaccel.disable(pipe) to run it plain.")
+    if profile is not None:
+        if methods is not None:
+            raise ValueError("profile= is used with target_speedup= to plan the methods; it cannot go with methods=.")
+        import os
+
+        from diffaccel.profiler.profile import Profile
+
+        if not isinstance(profile, (str, os.PathLike, Profile)):
+            raise TypeError(f"profile must be a path to a profile JSON (from `diffaccel profile MODEL --out p.json`) or a "
+                            f"diffaccel Profile, got {type(profile).__name__} {profile!r}.")
+    if target_speedup is not None:
+        at_least(target_speedup, "target_speedup", 1.0, "e.g. accelerate(pipe, target_speedup=2.0) for twice as fast.")
+    return methods
+
+
 def disable(pipe):
     """Remove diffaccel from ``pipe``: its outputs are bit-identical to a never-accelerated pipeline."""
     detach(pipe)
@@ -84,6 +123,9 @@ def stats(pipe) -> dict:
     session = session_of(pipe)
     if session is None:
         raise ValueError("This pipeline is not accelerated: call diffaccel.accelerate(pipe) first.")
+    replaced = denoiser_replaced(session)
+    if replaced:
+        raise RuntimeError(replaced)
     return session.stats()
 
 

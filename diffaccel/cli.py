@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with own_output():
             return int(module.main(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as err:  # user errors: one clear line, no traceback
+    except (ValueError, TypeError, OSError) as err:  # user errors (and files it cannot write): one line, no traceback
         print(f"diffaccel {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,11 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 def resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown --device {device!r}; use cpu, cuda, cuda:1, mps or auto.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} was asked for but no CUDA device is available; use --device cpu.")
     return device
 

@@ -114,6 +114,7 @@ class Session:
 
     def __init__(self, pipe, adapter: Adapter):
         self.pipe = pipe
+        self.denoiser = adapter.denoiser  # the module accelerated (adapter.denoiser reads the pipeline live)
         self.adapter = adapter
         self.installed: list[Installed] = []  # in application order
         self.providers: dict[str, ScheduleProvider] = {}  # method name -> per-call settings
@@ -278,6 +279,19 @@ def _signature(obj) -> tuple:
     return (type(obj).__name__,)
 
 
+def denoiser_replaced(session: Session) -> str | None:
+    """Why the acceleration no longer applies, when ``pipe.unet`` / ``pipe.transformer`` was
+    replaced after accelerate (its hooks stay on the old module); None while it applies. A
+    torch.compile wrapper of the accelerated module still runs its hooks, so it counts as it."""
+    attr = session.adapter.denoiser_attr
+    current = getattr(session.pipe, attr, None)
+    if current is session.denoiser or getattr(current, "_orig_mod", None) is session.denoiser:
+        return None
+    return (f"diffaccel: pipe.{attr} was replaced after diffaccel.accelerate(pipe), so the acceleration no longer "
+            f"applies to it: call diffaccel.accelerate(pipe, ...) again for the new {type(current).__name__}, or "
+            "diffaccel.disable(pipe) to run it plain.")
+
+
 def cfg_active(pipe) -> bool | None:
     """Whether the running pipeline call uses classifier-free guidance (None if it cannot tell)."""
     value = getattr(type(pipe), "do_classifier_free_guidance", None)
@@ -306,6 +320,9 @@ def _accelerated_class(cls: type) -> type:
         session: Session | None = getattr(self, _ATTR, None)
         if session is None:
             return cls.__call__(self, *args, **kwargs)
+        replaced = denoiser_replaced(session)
+        if replaced:
+            raise RuntimeError(replaced)
         with session.pipeline_call():
             return cls.__call__(self, *args, **kwargs)
 

@@ -1,14 +1,20 @@
-"""Parameter checks shared by every method config and planner.
+"""Parameter checks shared by every method config, planner and command.
 
 Each check returns the value when it is acceptable and otherwise raises ``ValueError`` with one
-line naming the parameter, the allowed values and what was given. Numbers must be real numbers
-(``True`` is not 1) and finite: nan and inf are refused everywhere, because every comparison
-with nan is False and would otherwise slip through range checks.
+line naming the parameter, the allowed values, what was given and, where it helps, what to do.
+Numbers must be real numbers (``True`` is not 1) and finite: nan and inf are refused everywhere,
+because every comparison with nan is False and would otherwise slip through range checks.
+Output paths are checked here too, before a command's expensive work starts, and written
+atomically (:func:`write_atomic`).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Collection
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Collection
 
 
 def _hint(hint: str) -> str:
@@ -18,6 +24,12 @@ def _hint(hint: str) -> str:
 def is_real(value: Any) -> bool:
     """A finite int or float (bool excluded)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(value: Any, what: str, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}.{_hint(hint)}")
+    return value
 
 
 def positive_int(value: Any, what: str, hint: str = "") -> int:
@@ -32,12 +44,13 @@ def non_negative_int(value: Any, what: str, hint: str = "") -> int:
     return value
 
 
-def fraction(value: Any, what: str, low: float = 0.0, high: float = 1.0, *, inclusive_high: bool = True) -> float:
+def fraction(value: Any, what: str, low: float = 0.0, high: float = 1.0, *, inclusive_high: bool = True,
+             hint: str = "") -> float:
     """A number in [low, high] (or [low, high) with ``inclusive_high=False``)."""
     ok = is_real(value) and low <= value and (value <= high if inclusive_high else value < high)
     if not ok:
         bound = "]" if inclusive_high else ")"
-        raise ValueError(f"{what} must be a number in [{low}, {high}{bound}, got {value!r}.")
+        raise ValueError(f"{what} must be a number in [{low:g}, {high:g}{bound}, got {value!r}.{_hint(hint)}")
     return float(value)
 
 
@@ -46,6 +59,13 @@ def at_least(value: Any, what: str, low: float, hint: str = "") -> float:
     if not (is_real(value) and value >= low):
         raise ValueError(f"{what} must be a finite number >= {low:g}, got {value!r}.{_hint(hint)}")
     return float(value)
+
+
+def boolean(value: Any, what: str) -> bool:
+    """True or False only: a string such as "no" would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {value!r}.")
+    return value
 
 
 def one_of(value: Any, choices: Collection, what: str, hint: str = "") -> Any:
@@ -83,3 +103,66 @@ def window(value: Any, what: str) -> None:
             int_triple(per_head, f"{what}[head {head}]", odd=True)
     else:
         int_triple(value, what, odd=True)
+
+
+# ---- output paths: checked before any work, written atomically --------------------------------
+def output_file(path: Any, what: str) -> Path:
+    """A file a command will write (overwriting it is fine): refused now, before the expensive
+    work, when it is a folder, lies under a file, or its folder cannot be written."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"{what} must be a file path, got {path!r}.")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a folder; give a file path such as {str(p / 'out.json')!r}.")
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{what} {str(p)!r} exists and is not a regular file; give another path.")
+    _can_create_in(p.parent, what, p)
+    return p
+
+
+def output_folder(path: Any, what: str) -> Path:
+    """A folder a command will write into (created when missing): refused now when it is a file,
+    lies under a file, or cannot be written."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ValueError(f"{what} must be a folder path, got {path!r}.")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is an existing file, not a folder; give a folder path (it is created if missing).")
+    _can_create_in(p if p.is_dir() else p.parent, what, p)
+    return p
+
+
+def _can_create_in(folder: Path, what: str, target: Path) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {str(target)!r} cannot be created: {str(existing)!r} is a file, not a folder.")
+    if not _writable(existing):
+        raise ValueError(f"{what} {str(target)!r} cannot be written: no permission to write in {str(existing)!r}; "
+                         "choose a folder you can write to.")
+
+
+def _writable(folder: Path) -> bool:
+    """Tried, not guessed: os.access says yes to root on read-only mounts and pseudo file systems."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def write_atomic(path: Any, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it to ``path``: an interrupted
+    or failed write leaves the old file (or none) and no temporary behind. The temporary keeps
+    ``path``'s extension, so writers that pick the format from it (PNG, GIF) still can."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -56,17 +56,20 @@ def main(argv=None) -> int:
     from diffaccel.evaluation.configs import parse_configs
     from diffaccel.evaluation.report import markdown
     from diffaccel.evaluation.runner import EvalOptions, parse_seeds, run_evaluation
+    from diffaccel.validate import output_folder, positive_int
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads is not None:
+            positive_int(args.threads, "--threads", "Leave it out for torch's default.")
+            torch.set_num_threads(args.threads)
+        output_folder(args.out, "--out")  # before loading and generating: a bad path fails now
         options = EvalOptions(model=args.model, out=args.out, configs=parse_configs(args.configs),
                               seeds=parse_seeds(args.seeds), prompts=args.prompts, steps=args.steps,
                               resolution=args.resolution, frames=args.frames, device=args.device, dtype=args.dtype,
                               repeats=args.repeats, timing_budget_s=args.timing_budget, warmup=args.warmup, inception=args.inception,
                               fid_ref=args.fid_ref, clip=args.clip, progress=not args.no_progress)
         results = run_evaluation(options)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
     if results is not None:

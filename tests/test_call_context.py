@@ -13,7 +13,7 @@ from diffaccel.state import session_of
 def _layouts(name, methods=(), guidance=4.0):
     """(call_index, CFG halves, batched, uncond_dropped) seen by the first block of every call."""
     pipe = tp.build(name)
-    diffaccel.accelerate(pipe, methods=list(methods))
+    diffaccel.accelerate(pipe, methods=list(methods)) if methods else tp.observe(pipe)
     session, seen = session_of(pipe), []
     block = session.adapter.blocks()[0][1]
     block.register_forward_pre_hook(lambda *a: seen.append(
@@ -46,7 +46,7 @@ def test_cfg_cache_narrows_the_layout_while_it_runs_the_conditional_half_alone()
 
 def test_methods_leave_no_attributes_on_the_session():
     pipe = tp.build("pixart")
-    declared = set(vars(diffaccel.accelerate(tp.build("pixart"), methods=[])._diffaccel_session))
+    declared = set(vars(tp.observe(tp.build("pixart"))._diffaccel_session))
     diffaccel.accelerate(pipe, methods=[diffaccel.AdaptiveCache(warmup=1),
                                         diffaccel.FasterCache(attention_interval=1, cfg_interval=2)])
     tp.run("pixart", pipe, steps=4)

@@ -43,7 +43,7 @@ def _trace(name, scheduler=None, steps=4, guidance=4.0):
     pipe = T.build(name)
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
-    diffaccel.accelerate(pipe, methods=[])
+    T.observe(pipe)
     T.run(name, pipe, steps=steps, guidance=guidance)
     return pipe, session_of(pipe).ctx.trace
 
@@ -90,7 +90,7 @@ def test_state_reset_between_calls_and_steps_change():
 
 
 def test_direct_denoiser_call_outside_pipeline_is_passthrough():
-    pipe = diffaccel.accelerate(T.build("pixart"), methods=[])
+    pipe = T.observe(T.build("pixart"))
     x = torch.randn(1, 4, 16, 16)
     kw = dict(encoder_hidden_states=torch.randn(1, 8, 16), timestep=torch.tensor([5]),
               added_cond_kwargs={"resolution": None, "aspect_ratio": None})
@@ -130,7 +130,7 @@ def test_stats_counts_flops_saved_from_skipped_modules():
     """flops_saved_fraction: a method reporting a skipped block is charged that block's FLOPs."""
     from diffaccel.flops import count_flops
 
-    pipe = diffaccel.accelerate(T.build("pixart"), methods=[])
+    pipe = T.observe(T.build("pixart"))
     T.run("pixart", pipe, steps=2)
     session = session_of(pipe)
     costs = session.module_costs()

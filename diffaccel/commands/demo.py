@@ -48,11 +48,21 @@ def main(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffaccel.bundled.loader import BUNDLED_MODELS
     from diffaccel.evaluation.runner import EvalOptions, parse_seeds, run_evaluation
-    from diffaccel.loading import load_pipeline
+    from diffaccel.loading import load_pipeline, resolve_device
     from diffaccel.metrics import eval_extra_note
     from diffaccel.pipelines import detect
 
+    from diffaccel.validate import at_least, output_folder, positive_int
+
     start, cpu_start = time.perf_counter(), time.process_time()
+    output_folder(args.out, "--out")  # before loading and generating: a bad path fails now
+    if args.steps is not None:
+        positive_int(args.steps, "--steps", "Leave it out for each model's own (20).")
+    positive_int(args.repeats, "--repeats", "It is the least number of timed rounds, e.g. 3.")
+    at_least(args.timing_budget, "--timing-budget", 0.0, "Seconds of timing per model; 0 times exactly --repeats rounds.")
+    if args.presets:
+        demo_configs("", args.presets)  # unknown presets fail before the first model loads
+    resolve_device(args.device)
     seeds = parse_seeds(args.seeds)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in BUNDLED_MODELS]
@@ -134,6 +144,7 @@ def write_grid(out: Path, results: dict, folder: Path) -> Path:
 
     from diffaccel.evaluation.generation import load_sample, sample_paths, to_uint8
     from diffaccel.evaluation.report import timing_warning
+    from diffaccel.validate import write_atomic
 
     configs, seeds, video = list(results["configs"]), results["seeds"], results["video"]
     samples = {(c, s): to_uint8(load_sample(sample_paths(out, c, s, video)[1])) for c in configs for s in seeds}
@@ -164,7 +175,6 @@ def write_grid(out: Path, results: dict, folder: Path) -> Path:
         pictures.append(canvas)
     path = folder / f"{results['model']}.{'gif' if video else 'png'}"
     if video:
-        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=150, loop=0)
-    else:
-        pictures[0].save(path)
-    return path
+        return write_atomic(path, lambda tmp: pictures[0].save(tmp, save_all=True, append_images=pictures[1:],
+                                                               duration=150, loop=0))
+    return write_atomic(path, pictures[0].save)

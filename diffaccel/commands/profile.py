@@ -92,7 +92,21 @@ def main(args) -> int:
     from diffaccel.loading import load_pipeline, resolve_device
     from diffaccel.metrics import EVAL_EXTRA, available
     from diffaccel.profiler.measure import measure
+    from diffaccel.validate import at_least, non_negative_int, output_file, positive_int
 
+    output_file(args.out, "--out")  # before loading and measuring (minutes): a bad path fails now
+    if args.plot:
+        output_file(args.plot, "--plot")
+    for flag, value in (("--height", args.height), ("--width", args.width), ("--frames", args.frames)):
+        if value is not None:
+            positive_int(value, flag, "Leave it out for the model's default.")
+    if args.guidance_scale is not None:
+        at_least(args.guidance_scale, "--guidance-scale", 0.0, "Leave it out for the model's default.")
+    non_negative_int(args.calibration_prompts, "--calibration-prompts", "0 skips the PSNR calibration.")
+    from diffaccel.bundled.loader import BUNDLED_MODELS
+
+    if args.frames is not None and args.model in BUNDLED_MODELS and BUNDLED_MODELS[args.model].num_frames is None:
+        raise ValueError(f"--frames applies to video models only; {args.model} makes images (leave --frames out).")
     if args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (change is measured between steps), got {args.steps}.")
     if args.plot and not available("matplotlib"):

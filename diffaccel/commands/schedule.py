@@ -18,7 +18,10 @@ def main(args) -> int:
     from diffaccel.profiler.profile import load_profile
     from diffaccel.profiler.schedule import plan_all, plan_for_max_error, step_times
     from diffaccel.profiler.schedule_file import save_schedule
+    from diffaccel.validate import output_file
 
+    if args.out:
+        output_file(args.out, "--out")  # before planning and printing: a bad path leaves nothing behind
     profile = load_profile(args.profile)
     steps = len(step_times(profile, args.steps))
     if args.target_speedup is not None:

@@ -95,10 +95,13 @@ def _method(text: str):
 
 
 def _target(text: str) -> float:
+    from diffaccel.validate import at_least
+
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"Speed-up target {text!r} is not a number (e.g. profile:prof.json@2.0).") from None
+    return at_least(value, f"Speed-up target {text!r}", 1.0, "e.g. target@2.0 for twice as fast.")
 
 
 def parse_config(spec: str) -> EvalConfig:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from diffaccel import metrics
 from diffaccel.evaluation import quality
+from diffaccel.validate import write_atomic
 
 # What each preset promises on every bundled model: minimum PSNR vs baseline (image, video)
 # and the most prompt-following (percentage points of attributes right) it may lose.
@@ -198,12 +199,13 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.margins(x=0.3, y=0.15)  # room for the labels
     fig.tight_layout()
-    fig.savefig(path)
+    write_atomic(path, fig.savefig)
     plt.close(fig)
 
 
 def write(out: Path, results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
+    text = json.dumps(results, indent=1)
+    write_atomic(out / "results.json", lambda tmp: tmp.write_text(text))
+    write_atomic(out / "results.md", lambda tmp: tmp.write_text(markdown(results)))
     if metrics.available("matplotlib"):  # else skipped, with the eval extra's note
         plot(results, out / "speed_quality.png")

@@ -16,6 +16,7 @@ from diffaccel import metrics
 from diffaccel.evaluation import generation, quality, report, timing
 from diffaccel.evaluation.configs import EvalConfig, parse_configs
 from diffaccel.evaluation.distributed import Ranks
+from diffaccel.validate import at_least, non_negative_int, positive_int
 
 
 @dataclass
@@ -40,6 +41,16 @@ class EvalOptions:
     progress: bool = True
     pipe: object = None  # an already loaded pipeline (demo reuses it)
     replace_stale: bool = False  # demo: regenerate configs whose methods changed (evaluate: refuse)
+
+    def __post_init__(self):
+        """Numbers refused before anything is loaded or written (a bad one used to crash mid-run,
+        after the output folder's manifest was written)."""
+        for flag, value in (("--steps", self.steps), ("--resolution", self.resolution), ("--frames", self.frames)):
+            if value is not None:
+                positive_int(value, flag, "Leave it out for the model's default.")
+        positive_int(self.repeats, "--repeats", "It is the least number of timed rounds, e.g. 3.")
+        non_negative_int(self.warmup, "--warmup", "It counts untimed calls per config before timing, e.g. 1.")
+        at_least(self.timing_budget_s, "--timing-budget", 0.0, "Seconds of timing; 0 times exactly --repeats rounds.")
 
 
 def parse_seeds(text: str) -> list[int]:

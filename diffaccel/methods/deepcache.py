@@ -30,10 +30,13 @@ import torch
 
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.validate import at_least, fraction, non_negative_int, one_of, positive_int
+from diffaccel.validate import fraction, non_negative_int, one_of, positive_int
 
 HOOK_NAME = "diffaccel_deepcache"
 SCHEDULES = ("uniform", "non-uniform")
+# Largest non-uniform ``power``: beyond it every full step lands on ``center`` and the sampler
+# lowers the power 0.02 at a time anyway, so a larger value only costs time (1e6 never returned).
+MAX_POWER = 10.0
 
 
 @register
@@ -81,11 +84,15 @@ class DeepCache(Method):
     def validate(self) -> None:
         positive_int(self.interval, "DeepCache interval", "Use 1 to compute every step, 3 for about 2x faster.")
         non_negative_int(self.skip_branch, "DeepCache skip_branch", "It is DeepCache's cache_branch_id; 0 is the shallowest.")
-        fraction(self.center, "DeepCache center")
-        at_least(self.power, "DeepCache power", 1.0)
+        fraction(self.center, "DeepCache center", hint="0.5 crowds the non-uniform full steps mid-trajectory.")
+        fraction(self.power, "DeepCache power", 1.0, MAX_POWER,
+                 hint="1 spaces the non-uniform full steps evenly; 1.4 (the default) crowds them around center.")
         if isinstance(self.schedule, str):
             one_of(self.schedule, SCHEDULES, "DeepCache schedule", "Or give a list of full steps.")
             return
+        if not isinstance(self.schedule, (list, tuple, range)):
+            raise ValueError(f"DeepCache schedule must be 'uniform', 'non-uniform' or a list of full steps (ints) or "
+                             f"normalised times (floats), got {self.schedule!r}.")
         values = list(self.schedule)
         if not values:
             raise ValueError("DeepCache schedule list is empty: give the full steps (ints) or normalised times (floats).")
@@ -127,6 +134,8 @@ def centred_steps(num_steps: int, count: int, center: float, power: float) -> li
     flat near x = 0, so indices bunch around c. Where rounding merges indices, p is lowered
     towards 1 (even spacing), as DeepCache's sampler does.
     """
+    fraction(center, "centred_steps center")
+    fraction(power, "centred_steps power", 1.0, MAX_POWER)  # bounds the loop below: at most 450 tries
     count = max(1, min(count, num_steps))
     c = center * num_steps
     p = float(power)

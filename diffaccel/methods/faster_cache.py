@@ -76,11 +76,11 @@ class FasterCache(Method):
     def validate(self) -> None:
         positive_int(self.attention_interval, "FasterCache(attention_interval=...)", "Use 1 to turn attention reuse off.")
         positive_int(self.cfg_interval, "FasterCache(cfg_interval=...)", "Use 1 to turn CFG-Cache off.")
-        fraction(self.extrapolation, "FasterCache(extrapolation=...)")
+        fraction(self.extrapolation, "FasterCache(extrapolation=...)", hint="0 repeats the last attention output, 0.5 is the usual.")
         for what in ("attention_range", "cfg_range", "low_freq_range", "high_freq_range"):
             time_range(getattr(self, what), f"FasterCache({what}=...)")
         for what in ("alpha_low", "alpha_high"):
-            fraction(getattr(self, what), f"FasterCache({what}=...)", 0.0, 4.0)
+            fraction(getattr(self, what), f"FasterCache({what}=...)", 0.0, 4.0, hint="1 keeps the stored difference as is; 1.1 is the usual.")
 
     def apply(self, session) -> Installed:
         self.validate()

@@ -63,6 +63,9 @@ class Instrument(Method):
     targets: tuple[str, ...] = TARGETS
 
     def validate(self) -> None:
+        if not isinstance(self.targets, (tuple, list)):
+            raise ValueError(f"Instrument targets must be a tuple of {TARGETS}, got {self.targets!r}; "
+                             f"e.g. targets=('blocks',).")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
             raise ValueError(f"Instrument targets must be among {TARGETS}, got {bad}.")

@@ -60,9 +60,11 @@ class MediatorAttention(Method):
             fraction(value, "MediatorAttention(mediator_ratio=...) entries", 0.0, 1.0, inclusive_high=False)
             if value <= 0:
                 raise ValueError(f"MediatorAttention(mediator_ratio=...) entries must be > 0, got {ratio!r}")
-        fraction(self.full_attention_fraction, "MediatorAttention(full_attention_fraction=...)")
-        fraction(self.query_scale_factor, "MediatorAttention(query_scale_factor=...)", 0.0, 10.0)
-        fraction(self.shortcut, "MediatorAttention(shortcut=...)", 0.0, 1.0)
+        fraction(self.full_attention_fraction, "MediatorAttention(full_attention_fraction=...)",
+                 hint="0 makes every step sparse; 0.3 keeps the first 30% of the steps dense.")
+        fraction(self.query_scale_factor, "MediatorAttention(query_scale_factor=...)", 0.0, 10.0,
+                 hint="AgentSD uses 0.3.")
+        fraction(self.shortcut, "MediatorAttention(shortcut=...)", 0.0, 1.0, hint="AgentSD uses 0.075; 0 turns it off.")
         non_negative_int(self.min_tokens, "MediatorAttention(min_tokens=...)")
 
     def ratio_at(self, where: float) -> float:

@@ -83,7 +83,8 @@ class SlidingTileAttention(Method):
                              f"got {type(self.layer_windows).__name__}")
         for name, per_layer in self.layer_windows.items():
             window(per_layer, f"SlidingTileAttention(layer_windows[{name!r}])")
-        fraction(self.full_attention_fraction, "SlidingTileAttention(full_attention_fraction=...)")
+        fraction(self.full_attention_fraction, "SlidingTileAttention(full_attention_fraction=...)",
+                 hint="0 makes every step sparse; 0.3 keeps the first 30% of the steps dense (STA).")
         non_negative_int(self.min_tokens, "SlidingTileAttention(min_tokens=...)")
         if not isinstance(self.permute_once, bool):
             raise ValueError(f"SlidingTileAttention(permute_once=...) must be True or False, got {self.permute_once!r}")
@@ -93,14 +94,24 @@ class SlidingTileAttention(Method):
     @classmethod
     def from_profile(cls, path, **overrides) -> "SlidingTileAttention":
         """The config saved by the window search (``WindowSearchResult.save``)."""
-        data = json.loads(Path(path).read_text())
-        if "sliding_tile" not in data:
-            raise ValueError(f"{path} holds no 'sliding_tile' section; create it with "
-                             f"diffaccel.methods.window_search.search_windows(...).save(path)")
+        how = "create it with diffaccel.methods.window_search.search_windows(...).save(path)"
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Window file {str(path)!r} does not exist; {how}.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
+            raise ValueError(f"{str(path)!r} is not a JSON window file ({type(err).__name__}); {how}.") from None
+        if not isinstance(data, dict) or "sliding_tile" not in data:
+            raise ValueError(f"{path} holds no 'sliding_tile' section; {how}")
         section = data["sliding_tile"]
-        windows = {name: _as_window(w) for name, w in section["layer_windows"].items()}
-        kwargs = dict(tile=tuple(section["tile"]), window=_as_window(section["window"]), layer_windows=windows)
-        return cls(**(kwargs | overrides))
+        try:
+            windows = {name: _as_window(w) for name, w in section["layer_windows"].items()}
+            kwargs = dict(tile=tuple(section["tile"]), window=_as_window(section["window"]), layer_windows=windows)
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
+            raise ValueError(f"{path}: its 'sliding_tile' section is corrupted ({type(err).__name__}: {err}); {how}.") from None
+        config = cls(**(kwargs | overrides))
+        config.validate()
+        return config
 
     def apply(self, session) -> Installed:
         self.validate()

@@ -35,7 +35,7 @@ import torch
 from diffaccel.distributed import consensus_mean
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.validate import fraction, one_of, positive_int
+from diffaccel.validate import boolean, fraction, integer, one_of, positive_int
 
 HOOK_NAME = "diffaccel_tome"
 MODES = ("qkv", "kv")
@@ -91,6 +91,9 @@ class ToMe(Method):
             raise ValueError(f"ToMe ratio must be a number in [0, {top:g}] (at most 1 - 1/(sx*sy): every "
                              f"{self.sx}x{self.sy} cell keeps one token), got {self.ratio!r}. 0.5 is the usual choice.") from None
         one_of(self.mode, MODES, "ToMe mode")
+        for flag in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            boolean(getattr(self, flag), f"ToMe {flag}")
+        integer(self.seed, "ToMe seed", "Any integer picks a reproducible set of destinations.")
         if self.mode == "kv" and (self.merge_crossattn or self.merge_mlp or not self.merge_attn):
             raise ValueError("ToMe mode='kv' merges only the self-attention's keys/values: leave merge_attn=True "
                              "and merge_crossattn / merge_mlp False, or use mode='qkv'.")

@@ -37,6 +37,7 @@ from diffaccel.methods.base import Installed, Method
 from diffaccel.methods.sliding_tile import KINDS, SlidingTileAttention
 from diffaccel.pipelines import detect
 from diffaccel.state import attach, detach
+from diffaccel.validate import at_least, fraction, positive_int, write_atomic
 
 
 @dataclass
@@ -67,7 +68,8 @@ class WindowSearchResult:
             "errors": self.errors,
             "search_seconds": self.seconds,
         }
-        path.write_text(json.dumps(data, indent=1))
+        text = json.dumps(data, indent=1)
+        write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _jsonable(window):
@@ -170,6 +172,17 @@ def search_windows(pipe, calibration_calls: list[dict], tile=None, *, max_error:
         raise ValueError("search_windows needs at least one calibration call (a dict of pipeline kwargs)")
     if target_density is None and max_error is None:
         raise ValueError("give max_error= or target_density=")
+    if target_density is not None:
+        fraction(target_density, "search_windows target_density", 0.0, 1.0,
+                 hint="It is the FLOP-weighted share of full attention kept, e.g. 0.3.")
+    else:
+        at_least(max_error, "search_windows max_error", 0.0, "It is the mean relative error of a window, e.g. 0.05.")
+    positive_int(sampled_steps, "search_windows sampled_steps", "e.g. 3 measured steps per call.")
+    fraction(full_attention_fraction, "search_windows full_attention_fraction", 0.0, 1.0, inclusive_high=False,
+             hint="Use the value the SlidingTileAttention config will have, e.g. 0.3.")
+    if not (isinstance(sizes, (tuple, list)) and sizes and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 and s % 2 for s in sizes)):
+        raise ValueError(f"search_windows sizes must be odd positive window sizes in tiles, got {sizes!r}; e.g. (1, 3, 5, 7).")
     started = time.monotonic()
     probe = WindowProbe(tile, tuple(sizes), sampled_steps, full_attention_fraction)
     session = attach(pipe, detect(pipe), [probe])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from diffaccel.methods.base import Method
 from diffaccel.profiler.profile import Cumulative, Profile
+from diffaccel.validate import at_least, is_real, positive_int
 
 
 class UnreachableTarget(ValueError):
@@ -29,13 +30,33 @@ class Plan:
 
 
 # ---- shared helpers --------------------------------------------------------------------
+def check_target(target) -> None:
+    """A wanted speed-up: a finite number >= 1 (None: a planner only evaluates a given schedule)."""
+    if target is not None:
+        at_least(target, "target_speedup", 1.0, "e.g. 2.0 asks for twice as fast; 1 for no speed-up.")
+
+
+def check_step_times(times) -> None:
+    """The normalised times (1 = noise) of the steps to plan for: finite, in [0, 1], never increasing.
+
+    Planners read change between consecutive times off the profile; a time running the wrong way
+    would make them reuse where the trajectory changes most, silently.
+    """
+    ok = isinstance(times, (list, tuple)) and len(times) >= 1 and all(is_real(t) and 0.0 <= t <= 1.0 for t in times)
+    if not ok or any(b > a for a, b in zip(times, times[1:])):
+        shown = list(times)[:6] if isinstance(times, (list, tuple)) else times
+        raise ValueError(f"step times must be a non-empty list of normalised times in [0, 1] that never increase "
+                         f"(1 = pure noise, first step first), got {shown!r}{'...' if ok and len(times) > 6 else ''}. "
+                         "Take them from diffaccel.profiler.schedule.step_times(profile, steps).")
+
+
 def step_times(profile: Profile, steps: int | None = None) -> list[float]:
     """The profiled step times, or ``steps`` times spread over the same range the same way."""
     times = profile.times
+    if steps is not None:
+        positive_int(steps, "steps", "It is the number of denoising steps to plan for, e.g. 20.")
     if steps is None or steps == len(times):
         return list(times)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
     out = []
     for i in range(steps):
         x = i * (len(times) - 1) / max(1, steps - 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffaccel.profiler.profile import Profile
+from diffaccel.validate import write_atomic
 
 
 def _pyplot():
@@ -50,8 +51,6 @@ def plot_profile(profile: Profile, path) -> Path:
     right.legend(fontsize=8)
     fig.suptitle(f"{profile.model} ({profile.pipeline}), {profile.measured.get('prompts', '?')} prompts x {len(x)} steps")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    path = write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
     plt.close(fig)
     return path

@@ -31,6 +31,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffaccel.validate import is_real, write_atomic
+
 PROFILE_FORMAT = "diffaccel-profile"
 PROFILE_VERSION = 1
 METRICS = ("rel_l1", "cosine", "residual_rel_l1", "residual_cosine")
@@ -112,7 +114,6 @@ class Profile:
 
     def save(self, path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, self.to_json())
         return path
 
@@ -159,6 +160,10 @@ def load_profile(path_or_profile, adapter=None) -> Profile:
     """Load and validate a profile file (or pass a Profile through); check it fits ``adapter``."""
     if isinstance(path_or_profile, Profile):
         profile = path_or_profile
+        check_contents(profile, f"the Profile of {profile.model}")
+    elif not isinstance(path_or_profile, (str, os.PathLike)):
+        raise TypeError(f"profile must be a path to a profile JSON (from `diffaccel profile MODEL --out p.json`) or a "
+                           f"diffaccel Profile, got {type(path_or_profile).__name__} {path_or_profile!r}.")
     else:
         path = Path(path_or_profile)
         if not path.is_file():
@@ -188,6 +193,7 @@ def from_json(data, where: str = "profile") -> Profile:
         raise ProfileError(f"{where} is corrupted: missing {', '.join(missing)}. Re-create it with `diffaccel profile`.")
     profile = Profile(**{n: data[n] for n in names}, measured=data.get("measured", {}), version=version,
                       reuse_error=data.get("reuse_error") or {}, calibration=data.get("calibration") or {})
+    check_times(profile.times, where)
     steps, cols = len(profile.times), len(profile.modules)
     for metric, s in profile.stats.items():
         rows = s.get("mean") if isinstance(s, dict) else None
@@ -200,14 +206,42 @@ def from_json(data, where: str = "profile") -> Profile:
                                "table (steps x ages). Re-create it with `diffaccel profile`.")
     if "rel_l1" not in profile.stats or not isinstance(profile.costs.get("call"), (int, float)):
         raise ProfileError(f"{where} is corrupted: it lacks rel_l1 statistics or the per-call cost.")
+    check_contents(profile, where)
     return profile
 
 
+def check_contents(profile: Profile, where: str) -> None:
+    """The numbers planners rely on: step times that run from noise down, positive costs."""
+    check_times(profile.times, where)
+    call, share = profile.costs.get("call"), profile.costs.get("denoiser_share", 1.0)
+    if not (is_real(call) and call > 0):
+        raise ProfileError(f"{where} is corrupted: costs.call (FLOPs of one denoiser call) must be a positive number, "
+                           f"got {call!r}. Re-create it with `diffaccel profile`.")
+    if not (is_real(share) and 0.0 < share <= 1.0):
+        raise ProfileError(f"{where} is corrupted: costs.denoiser_share (the denoiser's share of wall time) must be in "
+                           f"(0, 1], got {share!r}. Re-create it with `diffaccel profile`.")
+
+
+def check_times(times, where: str) -> None:
+    """Reversed or constant times would not fail anywhere: the planners would read the change
+    between steps backwards (or as zero) and pick a far worse schedule without a word."""
+    real = isinstance(times, list) and len(times) >= 2 and all(is_real(t) and 0.0 <= t <= 1.0 for t in times)
+    if not real:
+        raise ProfileError(f"{where} is corrupted: times must list at least 2 normalised step times in [0, 1], got "
+                           f"{str(times)[:80]}. Re-create it with `diffaccel profile`.")
+    if any(b > a for a, b in zip(times, times[1:])) or not times[0] > times[-1]:
+        raise ProfileError(f"{where} is corrupted: its step times must run from noise (1) down to 0, never increasing and "
+                           f"not all equal, got {_short(times)}. Re-create it with `diffaccel profile`.")
+
+
+def _short(values: list) -> str:
+    return str(values) if len(values) <= 6 else f"[{', '.join(map(str, values[:3]))}, ..., {', '.join(map(str, values[-2:]))}]"
+
+
 def write_json_atomic(path: Path, data) -> None:
-    """Write then rename, so an interrupted run never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """Write then rename, so an interrupted or failed run never leaves a half-written file."""
+    text = json.dumps(data, indent=1, allow_nan=False)  # fails (nan) before anything is written
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def _round(v):

@@ -18,15 +18,15 @@ call's actual timesteps.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from diffaccel.hooks import Installed
 from diffaccel.methods.base import Method
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget, step_times
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget, check_step_times, check_target, step_times
 from diffaccel.profiler.planner import planner_for, planners_for
 from diffaccel.profiler.profile import Profile, ProfileError, load_profile
+from diffaccel.validate import at_least
 
 __all__ = ["Plan", "UnreachableTarget", "step_times", "plan_method", "plan_all", "plan_for_max_error", "max_reachable",
            "max_reachable_for", "summary", "ProfileSchedule", "methods_for_target", "shipped_profile", "calibrate"]
@@ -34,6 +34,8 @@ __all__ = ["Plan", "UnreachableTarget", "step_times", "plan_method", "plan_all",
 
 def plan_method(method: str, profile: Profile, times: list[float], target: float, like: Method | None = None) -> Plan:
     """Plan ``method``; ``like`` is a config whose fixed settings (skip branch, warm-up, head blocks) are kept."""
+    check_target(target)
+    check_step_times(times)
     return planner_for(method).plan(profile, times, target, like)
 
 
@@ -44,8 +46,7 @@ def summary(plan: Plan) -> str:
 
 def plan_all(profile: Profile, target: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
     """(chosen plan, every applicable method's plan) for ``target``; the least predicted error wins."""
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not target >= 1.0 or math.isinf(target):
-        raise ValueError(f"target speed-up must be a number >= 1 (e.g. 2.0), got {target!r}.")
+    check_target(target)
     times = step_times(profile, steps)
     plans, reasons = [], []
     for planner in planners_for(profile.family):
@@ -68,6 +69,7 @@ def max_reachable(profile: Profile, times: list[float]) -> float:
 
 def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
     """The fastest plan whose predicted error stays within ``max_error``."""
+    at_least(max_error, "max_error", 0.0, "It is in the profile's error units; `diffaccel schedule` prints them per plan.")
     times = step_times(profile, steps)
     best = None
     for planner in planners_for(profile.family):
@@ -119,6 +121,7 @@ class ProfileSchedule(Method):
     def validate(self) -> None:
         if self.profile is None or self.controlled is None:
             raise ValueError("ProfileSchedule needs a profile and the method config it controls.")
+        check_target(self.target_speedup)
 
     def apply(self, session) -> Installed:
         return ProfileScheduleInstalled(self, session)

@@ -10,6 +10,7 @@ speed-up there: the number of full steps is what sets it).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from diffaccel.profiler.profile import ProfileError, write_json_atomic
@@ -23,7 +24,6 @@ def save_schedule(path, profile, chosen, plans, request: dict, steps: int) -> Pa
             "pipeline": profile.pipeline, "fingerprint": profile.fingerprint, "planned_for_steps": steps,
             "request": request, "chosen": chosen.describe(), "candidates": [p.describe() for p in plans]}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
     return path
 
@@ -32,14 +32,22 @@ def load_schedule(path) -> list:
     """Method configs of a schedule file (the chosen plan)."""
     from diffaccel.methods.base import METHODS
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_schedule needs the path of a schedule file, got {type(path).__name__} {path!r}.")
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ProfileError(f"Schedule file {str(path)!r} does not exist; write one with `diffaccel schedule P.json --out {path}`.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ProfileError(f"Schedule file {str(path)!r} is corrupted ({err}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as err:
+        raise ProfileError(f"Schedule file {str(path)!r} is corrupted or not a file ({err}).") from None
     if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT or data.get("version") != SCHEDULE_VERSION:
         raise ProfileError(f"{path} is not a version-{SCHEDULE_VERSION} diffaccel schedule file.")
-    config = dict(data["chosen"]["config"])
-    name = config.pop("method")
-    return [METHODS[name](**config)]
+    try:
+        config = dict(data["chosen"]["config"])
+        name = config.pop("method")
+        method = METHODS[name](**config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ProfileError(f"Schedule file {str(path)!r} is corrupted: its chosen method config cannot be read "
+                           f"({type(err).__name__}: {err}). Write it again with `diffaccel schedule`.") from None
+    method.validate()
+    return [method]
