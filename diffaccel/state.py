@@ -159,9 +159,7 @@ class Session:
         raise TypeError(not_picklable_message())
 
     def __deepcopy__(self, memo):
-        raise TypeError("diffaccel: an accelerated denoiser cannot be copied on its own (its hooks belong to the "
-                        "pipeline's session). Copy the whole pipeline (copy.deepcopy(pipe) gives an independent "
-                        "accelerated copy), or call diffaccel.disable(pipe) first.")
+        raise TypeError(compat.not_copyable_message())
 
     # ---- pipeline call -----------------------------------------------------------------------
     @contextlib.contextmanager

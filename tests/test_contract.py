@@ -24,7 +24,7 @@ from diffaccel.state import session_of
 from tiny_pipes import build, run
 
 TINY = {Family.UNET: "sd", Family.IMAGE_DIT: "pixart", Family.VIDEO_DIT: "wan"}
-STEPS = 4
+STEPS = 3
 CASES = [(name, family) for name, cls in sorted(METHODS.items()) for family in cls.supported_families()]
 
 
@@ -68,8 +68,7 @@ def test_method_contract(method, family, monkeypatch):
     assert torch.equal(run(name, clone, steps=STEPS), first)
     assert diffaccel.stats(clone)["denoiser_calls"] > 0
     diffaccel.disable(clone)
-    assert torch.equal(run(name, clone, steps=STEPS), plain)
-    assert torch.equal(run(name, pipe, steps=STEPS), first)
+    assert torch.equal(run(name, clone, steps=STEPS), plain)  # (the original is checked after the exception below)
 
     # An exception in the middle of a call: the next call equals a fresh one.
     denoiser = session_of(pipe).adapter.denoiser
