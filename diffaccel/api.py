@@ -1,6 +1,7 @@
 """Public API: ``accelerate``, ``disable``, ``stats``."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 from diffaccel.methods.base import METHODS, Method
@@ -47,7 +48,10 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
             ``target_speedup`` the schedule is picked from it.
         target_speedup: wanted speed-up; uses ``profile`` or the profile shipped for the model.
 
-    Calling ``accelerate`` again replaces the previous acceleration. Example::
+    Calling ``accelerate`` again replaces the previous acceleration, whatever it was (a quick
+    calibration for ``target_speedup`` measures the unaccelerated model). All or nothing: if it
+    fails (bad input, an exception or KeyboardInterrupt while installing), ``pipe`` is left as it
+    was before the call. Example::
 
         pipe = diffaccel.accelerate(pipe, preset="fast")
         image = pipe("a red circle").images[0]
@@ -55,22 +59,42 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
     """
     methods = _check_arguments(preset, methods, profile, target_speedup)
     adapter = detect(pipe)
-    if methods is not None and (preset is not None or target_speedup is not None):
-        raise ValueError("Give either methods=, preset= or target_speedup=, not several: they all choose the methods.")
+    previous = session_of(pipe)
+    with previous.lock if previous is not None else contextlib.nullcontext():
+        # The previous acceleration comes off first (planning may measure the plain model) and goes
+        # back on if anything below fails.
+        before = list(previous.configs) if previous is not None else None
+        detach(pipe)
+        try:
+            attach(pipe, adapter, _choose(pipe, adapter, preset, methods, profile, target_speedup))
+        except BaseException:
+            if before is not None:
+                _restore(pipe, adapter, before)
+            raise
+    return pipe
+
+
+def _choose(pipe, adapter, preset, methods, profile, target_speedup) -> list[Method]:
     if methods is not None:
         if isinstance(methods, (str, Method)):
             methods = [methods]
-        chosen = _resolve_methods(list(methods), adapter.family)
-    elif target_speedup is not None or profile is not None:
+        return _resolve_methods(list(methods), adapter.family)
+    if target_speedup is not None or profile is not None:
         if target_speedup is None:
             raise ValueError("profile= needs target_speedup= (e.g. accelerate(pipe, profile='p.json', target_speedup=2.0)).")
         from diffaccel.profiler.schedule import methods_for_target
 
-        chosen = _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
-    else:
-        chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
-    attach(pipe, adapter, chosen)
-    return pipe
+        return _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
+    return _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
+
+
+def _restore(pipe, adapter, configs) -> None:
+    """Put a replaced acceleration back after a failed ``accelerate`` (best effort: the failure
+    being reported matters more than a second one here)."""
+    try:
+        attach(pipe, adapter, configs)
+    except Exception:  # noqa: BLE001 - attach leaves the pipeline plain when it fails
+        pass
 
 
 def _check_arguments(preset, methods, profile, target_speedup):
@@ -118,7 +142,8 @@ def stats(pipe) -> dict:
 
     Returns a plain dict: ``denoiser_calls``, ``steps``, per method its counters (``computed``,
     ``reused``, ...), and ``flops_saved_fraction``, the estimated share of denoiser FLOPs saved
-    (the first request for a new input shape runs one extra denoiser forward to count FLOPs).
+    (the first request for a new input shape runs one extra denoiser forward to count FLOPs; if
+    that forward cannot run, the fraction is None and stats still returns).
     """
     session = session_of(pipe)
     if session is None:
@@ -126,7 +151,8 @@ def stats(pipe) -> dict:
     replaced = denoiser_replaced(session)
     if replaced:
         raise RuntimeError(replaced)
-    return session.stats()
+    with session.lock:  # a call running in another thread finishes first
+        return session.stats()
 
 
 __all__ = ["accelerate", "disable", "stats", "session_of", "PRESETS"]

@@ -49,33 +49,141 @@ import torch.nn.functional as F
 # ---- diffusers' hook registry ----------------------------------------------------------------
 
 
+def not_picklable_message() -> str:
+    return ("diffaccel: an accelerated pipeline or its denoiser cannot be pickled or torch.save'd (diffaccel's "
+            "hooks on it belong to the pipeline's session). Call diffaccel.disable(pipe) first and accelerate again "
+            "after loading, or save the weights only (save_pretrained / state_dict).")
+
+
+def not_copyable_message() -> str:
+    return ("diffaccel: an accelerated denoiser cannot be copied on its own (its hooks belong to the pipeline's "
+            "session). Copy the whole pipeline (copy.deepcopy(pipe) gives an independent accelerated copy), or call "
+            "diffaccel.disable(pipe) first.")
+
+
+@functools.cache
+def _hook_class() -> type:
+    from diffusers.hooks import ModelHook
+
+    class DiffaccelHook(ModelHook):
+        """Routes the module's forward through ``fn(original_forward, *args, **kwargs)``."""
+
+        def __init__(self, fn: Callable):
+            super().__init__()
+            self.fn = fn
+
+        def new_forward(self, module, *args, **kwargs):
+            return self.fn(self.fn_ref.original_forward, *args, **kwargs)
+
+        # A pickled or copied hook would call into the original session: refuse with a clear line.
+        def __reduce_ex__(self, protocol):
+            raise TypeError(not_picklable_message())
+
+        def __deepcopy__(self, memo):
+            raise TypeError(not_copyable_message())
+
+    return DiffaccelHook
+
+
 def hook_forward(module: torch.nn.Module, new_forward: Callable, name: str) -> Callable[[], None]:
     """Route ``module``'s forward through ``new_forward(original_forward, *args, **kwargs)``.
 
     Uses diffusers' HookRegistry (the mechanism behind its own cache hooks), so the hook composes
     with diffusers' hooks and CPU offload. Returns the function that removes it again and leaves
-    the module exactly as found.
+    the module exactly as found, also when hooks registered after it stay (see :func:`_remove_hook`).
     """
-    from diffusers.hooks import HookRegistry, ModelHook
-
-    class _Hook(ModelHook):
-        def new_forward(self, mod, *args, **kwargs):
-            return new_forward(self.fn_ref.original_forward, *args, **kwargs)
+    from diffusers.hooks import HookRegistry
 
     had_forward, had_registry = "forward" in vars(module), hasattr(module, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(_Hook(), name)
+    hook = _hook_class()(new_forward)
+    try:
+        registry.register_hook(hook, name)
+    except BaseException:
+        if not registry.hooks and not had_registry:
+            vars(module).pop("_diffusers_hook", None)
+        raise
 
     def remove() -> None:
-        registry.remove_hook(name, recurse=False)
+        if registry.hooks.get(name) is not hook:
+            return  # removed already (by diffusers' remove_hook with recurse, for instance)
+        _remove_hook(registry, name)
         if not registry.hooks and not had_registry:
             # HookRegistry leaves an instance ``forward`` (the class method, bound) and an empty
             # registry behind; drop both, or class-swapping patchers such as tomesd stop working.
             if not had_forward:
                 vars(module).pop("forward", None)
-            del module._diffusers_hook
+            vars(module).pop("_diffusers_hook", None)
 
     return remove
+
+
+def _remove_hook(registry, name: str) -> None:
+    """``registry.remove_hook(name, recurse=False)``, correct also when hooks follow it.
+
+    diffusers relinks the next hook by replacing its ``forward``; for a hook with ``new_forward``
+    (the next one calls ``fn_ref.original_forward``) that bypasses the next hook and keeps the
+    removed one running. Point the next hook's ``original_forward`` past the removed one instead.
+    """
+    order = registry._hook_order
+    index = order.index(name)
+    if index == len(order) - 1:
+        registry.remove_hook(name, recurse=False)
+        return
+    fn_ref, following = registry._fn_refs[index], registry._fn_refs[index + 1]
+    below = fn_ref.original_forward if fn_ref.original_forward is not None else fn_ref.forward
+    if following.original_forward is not None:
+        kept_forward = following.forward
+        registry.remove_hook(name, recurse=False)
+        following.forward, following.original_forward = kept_forward, below
+    else:
+        registry.remove_hook(name, recurse=False)
+
+
+# diffusers' caching techniques (``enable_cache`` / ``apply_*_cache``), by hook name and by module.
+_CACHE_HOOK_PREFIXES = ("faster_cache", "fbc_", "first_block_cache", "mag_cache", "pyramid_attention_broadcast",
+                        "sea_cache", "taylorseer", "text_kv_cache")
+_CACHE_HOOK_MODULES = ("faster_cache", "first_block_cache", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
+                       "taylorseer_cache", "text_kv_cache")
+
+
+def foreign_cache_hooks(root: torch.nn.Module) -> list[str]:
+    """Names of diffusers' cache hooks (FirstBlockCache, PAB, FasterCache, MagCache, TaylorSeer,
+    SeaCache, TextKVCache) registered on ``root`` or its submodules, plus the model's enabled cache
+    config (``CacheMixin._cache_config``)."""
+    found = []
+    config = getattr(root, "_cache_config", None)
+    if config is not None:
+        found.append(f"{type(config).__name__} (enable_cache)")
+    for module in root.modules():
+        registry = vars(module).get("_diffusers_hook")
+        for name, hook in (getattr(registry, "hooks", None) or {}).items():
+            origin = type(hook).__module__.rsplit(".", 1)[-1]
+            if (name.startswith(_CACHE_HOOK_PREFIXES) or origin in _CACHE_HOOK_MODULES) and name not in found:
+                found.append(name)
+    return found
+
+
+def check_no_foreign_cache(root: torch.nn.Module, when: str) -> None:
+    """Refuse to stack diffaccel on diffusers' own caching: both would decide what to skip, and
+    neither knows the other's decisions (stats would count reuses that never ran)."""
+    if when == "call":  # per pipeline call: the O(1) check (enable_cache sets _cache_config)
+        config = getattr(root, "_cache_config", None)
+        if config is None:
+            return
+        found = foreign_cache_hooks(root)
+    else:
+        found = foreign_cache_hooks(root)
+        if not found:
+            return
+    kind = type(root).__name__
+    if when == "call":
+        fix = (f"Call pipe's {kind}.disable_cache() to keep diffaccel, or diffaccel.disable(pipe) to keep diffusers' "
+               "cache.")
+    else:
+        fix = f"Call {kind}.disable_cache() first (diffaccel.AdaptiveCache / PAB / FasterCache replace them)."
+    raise ValueError(f"diffaccel does not stack with diffusers' cache hooks, and this {kind} has some: "
+                     f"{', '.join(found)}. {fix}")
 
 
 def invalidate_hook_caches(root: torch.nn.Module) -> None:

@@ -70,11 +70,11 @@ FAMILIES: dict[Family, FamilySpec] = {
         adapters="unet",
         capabilities=frozenset({Capability.SKIP_BRANCHES, Capability.TOKEN_MERGING, Capability.SPARSE_ATTENTION}),
         presets={
-            # DeepCache on its shallowest skip every 2 / 3 / 5 steps; "fast" adds ToMe, whose gate
-            # merges only where merging is measured to pay (large token counts).
+            # DeepCache on its shallowest skip every 2 / 3 / 5 steps; "fast" adds ToMe, gated: it merges
+            # only blocks with enough tokens for merging to pay (a fixed per-device rule, see tome.py).
             "quality": (("deepcache", dict(interval=2, skip_branch=0)),),
             "balanced": (("deepcache", dict(interval=3, skip_branch=0)),),
-            "fast": (("deepcache", dict(interval=5, skip_branch=0)), ("tome", dict(ratio=0.5, max_downsample=None))),
+            "fast": (("deepcache", dict(interval=5, skip_branch=0)), ("tome", dict(ratio=0.5, max_downsample=None, gate=True))),
         },
         method_defaults={
             "sliding_tile": dict(tile=(1, 8, 8), window=(1, 3, 3)),

@@ -39,6 +39,16 @@ class Installed:
         self._undo: list[Callable[[], None]] = []
         self._call_config: "Method | None" = None
         self.counters: dict[str, float] = {}
+        # Known to the session before the first hook goes in: if this handle's installation
+        # fails half-way, the session still removes what it had installed.
+        session.track(self)
+
+    # Hooks hold bound methods of handles: a pickled or copied denoiser must not carry them along.
+    def __reduce_ex__(self, protocol):
+        raise TypeError(compat.not_picklable_message())
+
+    def __deepcopy__(self, memo):
+        raise TypeError(compat.not_copyable_message())
 
     # ---- per call ----------------------------------------------------------------------------
     def reset(self) -> None:

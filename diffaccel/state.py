@@ -18,19 +18,26 @@ calls. During the call it follows the denoising loop in a :class:`CallContext`:
 
 The session sets all of these once per denoiser call, in a forward pre-hook registered before
 any method's. Outside a pipeline call (a user calling ``pipe.unet`` directly), ``ctx.active``
-is False and methods must compute normally.
+is False and methods must compute normally; it is also False in every thread other than the one
+running the pipeline call, so a denoiser call from another thread never sees the call's state.
+
+Threads: calls of one accelerated pipeline are serialised by a per-pipeline lock (a second
+thread waits until the first call returns), so every call starts from clean state and equals the
+same call made alone. Different pipelines (with their own denoisers) run in parallel.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 
 from diffaccel import compat
+from diffaccel.compat import check_no_foreign_cache, foreign_cache_hooks, not_picklable_message
 from diffaccel.flops import count_flops, flops_saved_fraction
 from diffaccel.pipelines.base import Adapter, TokenGrid
 
@@ -65,7 +72,8 @@ class CfgLayout:
 class CallContext:
     """State of the running pipeline call; the session updates it at every denoiser call."""
 
-    active: bool = False
+    running: bool = False
+    owner: int | None = None  # thread running the call: ``active`` is False in every other thread
     step: int = 0
     call_index: int = 0
     calls_in_step: int = 0
@@ -78,8 +86,23 @@ class CallContext:
     cfg: CfgLayout = CfgLayout(("cond",))
     # Denoiser calls made in the previous step: 2 means CFG runs as separate calls.
     prev_calls_in_step: int = 0
+    scheduler: Any = None  # the scheduler whose steps this call counts
     # (step, call_index, t_norm) of every denoiser call, for stats and tests.
     trace: list[tuple[int, int, float | None]] = field(default_factory=list)
+
+    def step_done(self) -> None:
+        self.step += 1
+        self.prev_calls_in_step = self.calls_in_step
+        self.calls_in_step = 0
+
+    @property
+    def active(self) -> bool:
+        """True inside a pipeline call, in the thread that runs it."""
+        return self.running and (self.owner is None or self.owner == threading.get_ident())
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self.running = bool(value)
 
     @contextlib.contextmanager
     def uncond_dropped(self) -> Iterator[None]:
@@ -110,12 +133,16 @@ def _timestep_value(t: Any) -> float | None:
 
 
 class Session:
-    """The acceleration attached to one pipeline: adapter, installed handles, call state."""
+    """The acceleration attached to one pipeline: adapter, installed handles, call state.
+
+    Nothing is hooked until :meth:`install`; ``configs`` are the method configs it installed (a
+    copy of the pipeline or a later ``accelerate`` re-installs them)."""
 
     def __init__(self, pipe, adapter: Adapter):
         self.pipe = pipe
         self.denoiser = adapter.denoiser  # the module accelerated (adapter.denoiser reads the pipeline live)
         self.adapter = adapter
+        self.configs: list[Method] = []
         self.installed: list[Installed] = []  # in application order
         self.providers: dict[str, ScheduleProvider] = {}  # method name -> per-call settings
         self.ctx = CallContext()
@@ -123,40 +150,41 @@ class Session:
         self.first_call: DenoiserInputs | None = None  # the running (or last) pipeline call's first denoiser call
         self._cfg_guess: bool | None = None  # per pipeline call, see _batched_cfg
         self._costs: dict[tuple, dict[str, int]] = {}  # input signature -> FLOPs per module path
-        self._hook = adapter.denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+        self._hook = None
+        # One call at a time: the handles keep the running call's caches (RLock: stats() may be
+        # asked from a step callback inside the call).
+        self.lock = threading.RLock()
+
+    # ---- pickling and copying: the hooks hold this session -----------------------------------
+    def __reduce_ex__(self, protocol):
+        raise TypeError(not_picklable_message())
+
+    def __deepcopy__(self, memo):
+        raise TypeError(compat.not_copyable_message())
 
     # ---- pipeline call -----------------------------------------------------------------------
     @contextlib.contextmanager
     def pipeline_call(self) -> Iterator[CallContext]:
         """Wraps one pipeline ``__call__``: fresh state, scheduler steps counted."""
-        self.ctx = CallContext(active=True)
-        self._cfg_guess = None
-        for handle in self.installed:
-            handle.reset()
-        scheduler = self.pipe.scheduler
-        had_own_step = "step" in vars(scheduler)
-        original_step = scheduler.step
-
-        def counted_step(*args, **kwargs):
-            out = original_step(*args, **kwargs)
-            self.ctx.step += 1
-            self.ctx.prev_calls_in_step = self.ctx.calls_in_step
-            self.ctx.calls_in_step = 0
-            return out
-
-        scheduler.step = counted_step
-        try:
-            yield self.ctx
-        finally:
-            if had_own_step:
-                scheduler.step = original_step
-            else:
-                del scheduler.step
-            self.ctx.active = False
-            self.last_stats = self._collect_stats()
-            # Cached activations are useless after the call; free them now.
-            for handle in self.installed:
-                handle.reset()
+        with self.lock:
+            if self.ctx.active:
+                raise RuntimeError("diffaccel: this accelerated pipeline was called from inside its own call (a step "
+                                   "callback?); nested calls of one pipeline are not supported.")
+            check_no_foreign_cache(self.adapter.denoiser, when="call")
+            self.ctx = CallContext(running=True, owner=threading.get_ident())
+            self._cfg_guess = None
+            scheduler = self.pipe.scheduler
+            try:
+                for handle in self.installed:
+                    handle.reset()
+                with counting_steps(scheduler, self.ctx):
+                    yield self.ctx
+            finally:
+                self.ctx.running = False
+                self.last_stats = self._collect_stats()
+                # Cached activations are useless after the call; free them now.
+                for handle in self.installed:
+                    handle.reset()
 
     def _on_denoiser_call(self, module, args, kwargs):
         ctx = self.ctx
@@ -202,39 +230,81 @@ class Session:
         return self._cfg_guess
 
     def module_costs(self) -> dict[str, int] | None:
-        """FLOPs per denoiser module path for the last call's input shapes (one counted forward)."""
+        """FLOPs per denoiser module path for the last call's input shapes (one counted forward).
+
+        None when they cannot be counted: the counting forward runs the denoiser outside any
+        pipeline call, which other libraries' hooks on it may refuse; stats must never fail."""
         if self.first_call is None:
             return None
         args, kwargs = self.first_call.args, self.first_call.kwargs
         key = _signature((args, kwargs))
         if key not in self._costs:
+            if foreign_cache_hooks(self.adapter.denoiser):
+                return None
             was_active, self.ctx.active = self.ctx.active, False  # methods pass through: full cost
             try:
                 _, per_module = count_flops(self.adapter.denoiser, *args, **kwargs)
+            except Exception:  # noqa: BLE001 - an estimate only; stats says it is unknown
+                return None
             finally:
                 self.ctx.active = was_active
             self._costs[key] = per_module
         return self._costs[key]
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def track(self, handle: "Installed") -> None:
+        """Called by every handle before it changes the model, so a failed install undoes it too."""
+        if handle not in self.installed:
+            self.installed.append(handle)
+
     def install(self, configs: Iterable["Method"]) -> None:
-        """Apply ``configs`` in order; on failure everything applied so far is removed."""
+        """Apply ``configs`` in order, all or nothing: on any failure, KeyboardInterrupt included,
+        everything applied so far (the failing handle's own partial changes too) is removed."""
+        denoiser = self.adapter.denoiser
         try:
+            owner = getattr(denoiser, _ATTR, None)
+            if owner is not None and owner is not self:
+                raise ValueError(
+                    f"This {type(denoiser).__name__} is already accelerated by another pipeline (pipelines made with "
+                    "type(pipe)(**pipe.components) share their denoiser). Call diffaccel.disable() on that pipeline "
+                    "first, or give this one its own denoiser (copy.deepcopy(pipe) makes an independent copy)."
+                )
+            check_no_foreign_cache(denoiser, when="accelerate")
+            object.__setattr__(denoiser, _ATTR, self)
+            self._hook = denoiser.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
             for config in configs:
-                self.installed.append(config.apply(self))
-        except Exception:
+                self.track(config.apply(self))
+                self.configs.append(config)
+        except BaseException:
             self.remove()
             raise
         finally:
-            compat.invalidate_hook_caches(self.adapter.denoiser)
+            compat.invalidate_hook_caches(denoiser)
+
+    def reinstall(self, configs: list["Method"]) -> None:
+        """Install ``configs`` again after :meth:`remove` (the session object stays the same)."""
+        self.configs = []
+        self.install(configs)
 
     def remove(self) -> None:
+        """Undo everything installed; every undo runs even if one fails (the first error is raised)."""
+        errors = []
         for handle in reversed(self.installed):
-            handle.remove()
+            try:
+                handle.remove()
+            except BaseException as err:  # noqa: BLE001 - keep removing, then report
+                errors.append(err)
         self.installed = []
         self.providers = {}
-        self._hook.remove()
-        compat.invalidate_hook_caches(self.adapter.denoiser)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        denoiser = self.adapter.denoiser
+        if vars(denoiser).get(_ATTR) is self:
+            object.__delattr__(denoiser, _ATTR)
+        compat.invalidate_hook_caches(denoiser)
+        if errors:
+            raise errors[0]
 
     def stats(self) -> dict:
         """What the last pipeline call computed and reused (see ``diffaccel.stats``)."""
@@ -256,6 +326,54 @@ class Session:
             "branches_per_step": max((i for _, i, _ in ctx.trace), default=-1) + 1,
             "methods": {h.config.name: h.stats() for h in self.installed},
         }
+
+
+# ---- counting scheduler steps ------------------------------------------------------------------
+_THREAD = threading.local()  # .calls: the pipeline calls running in this thread, innermost last
+_STEP_LOCK = threading.Lock()
+
+
+class _CountedStep:
+    """``scheduler.step`` while accelerated pipeline calls use the scheduler: after each step it
+    advances the step of the call running in the calling thread (other threads' steps, e.g. a
+    plain pipeline sharing the scheduler, are not counted). Installed once per scheduler however
+    many calls use it, removed when the last one ends."""
+
+    def __init__(self, scheduler, original, had_own: bool):
+        self.scheduler, self.original, self.had_own, self.users = scheduler, original, had_own, 0
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        for ctx in reversed(getattr(_THREAD, "calls", ())):
+            if ctx.scheduler is self.scheduler:
+                ctx.step_done()
+                break
+        return out
+
+
+@contextlib.contextmanager
+def counting_steps(scheduler, ctx: CallContext) -> Iterator[None]:
+    """Count ``scheduler``'s steps into ``ctx`` while the ``with`` block runs in this thread."""
+    ctx.scheduler = scheduler
+    with _STEP_LOCK:
+        wrapper = vars(scheduler).get("step")
+        if not isinstance(wrapper, _CountedStep):
+            wrapper = _CountedStep(scheduler, scheduler.step, "step" in vars(scheduler))
+            scheduler.step = wrapper
+        wrapper.users += 1
+    calls = _THREAD.__dict__.setdefault("calls", [])
+    calls.append(ctx)
+    try:
+        yield
+    finally:
+        calls.remove(ctx)
+        with _STEP_LOCK:
+            wrapper.users -= 1
+            if wrapper.users == 0 and vars(scheduler).get("step") is wrapper:
+                if wrapper.had_own:
+                    scheduler.step = wrapper.original
+                else:
+                    del scheduler.step
 
 
 def _identical_halves(inputs: DenoiserInputs | None) -> bool:
@@ -313,11 +431,12 @@ def _accelerated_class(cls: type) -> type:
 
     Python looks special methods up on the type, so wrapping ``__call__`` needs a subclass; the
     instance's ``__class__`` is swapped to it and back. It keeps the original name so
-    ``save_pretrained`` writes the original class into model_index.json.
+    ``save_pretrained`` writes the original class into model_index.json. ``copy.deepcopy`` gives
+    an independent accelerated copy; pickling is refused with a line saying to disable first.
     """
 
     def __call__(self, *args, **kwargs):
-        session: Session | None = getattr(self, _ATTR, None)
+        session: Session | None = session_of(self)
         if session is None:
             return cls.__call__(self, *args, **kwargs)
         replaced = denoiser_replaced(session)
@@ -326,25 +445,87 @@ def _accelerated_class(cls: type) -> type:
         with session.pipeline_call():
             return cls.__call__(self, *args, **kwargs)
 
-    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "_diffaccel_base": cls})
+    def __deepcopy__(self, memo):
+        return _deepcopy_accelerated(self, cls, memo)
+
+    def __reduce_ex__(self, protocol):
+        if session_of(self) is not None:
+            raise TypeError(not_picklable_message())
+        reduced = cls.__reduce_ex__(self, protocol)  # a plain pipeline (e.g. type(pipe)(**components)): as its class
+        if isinstance(reduced, tuple) and len(reduced) > 1 and reduced[1] and reduced[1][0] is type(self):
+            reduced = (reduced[0], (cls, *reduced[1][1:]), *reduced[2:])
+        return reduced
+
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__deepcopy__": __deepcopy__, "__reduce_ex__": __reduce_ex__,
+                                       "__module__": cls.__module__, "_diffaccel_base": cls})
+
+
+def _deepcopy_accelerated(pipe, base: type, memo: dict):
+    """``copy.deepcopy`` of an accelerated pipeline: the original is copied plain (its hooks lifted
+    for the copy and put back, under the session lock) and the copy accelerated with the same
+    configs, so both are independent: no hook, cache or session is shared."""
+    import copy
+
+    from diffaccel.pipelines import detect
+
+    session = session_of(pipe)
+    accelerated = type(pipe)
+    if session is None:
+        pipe.__class__ = base
+        try:
+            return copy.deepcopy(pipe, memo)
+        finally:
+            pipe.__class__ = accelerated
+    with session.lock:
+        if session.ctx.active:
+            raise RuntimeError("diffaccel: an accelerated pipeline cannot be copied from inside its own call.")
+        configs = list(session.configs)
+        session.remove()
+        vars(pipe).pop(_ATTR, None)
+        pipe.__class__ = base
+        try:
+            clone = copy.deepcopy(pipe, memo)
+        finally:
+            session.reinstall(configs)
+            setattr(pipe, _ATTR, session)
+            pipe.__class__ = accelerated
+    attach(clone, detect(clone), configs)
+    return clone
 
 
 def attach(pipe, adapter: Adapter, configs: Iterable["Method"]) -> Session:
-    """Install ``configs`` (validated already) on ``pipe``, replacing any previous session."""
+    """Install ``configs`` (validated already) on ``pipe``, replacing any previous session.
+
+    All or nothing: if installing fails (any exception, KeyboardInterrupt included), ``pipe`` is
+    left plain, with no hook of diffaccel on it."""
     detach(pipe)  # replace, never stack
     session = Session(pipe, adapter)
-    session.install(configs)
-    setattr(pipe, _ATTR, session)
-    pipe.__class__ = _accelerated_class(type(pipe))
+    try:
+        session.install(configs)
+        setattr(pipe, _ATTR, session)
+        pipe.__class__ = _accelerated_class(type(pipe))
+    except BaseException:
+        session.remove()
+        vars(pipe).pop(_ATTR, None)
+        _restore_class(pipe)
+        raise
     return session
 
 
 def detach(pipe) -> None:
-    """Remove the session from ``pipe``, restoring its class and modules exactly."""
+    """Remove the session from ``pipe``, restoring its class and modules exactly (waits for a call
+    running in another thread to finish)."""
     session: Session | None = getattr(pipe, _ATTR, None)
     if session is not None:
-        session.remove()
-        delattr(pipe, _ATTR)
+        with session.lock:
+            try:
+                session.remove()
+            finally:
+                vars(pipe).pop(_ATTR, None)
+    _restore_class(pipe)
+
+
+def _restore_class(pipe) -> None:
     base = getattr(type(pipe), "_diffaccel_base", None)
     if base is not None and type(pipe).__dict__.get("_diffaccel_base") is base:
         pipe.__class__ = base
@@ -352,4 +533,5 @@ def detach(pipe) -> None:
 
 def session_of(pipe) -> Session | None:
     """The session on an accelerated ``pipe`` (None when it is not accelerated)."""
-    return getattr(pipe, _ATTR, None)
+    session = vars(pipe).get(_ATTR) if hasattr(pipe, "__dict__") else None
+    return session if isinstance(session, Session) else None

@@ -1,4 +1,4 @@
-"""ToMe: parity with tomesd, the merge itself against a dense reference, the measured gate,
+"""ToMe: parity with tomesd, the merge itself against a dense reference, the token-count gate,
 reproducible randomness, K/V-only mode, PixArt, composition with DeepCache, bad input."""
 from __future__ import annotations
 
@@ -22,14 +22,6 @@ def ours(pipe, *methods):
 
 def tome_stats(pipe):
     return diffaccel.stats(pipe)["methods"]["tome"]
-
-
-@pytest.fixture
-def always_merge(monkeypatch):
-    """Make the gate's measurement say merging pays, whatever the tiny shapes' timings."""
-    monkeypatch.setattr(tome_module, "_GATE_DECISIONS", {})
-    monkeypatch.setattr(tome_module.ToMeInstalled, "_measure",
-                        lambda self, *a, **k: {"plain_ms": 2.0, "merged_ms": 1.0, "merge": True})
 
 
 # ---- the merge itself ---------------------------------------------------------------------
@@ -82,7 +74,7 @@ def test_matches_tomesd(settings):
     ref_pipe = deep_sd()
     tomesd.apply_patch(ref_pipe, use_rand=False, **settings)
     reference = call(ref_pipe, [item_inputs(0)], steps=3)
-    pipe = ours(deep_sd(), ToMe(use_rand=False, gate=False, **settings))
+    pipe = ours(deep_sd(), ToMe(use_rand=False, **settings))
     out = call(pipe, [item_inputs(0)], steps=3)
     assert (out - reference).abs().max().item() <= 1e-4
     assert tome_stats(pipe)["merged_blocks"] > 0 and diffaccel.stats(pipe)["flops_saved_fraction"] > 0
@@ -98,7 +90,7 @@ def test_composes_with_deepcache_like_both_references():
     helper.set_params(cache_interval=2, cache_branch_id=0)
     helper.enable()
     reference = call(ref_pipe, [item_inputs(1)], steps=5)
-    pipe = ours(deep_sd(), DeepCache(interval=2), ToMe(ratio=0.5, use_rand=False, gate=False))
+    pipe = ours(deep_sd(), DeepCache(interval=2), ToMe(ratio=0.5, use_rand=False))
     out = call(pipe, [item_inputs(1)], steps=5)
     assert (out - reference).abs().max().item() <= 1e-4
     methods = diffaccel.stats(pipe)["methods"]
@@ -106,7 +98,7 @@ def test_composes_with_deepcache_like_both_references():
 
 
 # ---- state contracts --------------------------------------------------------------------
-def test_random_choice_reproducible_and_batch_independent(always_merge):
+def test_random_choice_reproducible_and_batch_independent():
     pipe = ours(deep_sd(), ToMe(ratio=0.5))
     a, b = item_inputs(2), item_inputs(3)
     first = call(pipe, [a], steps=4)
@@ -119,25 +111,51 @@ def test_random_choice_reproducible_and_batch_independent(always_merge):
     assert tome_stats(pipe)["merged_blocks"] == 6 * 5  # 5 full-resolution blocks per step
 
 
-def test_gate_skips_where_merging_does_not_pay(monkeypatch):
-    monkeypatch.setattr(tome_module, "_GATE_DECISIONS", {})
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7, 0.75])
+def test_default_tome_matches_tomesd_at_every_ratio(ratio):
+    # The default config (gate off) merges exactly where tomesd does, whatever the machine.
+    ref_pipe = deep_sd()
+    tomesd.apply_patch(ref_pipe, ratio=ratio, use_rand=False)
+    reference = call(ref_pipe, [item_inputs(8)], steps=3)
+    out = call(ours(deep_sd(), ToMe(ratio=ratio, use_rand=False)), [item_inputs(8)], steps=3)
+    assert (out - reference).abs().max().item() <= 1e-4
+
+
+def test_gate_is_a_token_count_rule_not_a_timing():
     baseline = call(deep_sd(), [item_inputs(4)], steps=3)
-    pipe = ours(deep_sd(), ToMe(ratio=0.5))
+    pipe = ours(deep_sd(), ToMe(ratio=0.5, gate=True))  # 256 tokens < 4096 (the CPU default): plain
     out = call(pipe, [item_inputs(4)], steps=3)
     s = tome_stats(pipe)
+    assert s["gated_blocks"] == 15 and "merged_blocks" not in s and torch.equal(out, baseline)
     (decision,) = s["gate"].values()
-    assert set(decision) == {"plain_ms", "merged_ms", "merge"} and decision["plain_ms"] > 0
-    assert decision["merge"] == (decision["merged_ms"] < tome_module.GATE_MARGIN * decision["plain_ms"])
-    if decision["merge"]:
-        assert s["merged_blocks"] == 15 and "gated_blocks" not in s
-    else:  # 256 tokens: merging usually costs more than it saves; then nothing changes
-        assert s["gated_blocks"] == 15 and torch.equal(out, baseline)
-    assert len(tome_module._GATE_DECISIONS) == 1  # measured once per shape, then cached
-    call(pipe, [item_inputs(4)], steps=3)
-    assert len(tome_module._GATE_DECISIONS) == 1
+    assert decision == {"merge": False, "tokens": 256, "min_tokens": tome_module.GATE_MIN_TOKENS["cpu"], "device": "cpu",
+                        "rule": "256 tokens < 4096 (default for cpu)"}
+    # An explicit threshold (the user's own calibration) merges; the result is ToMe's without a gate.
+    pipe = ours(deep_sd(), ToMe(ratio=0.5, gate=True, gate_min_tokens=256))
+    out = call(pipe, [item_inputs(4)], steps=3)
+    assert tome_stats(pipe)["merged_blocks"] == 15 and "gated_blocks" not in tome_stats(pipe)
+    assert torch.equal(out, call(ours(deep_sd(), ToMe(ratio=0.5)), [item_inputs(4)], steps=3))
+    (decision,) = tome_stats(pipe)["gate"].values()
+    assert decision["merge"] and decision["rule"] == "256 tokens >= 256 (gate_min_tokens)"
+    with pytest.raises(ValueError, match="gate_min_tokens must be a positive integer"):
+        ours(deep_sd(), ToMe(gate=True, gate_min_tokens=0))
 
 
-def test_kv_mode_keeps_queries_and_merges_keys(always_merge):
+def test_output_does_not_depend_on_the_clock(monkeypatch):
+    import itertools
+    import time
+
+    expected = {gate: call(ours(deep_sd(), ToMe(ratio=0.5, gate=gate, gate_min_tokens=256)), [item_inputs(9)], steps=3)
+                for gate in (False, True)}
+    nonsense = itertools.cycle([1e9, -5.0, 0.0, 3.0e-7, 42.0])
+    for name in ("perf_counter", "monotonic", "time", "process_time"):
+        monkeypatch.setattr(time, name, lambda: next(nonsense))
+    for gate in (False, True):
+        out = call(ours(deep_sd(), ToMe(ratio=0.5, gate=gate, gate_min_tokens=256)), [item_inputs(9)], steps=3)
+        assert torch.equal(out, expected[gate])
+
+
+def test_kv_mode_keeps_queries_and_merges_keys():
     pipe = ours(deep_sd(), ToMe(ratio=0.5, mode="kv"))
     attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     seen = {}
@@ -151,7 +169,7 @@ def test_kv_mode_keeps_queries_and_merges_keys(always_merge):
     assert not torch.equal(out, call(deep_sd(), [item_inputs(5)], steps=3))
 
 
-def test_pixart_blocks(always_merge):
+def test_pixart_blocks():
     baseline = run("pixart", build("pixart"), steps=3)
     pipe = ours(build("pixart"), ToMe(ratio=0.5))
     out = run("pixart", pipe, steps=3)
@@ -160,13 +178,13 @@ def test_pixart_blocks(always_merge):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_smoke(always_merge, dtype):
+def test_low_precision_smoke(dtype):
     pipe = ours(deep_sd(dtype=dtype), ToMe(ratio=0.5, merge_mlp=True))
     out = call(pipe, [item_inputs(6, dtype)], steps=3)
     assert out.dtype == dtype and torch.isfinite(out.float()).all() and tome_stats(pipe)["merged_blocks"] == 15
 
 
-def test_direct_unet_call_passes_through(always_merge):
+def test_direct_unet_call_passes_through():
     pipe = ours(deep_sd(), ToMe(ratio=0.5))
     x, emb = torch.randn(1, 4, 16, 16), torch.randn(1, 8, 16)
     assert torch.equal(pipe.unet(x, 700, emb).sample, deep_sd().unet(x, 700, emb).sample)
@@ -196,12 +214,12 @@ def test_flops_saved_matches_flop_counter(settings):
     from diffaccel.flops import count_flops
 
     baseline, _ = count_flops(call, deep_sd(), [item_inputs(7)], steps=1)
-    pipe = ours(deep_sd(), ToMe(ratio=0.5, gate=False, **settings))
+    pipe = ours(deep_sd(), ToMe(ratio=0.5, **settings))
     merged, _ = count_flops(call, pipe, [item_inputs(7)], steps=1)
     assert tome_stats(pipe)["flops_saved"] == baseline - merged > 0
 
 
-def test_largest_grid_blocks_when_max_downsample_is_none(always_merge):
+def test_largest_grid_blocks_when_max_downsample_is_none():
     # SDXL's tiny pipe has its only transformer blocks one level down: level 1 selects none.
     with pytest.raises(ValueError, match="selects no transformer block.*at least 2"):
         ours(build("sdxl"), ToMe(ratio=0.5))

@@ -210,6 +210,8 @@ class DeepCacheInstalled(Installed):
 
     def _module_forward(self, path: str):
         def forward(original, *args, **kwargs):
+            if not self.session.ctx.active:  # outside the call, or another thread: plain
+                return original(*args, **kwargs)
             if self.mode == "reuse":
                 return self.cache[(self.session.ctx.call_index, path)]
             out = original(*args, **kwargs)
@@ -244,7 +246,6 @@ class DeepCacheInstalled(Installed):
     def _on_denoiser_call(self, module, args, kwargs):
         ctx = self.session.ctx
         if not ctx.active:
-            self.mode = "pass"
             return None
         sample = args[0] if args else kwargs.get("sample")
         signature = (tuple(sample.shape), sample.dtype, sample.device) if isinstance(sample, torch.Tensor) else None

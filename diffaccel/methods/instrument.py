@@ -15,6 +15,7 @@ Block rows also carry ``residual_rel_l1_by_half``: the residual change per CFG h
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
@@ -90,40 +91,39 @@ class InstrumentInstalled(Installed):
         if "output" in config.targets:
             watch.append(("", adapter.denoiser, "output"))
         for name, module, kind in watch:
-            handle = module.register_forward_hook(self._make_hook(name, kind), with_kwargs=True)
+            # A partial of a bound method, not a closure: pickling the denoiser then reaches the
+            # handle, which refuses with diffaccel's message.
+            handle = module.register_forward_hook(functools.partial(self._hook, name, kind), with_kwargs=True)
             self.on_remove(handle.remove)
 
     def reset_cache(self) -> None:
         self.previous = {}
 
-    def _make_hook(self, name: str, kind: str):
-        def hook(module, args, kwargs, output):
-            ctx = self.session.ctx
-            if not ctx.active:
-                return None
-            out = _first_tensor(output)
-            if out is None:
-                return None
-            row = {"step": ctx.step, "call_index": ctx.call_index, "t_norm": ctx.t_norm, "module": name, "kind": kind}
-            series = [("out", out)]
-            inp = args[0] if args else kwargs.get("hidden_states")
-            if kind == "block" and isinstance(inp, torch.Tensor) and inp.shape == out.shape:
-                series.append(("res", out - inp))
-            for tag, value in series:
-                key = (name, ctx.call_index, tag)
-                prev = self.previous.get(key)
-                if prev is not None and prev.shape == value.shape:
-                    rel, cos = change(value, prev)
-                    row["rel_l1" if tag == "out" else "residual_rel_l1"] = rel
-                    row["cosine" if tag == "out" else "residual_cosine"] = cos
-                self.previous[key] = value.detach().clone()
-            if len(series) > 1:
-                row.update(self._changes_by_half(name, series[1][1]))
-            self.rows.append(row)
-            self.count("records")
+    def _hook(self, name: str, kind: str, module, args, kwargs, output):
+        ctx = self.session.ctx
+        if not ctx.active:
             return None
-
-        return hook
+        out = _first_tensor(output)
+        if out is None:
+            return None
+        row = {"step": ctx.step, "call_index": ctx.call_index, "t_norm": ctx.t_norm, "module": name, "kind": kind}
+        series = [("out", out)]
+        inp = args[0] if args else kwargs.get("hidden_states")
+        if kind == "block" and isinstance(inp, torch.Tensor) and inp.shape == out.shape:
+            series.append(("res", out - inp))
+        for tag, value in series:
+            key = (name, ctx.call_index, tag)
+            prev = self.previous.get(key)
+            if prev is not None and prev.shape == value.shape:
+                rel, cos = change(value, prev)
+                row["rel_l1" if tag == "out" else "residual_rel_l1"] = rel
+                row["cosine" if tag == "out" else "residual_cosine"] = cos
+            self.previous[key] = value.detach().clone()
+        if len(series) > 1:
+            row.update(self._changes_by_half(name, series[1][1]))
+        self.rows.append(row)
+        self.count("records")
+        return None
 
     def _changes_by_half(self, name: str, residual: torch.Tensor) -> dict:
         """Residual change per CFG half: AdaptiveCache decides per half, so its planner needs each
@@ -161,4 +161,5 @@ def record(pipe, targets=TARGETS) -> Iterator[Recording]:
     try:
         yield recording
     finally:
-        detach(pipe)
+        if session_of(pipe) is session:  # an accelerate() inside the block replaced it: keep that
+            detach(pipe)

@@ -12,35 +12,38 @@ Unlike tomesd 0.1.3, no diffusers block is copied: only the block's attention / 
 are wrapped through diffusers' HookRegistry. Merge is one row gather plus an accumulating
 ``index_put_``, unmerge a single row gather. The random destination choice comes from a
 generator seeded by (seed, step, block), so the same seed gives the same image on every call
-and every batch item gets the same choice whatever the batch size. A measured gate skips
-merging in blocks where it would not pay (small token counts with SDPA). With
-``use_rand=False, gate=False`` the output matches ``tomesd.apply_patch(use_rand=False)``.
+and every batch item gets the same choice whatever the batch size. With ``use_rand=False`` the
+output matches ``tomesd.apply_patch(use_rand=False)`` at every ratio. The opt-in ``gate`` skips
+merging in blocks too small for it to pay (a token-count rule per device type, never a timing:
+the output depends only on the inputs, the seed and the config).
 
 Example::
 
     import diffaccel
     pipe = diffaccel.accelerate(pipe, methods=[diffaccel.ToMe(ratio=0.5)])
     image = pipe("a red circle").images[0]
-    print(diffaccel.stats(pipe)["methods"]["tome"])  # merged / gated blocks, gate timings
+    print(diffaccel.stats(pipe)["methods"]["tome"])  # merged / gated blocks, gate decisions
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from diffaccel.distributed import consensus_mean
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.validate import boolean, fraction, integer, one_of, positive_int
 
 HOOK_NAME = "diffaccel_tome"
 MODES = ("qkv", "kv")
-GATE_MARGIN = 0.97  # merge only where the merged block takes < 97% of the plain block's time
-_GATE_DECISIONS: dict[tuple, dict] = {}  # process-wide: (shape, dtype, device, settings) -> timings
+# Smallest token count of a block where merging pays, per device type (the gate's rule). Measured:
+# on CPU (fp32, SD1.5) ToMe r=0.5 is 0.99-1.04x at 256 px (1024 tokens) and 1.09-1.21x at 512 px
+# (4096 tokens), eval/results/bench_unet.md; with CUDA SDPA peers report ~1.0x at 4096 tokens and
+# 1.22x at 16384 (tomesd's README). A fixed rule, not a timing: timings differ between runs,
+# machines and loads, and an output must not.
+GATE_MIN_TOKENS = {"cpu": 4096, "cuda": 16384}
+GATE_MIN_TOKENS_OTHER = 16384
 
 
 @register
@@ -59,8 +62,13 @@ class ToMe(Method):
             (mode "qkv" only; tomesd's defaults).
         mode: ``"qkv"`` merge the self-attention's input and unmerge its output (tomesd);
             ``"kv"`` keep every query and merge only keys/values, with no unmerge.
-        gate: time each block shape once, merged vs unmerged, and skip merging where it is not
-            faster; ``False`` always merges (as tomesd does).
+        gate: skip merging in blocks with fewer tokens than ``gate_min_tokens`` (where merging
+            costs about as much as it saves). ``False`` (default) merges every chosen block, as
+            tomesd does. The decision depends only on the block's token count and the device
+            type, never on timings; ``stats`` lists it per block shape.
+        gate_min_tokens: the gate's threshold; None takes the measured default for the device
+            type (``GATE_MIN_TOKENS``: 4096 on CPU, 16384 on CUDA). Set it from your own
+            measurement (e.g. ``eval/bench.py --suite unet``) to calibrate the gate explicitly.
         seed: base seed of the destination choice.
     """
 
@@ -76,7 +84,8 @@ class ToMe(Method):
     merge_crossattn: bool = False
     merge_mlp: bool = False
     mode: str = "qkv"
-    gate: bool = True
+    gate: bool = False
+    gate_min_tokens: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -97,6 +106,10 @@ class ToMe(Method):
         if self.mode == "kv" and (self.merge_crossattn or self.merge_mlp or not self.merge_attn):
             raise ValueError("ToMe mode='kv' merges only the self-attention's keys/values: leave merge_attn=True "
                              "and merge_crossattn / merge_mlp False, or use mode='qkv'.")
+        if not isinstance(self.gate, bool):
+            raise ValueError(f"ToMe gate must be True or False, got {self.gate!r}; set gate_min_tokens for the threshold.")
+        if self.gate_min_tokens is not None:
+            positive_int(self.gate_min_tokens, "ToMe gate_min_tokens", "It is the smallest block token count that merges.")
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("ToMe with merge_attn, merge_crossattn and merge_mlp all False merges nothing; enable one.")
 
@@ -213,7 +226,7 @@ class ToMeInstalled(Installed):
             if spatial is None:
                 continue
             cross = next((a for a in inside if a.kind == "cross"), None)
-            hook_forward(self, block, self._block_forward(name, index, spatial, type(block).__name__), HOOK_NAME)
+            hook_forward(self, block, self._block_forward(name, index, spatial), HOOK_NAME)
             if config.merge_attn:
                 hook_forward(self, spatial.module, self._self_attention_forward(name, spatial.module), HOOK_NAME)
             if config.merge_crossattn and cross is not None:
@@ -241,7 +254,7 @@ class ToMeInstalled(Installed):
         dst, src = split_tokens(h, w, config.sx, config.sy, offsets)
         return TokenMerge(hidden, dst, src, r)
 
-    def _block_forward(self, name: str, index: int, spatial, block_type: str):
+    def _block_forward(self, name: str, index: int, spatial):
         adapter = self.session.adapter
 
         def forward(original, *args, **kwargs):
@@ -254,11 +267,10 @@ class ToMeInstalled(Installed):
             if h * w != hidden.shape[1]:
                 self.count("skipped_layout")
                 return original(*args, **kwargs)
-            make = lambda: self._plan(hidden, h, w, index)  # noqa: E731
-            if self.config.gate and not self._gate_allows(name, block_type, hidden, original, args, kwargs, make):
+            if self.config.gate and not self._gate_allows(hidden):
                 self.count("gated_blocks")
                 return original(*args, **kwargs)
-            self.plans[name] = make()
+            self.plans[name] = self._plan(hidden, h, w, index)
             try:
                 out = original(*args, **kwargs)
             finally:
@@ -275,7 +287,7 @@ class ToMeInstalled(Installed):
         kv_only = self.config.mode == "kv"
 
         def forward(original, *args, **kwargs):
-            plan = self.plans.get(name)
+            plan = self.plans.get(name) if self.session.ctx.active else None
             if plan is None or kwargs.get("encoder_hidden_states") is not None or kwargs.get("attention_mask") is not None:
                 return original(*args, **kwargs)
             hidden, rest, kw = _first(args, kwargs, "hidden_states")
@@ -291,7 +303,7 @@ class ToMeInstalled(Installed):
 
     def _merged_forward(self, name: str, arg_name: str, saving):
         def forward(original, *args, **kwargs):
-            plan = self.plans.get(name)
+            plan = self.plans.get(name) if self.session.ctx.active else None
             if plan is None:
                 return original(*args, **kwargs)
             hidden, rest, kw = _first(args, kwargs, arg_name)
@@ -313,46 +325,18 @@ class ToMeInstalled(Installed):
         per_token = sum(2.0 * m.in_features * m.out_features for m in ff.modules() if isinstance(m, torch.nn.Linear))
         return lambda plan, kw: per_token * plan.B * (plan.N - plan.M)
 
-    # ---- measured gate ---------------------------------------------------------------
-    def _gate_allows(self, name, block_type, hidden, original, args, kwargs, make) -> bool:
+    # ---- gate: a fixed rule on the block's shape and device --------------------------
+    def _gate_allows(self, hidden: torch.Tensor) -> bool:
         config: ToMe = self.config
-        key = (block_type, tuple(hidden.shape), str(hidden.dtype), str(hidden.device), config.ratio, config.mode,
-               config.merge_attn, config.merge_crossattn, config.merge_mlp, config.sx, config.sy)
-        if key not in _GATE_DECISIONS:
-            _GATE_DECISIONS[key] = self._measure(name, original, args, kwargs, make, hidden.device)
-        decision = _GATE_DECISIONS[key]
-        label = f"B={hidden.shape[0]} N={hidden.shape[1]} C={hidden.shape[2]} {hidden.dtype}".replace("torch.", "")
-        self.gate_seen[label] = decision
-        return decision["merge"]
-
-    def _measure(self, name, original, args, kwargs, make, device) -> dict:
-        """Median time of the block, unmerged vs merged (plan included), interleaved."""
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-        def timed(merged: bool) -> float:
-            sync()
-            start = time.perf_counter()
-            try:
-                if merged:
-                    self.plans[name] = make()
-                original(*args, **kwargs)
-                sync()
-            finally:
-                self.plans.pop(name, None)
-            return time.perf_counter() - start
-
-        with torch.no_grad():
-            timed(False), timed(True)  # warm-up: allocator, kernels
-            plain, merged = [], []
-            for _ in range(3):
-                plain.append(timed(False))
-                merged.append(timed(True))
-        times = torch.tensor([statistics.median(plain), statistics.median(merged)], dtype=torch.float64)
-        # Every rank must take the same decision: decide on the timings averaged across ranks.
-        times = consensus_mean(times.to(device)).cpu()
-        plain_s, merged_s = float(times[0]), float(times[1])
-        return {"plain_ms": round(plain_s * 1e3, 3), "merged_ms": round(merged_s * 1e3, 3),
-                "merge": merged_s < GATE_MARGIN * plain_s}
+        device = hidden.device.type
+        threshold = config.gate_min_tokens or GATE_MIN_TOKENS.get(device, GATE_MIN_TOKENS_OTHER)
+        tokens = int(hidden.shape[1])
+        merge = tokens >= threshold
+        label = f"B={hidden.shape[0]} N={tokens} C={hidden.shape[2]} {hidden.dtype}".replace("torch.", "")
+        self.gate_seen[label] = {"merge": merge, "tokens": tokens, "min_tokens": threshold, "device": device,
+                                 "rule": f"{tokens} tokens {'>=' if merge else '<'} {threshold}"
+                                         f" ({'gate_min_tokens' if config.gate_min_tokens else 'default for ' + device})"}
+        return merge
 
     def stats(self) -> dict:
         out = dict(self.counters)
