@@ -355,8 +355,11 @@ def variants(model: Model, pipe, probe: TimestepProbe, mag_ratios) -> dict[str, 
 
         out["diffaccel DeepCache(N=3, branch 0)"] = ours(methods=[diffaccel.DeepCache(interval=3, branch=0)])
         out["DeepCache lib (N=3, branch 0)"] = (deepcache_on, lambda: helper.pop("h").disable())
-        out["diffaccel ToMe(0.5)"] = ours(methods=[diffaccel.ToMe(ratio=0.5)])
-        out["tomesd(0.5)"] = (lambda: tomesd.apply_patch(pipe, ratio=0.5), lambda: tomesd.remove_patch(pipe))
+        depth = 2 if "xl" in model.config else 1  # SDXL has no transformer at full resolution
+        out[f"diffaccel ToMe(0.5, max_downsample {depth})"] = ours(methods=[diffaccel.ToMe(ratio=0.5,
+                                                                                            max_downsample=depth)])
+        out[f"tomesd(0.5, max_downsample {depth})"] = (lambda: tomesd.apply_patch(pipe, ratio=0.5, max_downsample=depth),
+                                                       lambda: tomesd.remove_patch(pipe))
         return out
     from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
                            TaylorSeerCacheConfig)
@@ -368,6 +371,9 @@ def variants(model: Model, pipe, probe: TimestepProbe, mag_ratios) -> dict[str, 
     def peer(make):
         def enable():
             tr.enable_cache(make())
+            # hook registries were added to the blocks: drop the root's cached list of them, or the
+            # cache context below does not reach the new ones (PixArt got the mixin bolted on)
+            getattr(getattr(tr, "_diffusers_hook", None), "invalidate_child_registries_cache", lambda: None)()
             if model.kind == "dit":  # PixArt's pipeline sets no cache context: hold one for the call
                 scope.append(tr.cache_context("cond"))
                 scope[-1].__enter__()
