@@ -20,10 +20,14 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_suite.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=$(command -v python3 || command -v python)
-if ! "$PY" -c "import diffusers, diffaccel.kernels" 2>/dev/null; then
+REPO=$PWD
+# `python -c` puts the current directory first on sys.path, where kernels/ would shadow the
+# `kernels` package transformers imports: every check runs from /tmp.
+if ! (cd /tmp && "$PY" -c "import diffusers, diffaccel.kernels") 2>/dev/null; then
   SITE=${SITE:-/tmp/diffaccel-site}
   if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+    (cd /tmp && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$REPO"/.whl/*.whl) || exit 1
   fi
   LINKS=/tmp/diffaccel-src
   rm -rf "$LINKS" && mkdir -p "$LINKS/diffaccel"
@@ -34,7 +38,7 @@ if ! "$PY" -c "import diffusers, diffaccel.kernels" 2>/dev/null; then
   export PYTHONPATH="$LINKS:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-"$PY" -c "import torch, diffusers, diffaccel; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+(cd /tmp && "$PY" -c "import torch, diffusers, diffaccel; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cuda', torch.cuda.is_available())") || exit 1
 # The suite stops itself by its section budgets (480 s); the timeout is a last resort.
 timeout "${SUITE_LIMIT:-540}" "$PY" eval/gpu_suite.py "$@"
 status=$?

@@ -33,7 +33,7 @@ def test_smoke_models_and_sta(tmp_path):
     names = {(row[0], row[1]) for row in models}
     errors = [row for row in models if "ERROR" in " ".join(row) or "skipped" in " ".join(row)]
     assert not errors, errors
-    for expected in [("SD1.5 512px", "DeepCache lib (N=3, branch 0)"), ("SD1.5 512px", "tomesd(0.5)"),
+    for expected in [("SD1.5 512px", "DeepCache lib (N=3, branch 0)"), ("SD1.5 512px", "tomesd(0.5, max_downsample 1)"),
                      ("SD1.5 512px", "diffaccel preset balanced"), ("CogVideoX-2b 49x480x720", "diffusers FirstBlockCache(0.2)"),
                      ("CogVideoX-2b 49x480x720", "diffusers TaylorSeerCache(interval 3)"),
                      ("CogVideoX-2b 49x480x720", "diffaccel preset fast")]:
@@ -55,7 +55,9 @@ def test_smoke_every_section(tmp_path):
         assert (tmp_path / name).exists(), name
     models = _rows(tmp_path / "gpu_models.md")
     assert {row[0] for row in models} == {m.name for m in suite.MODELS}
-    assert not [row for row in models if "ERROR" in " ".join(row)]
+    # a peer that cannot serve a model is a result (its row says why); ours must all run
+    ours = [row for row in models if row[1] == "baseline" or row[1].startswith("diffaccel")]
+    assert ours and not [row for row in ours if "ERROR" in " ".join(row)], ours
     profile = _rows(tmp_path / "gpu_profile.md")
     assert profile and profile[0][3] == "0", profile
     compiled = _rows(tmp_path / "gpu_compile.md")
