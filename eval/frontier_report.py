@@ -96,7 +96,8 @@ def mark_peer_wins(rows: list[dict]) -> None:
 
 def _fmt_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['method']} | {r['setting']} | - | cannot run: {r['error']} | - | - | - |"
+        why = r["error"] if r["error"].startswith("not run yet") else "cannot run: " + r["error"]
+        return f"| {r['method']} | {r['setting']} | - | {why} | - | - | - |"
     psnr = "identical" if r["identical"] == r["seeds"] else f"{r['psnr']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]"
     if 0 < r["identical"] < r["seeds"]:
         psnr += f" ({r['identical']} identical)"
