@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO / "eval"))
 
 OURS = ["quality", "balanced", "fast", "target@1.5", "target@2", "target@2.5", "target@3"]
 _DIT_PEERS = (  # three settings each around the documented default, most telling first
-    [f"diffusers.mag:threshold={t}" for t in (0.03, 0.06, 0.12)]
+    [f"diffusers.mag:threshold={t}" for t in (0.03, 0.06, 0.12, 0.24)]
     + [f"diffusers.taylorseer:cache_interval={n}" for n in (2, 3, 5)]
     + ["diffusers.taylorseer:cache_interval=3,identifiers='default'"]  # its defaults: hooks nothing here
     + [f"diffusers.fbc:threshold={t}" for t in (0.05, 0.1, 0.2)]
@@ -68,6 +69,7 @@ def add_arguments(p) -> None:
     p.add_argument("--peers", default=None, help="peer specs, ';'-separated (default: every peer at its settings; '' for none)")
     p.add_argument("--only", default="", help="comma-separated substrings: run only configs whose spec holds one")
     p.add_argument("--rounds", type=int, default=5, help="paired timing rounds per config (0: no wall timing)")
+    p.add_argument("--time", default="", help="';'-separated specs to time (a trailing * matches a prefix; default all)")
     p.add_argument("--lock", default=os.environ.get("DIFFACCEL_BENCH_LOCK"),
                    help="directory to create while timing (waits while it exists)")
     p.add_argument("--report-only", action="store_true",
@@ -369,12 +371,14 @@ def main(args) -> int:
         clock[config.spec] = time.monotonic() - start
         print(f"{config.spec}: quality done ({clock[config.spec]:.0f}s)", flush=True)
     t_quality = time.monotonic() - t0
-    runnable = [c for c in configs if "error" not in results[c.spec]]
+    timed = parse_specs(args.time)
+    runnable = [c for c in configs if "error" not in results[c.spec] and (not timed or any(
+        w == c.spec or (w.endswith("*") and c.spec.startswith(w[:-1])) for w in timed))]
     timings = runner.timing(runnable, seeds[0], args.rounds) if args.rounds > 0 else {}
     t_total = time.monotonic() - t0
     rows = summarise(configs, results, timings)
     out = args.out or REPO / "eval" / "results" / f"frontier_{args.model}.md"
-    command = "python eval/bench.py " + " ".join(sys.argv[1:])
+    command = "python eval/bench.py " + shlex.join(sys.argv[1:])
     write_report(out, rows, model=args.model, steps=runner.steps, seeds=seeds, captions=args.captions,
                  command=command, seconds=(t_quality, t_total - t_quality), rounds=args.rounds)
     print(out.read_text())
