@@ -3,6 +3,8 @@
     python eval/bench.py --suite unet     # DeepCache / tomesd vs diffaccel (eval/bench_unet.py)
     python eval/bench.py --suite dit      # PixArt-alpha: diffusers' caches, cache-dit vs ours (eval/bench_dit.py)
     python eval/bench.py --suite video    # CogVideoX-2b: the same (eval/bench_dit.py)
+    python eval/bench.py --suite frontier --model tiny-dit   # quality at speed on a bundled trained model,
+                                          # PSNR vs FLOPs saved vs wall, ours and every peer (eval/frontier.py)
 
 Each suite lives in its own module beside this script, with ``add_arguments(parser)`` and
 ``main(args)``; add a suite by adding its module to SUITES. (Run as a script, Python puts this
@@ -17,6 +19,7 @@ SUITES = {
     "unet": "bench_unet",
     "dit": "bench_dit",
     "video": "bench_dit",
+    "frontier": "frontier",
 }
 
 
@@ -27,8 +30,8 @@ def main(argv=None) -> None:
     module = importlib.import_module(SUITES[known.suite])
     parser = argparse.ArgumentParser(description=f"diffaccel bench, suite {known.suite}", parents=[suite_arg])
     module.add_arguments(parser)
-    module.main(parser.parse_args(argv))
+    return module.main(parser.parse_args(argv)) or 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
