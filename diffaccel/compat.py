@@ -192,6 +192,9 @@ class AttentionCall:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """Unmasked attention of (batch, heads, seq, dim) tensors on the user's backend (for the
         dense parts of a sparse method)."""
+        # Kernels (CPU flash, flash-attn, sage) need the head dim contiguous; pooled or sliced
+        # tensors may not have it.
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return self.attend_fn(q, k, v, scale)
 
 
@@ -271,6 +274,7 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+@functools.lru_cache(maxsize=256)
 def _attention_globals(fn) -> dict[str, str]:
     """Global names through which ``fn`` reaches attention: name -> "functional" | "sdpa" | "dispatch"."""
     code = getattr(fn, "__code__", None)
@@ -376,16 +380,17 @@ def route_attention(module: torch.nn.Module, handler: Callable[[AttentionCall], 
 
 
 def attention_backend_of(module: torch.nn.Module) -> str:
-    """What computes ``module``'s attention, for stats: the processor class and, where the
-    processor uses diffusers' dispatch, its backend (``"WanAttnProcessor/native"``), else
-    ``"/sdpa"`` for processors calling torch's SDPA."""
+    """What computes ``module``'s attention, for stats: the dispatch backend name where its
+    processor uses diffusers' dispatch (``"native"``, ``"flash"``), ``"sdpa"`` (or
+    ``"sdpa=<function>"``) where it calls torch's SDPA, else the processor's class name
+    (``"XFormersAttnProcessor"``)."""
     processor = getattr(module, "processor", None)
     processor = vars(processor)["original"] if isinstance(processor, RoutedProcessor) else processor
     kinds = set(_attention_globals(getattr(type(processor), "__call__", None)).values())
     if "dispatch" in kinds:
-        return f"{type(processor).__name__}/{dispatch_backend_name(getattr(processor, '_attention_backend', None))}"
+        return dispatch_backend_name(getattr(processor, "_attention_backend", None))
     if kinds:
-        return f"{type(processor).__name__}/{_sdpa_name(F.scaled_dot_product_attention)}"
+        return _sdpa_name(F.scaled_dot_product_attention)
     return type(processor).__name__
 
 

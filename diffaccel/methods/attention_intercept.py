@@ -84,8 +84,7 @@ class SparseAttentionHook:
         ctx = session.ctx
         if not ctx.active:
             return None
-        backends = self.installed.counters.setdefault("attention_backend", {})
-        backends[call.backend] = backends.get(call.backend, 0) + 1
+        count_backend(self.installed, call.backend)
         if ctx.grid is None:
             return None
         if call.parallel:
@@ -114,6 +113,18 @@ class SparseAttentionHook:
             out = self.attend(first(query), first(key), first(value), layout, setting, call)
             return torch.cat([out[:, :, text:], out[:, :, :text]], dim=2)
         return self.attend(query, key, value, layout, setting, call)
+
+
+def count_backend(installed: Installed, backend: str) -> None:
+    """Count one attention call computed by ``backend`` in ``installed``'s stats
+    (``attention_backend``: {backend name: calls}), so stats say what ran the attention."""
+    backends = installed.counters.setdefault("attention_backend", {})
+    backends[backend] = backends.get(backend, 0) + 1
+
+
+def count_module_backend(installed: Installed, module) -> None:
+    """:func:`count_backend` for a call of attention ``module`` as a whole (reuse methods)."""
+    count_backend(installed, compat.attention_backend_of(module))
 
 
 def step_fraction(ctx) -> float | None:

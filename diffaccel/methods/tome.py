@@ -34,6 +34,7 @@ import torch
 
 from diffaccel.distributed import consensus_mean
 from diffaccel.families import Capability
+from diffaccel.methods.attention_intercept import count_module_backend
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.validate import fraction, one_of, positive_int
 
@@ -277,6 +278,7 @@ class ToMeInstalled(Installed):
                 return original(*args, **kwargs)
             hidden, rest, kw = _first(args, kwargs, "hidden_states")
             B, N = plan.B, plan.N
+            count_module_backend(self, attn)  # merged tokens go through the module's own processor
             if kv_only:
                 kw["encoder_hidden_states"] = plan.merge(hidden)
                 self.count("flops_saved", _attention_flops(attn, B, N, N) - _attention_flops(attn, B, N, plan.M))
