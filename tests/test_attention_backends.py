@@ -34,8 +34,22 @@ def _run(name, pipe, steps=4):
     return getattr(out, "frames", getattr(out, "images", None)) if not isinstance(out, tuple) else out[0]
 
 
-def test_cpu_backends_are_enumerated():
-    assert {"native", "_native_math"} <= set(cpu_dispatch_backends())
+def test_cpu_backends_are_enumerated_and_the_rest_are_gpu_cases():
+    """A backend diffusers adds must land in the CPU tests or in the GPU suite's case list."""
+    import importlib.util
+    from pathlib import Path
+
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    path = Path(__file__).parents[1] / "eval" / "gpu_backends.py"
+    spec = importlib.util.spec_from_file_location("gpu_backends", path)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    cpu = set(cpu_dispatch_backends())
+    assert {"native", "_native_math"} <= cpu
+    for backend in (b.value for b in _AttentionBackendRegistry.list_backends()):
+        assert backend in cpu or backend in gpu.CUDA_BACKENDS or any(tag in backend for tag in gpu.NOT_RUN), backend
+    assert {"flash", "sage", "xformers"} <= {b for b, _ in gpu.cases()}
 
 
 @pytest.mark.parametrize("method", list(METHODS))
