@@ -20,10 +20,16 @@ function                       private surface it relies on                     
                                (0.42) or ``HookRegistry._set_context`` (0.35)
 :func:`num_timesteps`          ``pipe._num_timesteps``, set by ``__call__`` before    diffusers 0.35.2, 0.42.1
                                the denoising loop
-:func:`intercept_sdpa`         diffusers' attention processors and native attention   diffusers 0.35.2, 0.42.1;
-                               dispatch look ``torch.nn.functional.                   torch 2.13
-                               scaled_dot_product_attention`` up at call time, so
-                               rebinding the module attribute reaches them
+:func:`route_attention`        a processor's ``__call__`` reaches attention through   diffusers 0.35.2, 0.42.1;
+                               a module global: ``F`` (``torch.nn.functional``) or    torch 2.13
+                               ``dispatch_attention_fn`` (``diffusers.models.
+                               attention_dispatch``, tensors (batch, seq, heads,
+                               dim), ``backend=`` / ``parallel_config=``); the
+                               module attribute ``processor`` holds it; backend
+                               names from ``_AttentionBackendRegistry``
+:func:`register_attention_    ``AttentionBackendName`` (an Enum: a member is added),  diffusers 0.42.1
+backend`                       ``_AttentionBackendRegistry.register`` / ``_backends``
+                               / ``_constraints`` / ``_supported_arg_names``
 :func:`register_cpu_sdpa_      ``torch.ops.aten._scaled_dot_product_flash_attention_  torch 2.13
 flop_formula`                  for_cpu`` (counted as 0 FLOPs by ``FlopCounterMode``),
                                ``torch.utils.flop_counter.register_flop_formula`` and
@@ -40,7 +46,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
+import inspect
+import operator
+import types
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -242,47 +251,283 @@ def dtype_kwargs(dtype) -> dict[str, Any]:
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
-# ---- scaled dot-product attention ------------------------------------------------------------
+# ---- attention routing: processors and diffusers' attention dispatch -------------------------
+#
+# A method that changes the attention *math* of one module (sliding tile, mediators) must not
+# copy diffusers' processors (projections, norms, RoPE, text concatenation differ per model and
+# per release) and must not rebind ``torch.nn.functional.scaled_dot_product_attention`` process-
+# wide (another pipeline in another thread would see it). So the module gets its own processor:
+# the same object's ``__call__`` code, run with a private globals dict in which the names it
+# reaches attention through (``F`` / ``scaled_dot_product_attention`` / ``dispatch_attention_fn``)
+# lead to a handler. Nothing global changes; the dense call still goes to whatever the user
+# selected (torch SDPA as the user may have patched it, or the dispatch backend the processor
+# names), looked up at call time.
 
-real_sdpa = F.scaled_dot_product_attention  # the unpatched function, for code that must bypass interception
-_handler = threading.local()
+_TORCH_SDPA = F.scaled_dot_product_attention  # torch's own, to name the backend in stats
 
 
-def _dispatching_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    handler = getattr(_handler, "fn", None)
-    if handler is None:
-        return real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                         scale=scale, **kwargs)
-    _handler.fn = None  # the handler may call SDPA itself: no recursion
+def _dispatch_module():
     try:
-        return handler(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                       scale=scale, **kwargs)
-    finally:
-        _handler.fn = handler
+        from diffusers.models import attention_dispatch
+    except ImportError:  # a diffusers without attention dispatch: processors call SDPA
+        return None
+    return attention_dispatch
 
 
-@contextlib.contextmanager
-def intercept_sdpa(handler: Callable) -> Iterator[None]:
-    """While active (in this thread), ``F.scaled_dot_product_attention`` calls go to
-    ``handler(q, k, v, **sdpa_kwargs)``.
+@dataclass
+class AttentionCall:
+    """One attention call of a routed processor, with q, k, v as (batch, heads, seq, head_dim).
 
-    The module attribute is rebound for the duration only, so code outside the scope (and other
-    threads, which see no handler) get plain SDPA. Not safe against another library rebinding the
-    same attribute concurrently.
+    ``extra`` holds further keyword arguments that change the math (``enable_gqa=True``,
+    dispatch ``attention_kwargs``); it is empty in the plain case. ``backend`` names the user's
+    attention: ``"sdpa"`` (torch's), ``"sdpa=<module.function>"`` (a function the user put in its
+    place) or the diffusers dispatch backend (``"native"``, ``"flash"``, ``"sage"`` ...).
+    ``parallel`` is True when diffusers' context parallelism shards this call's sequence.
     """
-    replaced = F.scaled_dot_product_attention
-    installed_here = replaced is not _dispatching_sdpa
-    if installed_here:
-        F.scaled_dot_product_attention = _dispatching_sdpa
-    previous = getattr(_handler, "fn", None)
-    _handler.fn = handler
-    try:
-        yield
-    finally:
-        _handler.fn = previous
-        if installed_here:
-            F.scaled_dot_product_attention = replaced
 
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: Any
+    dropout_p: float
+    is_causal: bool
+    scale: float | None
+    backend: str
+    attend_fn: Callable[..., torch.Tensor]
+    extra: dict = field(default_factory=dict)
+    parallel: bool = False
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """Unmasked attention of (batch, heads, seq, dim) tensors on the user's backend (for the
+        dense parts of a sparse method)."""
+        # Kernels (CPU flash, flash-attn, sage) need the head dim contiguous; pooled or sliced
+        # tensors may not have it.
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        return self.attend_fn(q, k, v, scale)
+
+
+def _sdpa_name(fn) -> str:
+    if fn is _TORCH_SDPA:
+        return "sdpa"
+    return f"sdpa={getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _routed_sdpa(handler: Callable[[AttentionCall], torch.Tensor | None]) -> Callable:
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                     **kwargs):
+        sdpa = F.scaled_dot_product_attention  # at call time: the user may have installed another one
+        extra = {k: v for k, v in kwargs.items() if not (k == "enable_gqa" and v is False)}
+        call = AttentionCall(query, key, value, attn_mask, dropout_p, is_causal, scale, _sdpa_name(sdpa),
+                             lambda q, k, v, s: sdpa(q, k, v, scale=s), extra)
+        out = handler(call)
+        if out is None:
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        **kwargs)
+        return out
+
+    return scaled_dot_product_attention
+
+
+@functools.cache
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def dispatch_backend_name(backend) -> str:
+    """The name of a dispatch ``backend`` argument; None means the registry's active backend."""
+    if backend is None:
+        backend = _dispatch_module()._AttentionBackendRegistry.get_active_backend()[0]
+    return str(getattr(backend, "value", backend))
+
+
+def _routed_dispatch(handler: Callable[[AttentionCall], torch.Tensor | None]) -> Callable:
+    def dispatch_attention_fn(*args, **kwargs):
+        real = _dispatch_module().dispatch_attention_fn  # at call time, like the processor would
+        bound = _signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        backend = a.get("backend")
+        known = {"query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "backend", "parallel_config"}
+        extra = {k: v for k, v in a.items() if k not in known and v not in (None, False, {})}
+
+        def attend(q, k, v, s):  # (B, H, S, D) in and out; the dispatch layout is (B, S, H, D)
+            return real(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=s,
+                        backend=backend).transpose(1, 2)
+
+        call = AttentionCall(a["query"].transpose(1, 2), a["key"].transpose(1, 2), a["value"].transpose(1, 2),
+                             a.get("attn_mask"), a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale"),
+                             dispatch_backend_name(backend), attend, extra, a.get("parallel_config") is not None)
+        out = handler(call)
+        return real(*args, **kwargs) if out is None else out.transpose(1, 2)
+
+    return dispatch_attention_fn
+
+
+class _Functional(types.ModuleType):
+    """``torch.nn.functional`` with another ``scaled_dot_product_attention``."""
+
+    def __init__(self, sdpa: Callable):
+        super().__init__(F.__name__)
+        self.scaled_dot_product_attention = sdpa
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:  # nested functions share the globals
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+@functools.lru_cache(maxsize=256)
+def _attention_globals(fn) -> dict[str, str]:
+    """Global names through which ``fn`` reaches attention: name -> "functional" | "sdpa" | "dispatch"."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return {}
+    names, scope = _code_names(code), fn.__globals__
+    dispatch = _dispatch_module()
+    dispatch_fn = getattr(dispatch, "dispatch_attention_fn", None)
+    found = {}
+    for name in names & scope.keys():
+        value = scope[name]
+        if value is F and "scaled_dot_product_attention" in names:
+            found[name] = "functional"
+        elif value is F.scaled_dot_product_attention or value is _TORCH_SDPA:
+            found[name] = "sdpa"
+        elif dispatch_fn is not None and value is dispatch_fn:
+            found[name] = "dispatch"
+    return found
+
+
+def attention_route_problem(processor) -> str | None:
+    """Why ``processor``'s attention cannot be routed (None when it can)."""
+    if processor is None:
+        return "it has no attention processor"
+    if isinstance(processor, RoutedProcessor):
+        return "its processor is already routed by another diffaccel method"
+    if isinstance(processor, torch.nn.Module):
+        return (f"its processor {type(processor).__name__} is a torch module with weights of its own (IP-Adapter, "
+                f"LoRA-style processors), which diffaccel does not wrap")
+    if not _attention_globals(getattr(type(processor), "__call__", None)):
+        return (f"its processor {type(processor).__name__} reaches attention neither through torch's "
+                f"scaled_dot_product_attention nor through diffusers' dispatch_attention_fn (xformers processors, "
+                f"the classic AttnProcessor and custom kernels compute it themselves)")
+    if getattr(processor, "_parallel_config", None) is not None:
+        return "diffusers' context parallelism shards its sequence across ranks"
+    return None
+
+
+class RoutedProcessor:
+    """A module's attention processor with its attention call routed to a handler.
+
+    Runs the original processor's own ``__call__`` code (bound to the original object, whose
+    attributes, e.g. ``_attention_backend`` set by ``set_attention_backend``, it reads and writes),
+    so diffusers' projections, norms and RoPE are untouched. Pickles and deep-copies as the
+    original processor: a saved or copied model carries no diffaccel code.
+    """
+
+    def __init__(self, original, handler: Callable[[AttentionCall], torch.Tensor | None]):
+        call = type(original).__call__
+        scope = dict(call.__globals__)
+        for name, kind in _attention_globals(call).items():
+            if kind == "functional":
+                scope[name] = _Functional(_routed_sdpa(handler))
+            elif kind == "sdpa":
+                scope[name] = _routed_sdpa(handler)
+            else:
+                scope[name] = _routed_dispatch(handler)
+        routed = types.FunctionType(call.__code__, scope, call.__name__, call.__defaults__, call.__closure__)
+        routed.__kwdefaults__, routed.__qualname__ = call.__kwdefaults__, call.__qualname__
+        # Attention.forward reads ``processor.__call__``'s signature to filter keyword arguments.
+        vars(self).update(original=original, __call__=types.MethodType(routed, original))
+
+    def __call__(self, *args, **kwargs):
+        return vars(self)["__call__"](*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "original":
+            raise AttributeError(name)
+        return getattr(vars(self)["original"], name)
+
+    def __setattr__(self, name, value):
+        setattr(vars(self)["original"], name, value)
+
+    def __reduce_ex__(self, protocol):
+        # Rebuilt as the original: itemgetter(0)((original,)), which unpickles without diffaccel.
+        return operator.itemgetter(0), ((vars(self)["original"],),)
+
+    def __repr__(self) -> str:
+        return f"RoutedProcessor({vars(self)['original']!r})"
+
+
+def route_attention(module: torch.nn.Module, handler: Callable[[AttentionCall], torch.Tensor | None]):
+    """Give ``module`` a :class:`RoutedProcessor` whose attention calls go to ``handler(call)``.
+
+    ``handler`` returns the output as (batch, heads, seq, dim), or None to run the call as the
+    processor would (on the user's backend). Returns ``(processor, remove)``; ``remove`` puts the
+    original processor back unless the user replaced the routed one meanwhile. Raises ValueError
+    naming the reason when the module's attention cannot be routed (see
+    :func:`attention_route_problem`).
+    """
+    original = getattr(module, "processor", None)
+    problem = attention_route_problem(original)
+    if problem:
+        raise ValueError(problem)
+    routed = RoutedProcessor(original, handler)
+    module.processor = routed
+
+    def remove() -> None:
+        if vars(module).get("processor") is routed:
+            module.processor = original
+
+    return routed, remove
+
+
+def attention_backend_of(module: torch.nn.Module) -> str:
+    """What computes ``module``'s attention, for stats: the dispatch backend name where its
+    processor uses diffusers' dispatch (``"native"``, ``"flash"``), ``"sdpa"`` (or
+    ``"sdpa=<function>"``) where it calls torch's SDPA, else the processor's class name
+    (``"XFormersAttnProcessor"``)."""
+    processor = getattr(module, "processor", None)
+    processor = vars(processor)["original"] if isinstance(processor, RoutedProcessor) else processor
+    kinds = set(_attention_globals(getattr(type(processor), "__call__", None)).values())
+    if "dispatch" in kinds:
+        return dispatch_backend_name(getattr(processor, "_attention_backend", None))
+    if kinds:
+        return _sdpa_name(F.scaled_dot_product_attention)
+    return type(processor).__name__
+
+
+def register_attention_backend(name: str, fn: Callable, constraints: list[Callable] | None = None) -> Callable[[], None]:
+    """Add an attention backend ``name`` to diffusers' dispatch (for tests and quantization
+    studies): afterwards ``model.set_attention_backend(name)`` selects ``fn``, which is called with
+    the dispatch keyword arguments its signature names (query, key, value as (batch, seq, heads,
+    dim), attn_mask, dropout_p, is_causal, scale, ...). Returns the function that removes it."""
+    dispatch = _dispatch_module()
+    if dispatch is None:
+        raise RuntimeError("this diffusers has no attention dispatch (diffusers.models.attention_dispatch)")
+    enum, registry = dispatch.AttentionBackendName, dispatch._AttentionBackendRegistry
+    if name in enum._value2member_map_:
+        raise ValueError(f"attention backend {name!r} exists already")
+    member = str.__new__(enum, name)
+    member._name_, member._value_ = name.upper(), name
+    enum._member_map_[member._name_] = member
+    enum._value2member_map_[name] = member
+    registry.register(member, constraints)(fn)
+
+    def remove() -> None:
+        for table in (registry._backends, registry._constraints, registry._supported_arg_names):
+            table.pop(member, None)
+        enum._member_map_.pop(member._name_, None)
+        enum._value2member_map_.pop(name, None)
+        if registry._active_backend is member:
+            registry._active_backend = enum.NATIVE
+
+    return remove
 
 # ---- FLOP counting ---------------------------------------------------------------------------
 

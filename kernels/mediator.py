@@ -23,6 +23,10 @@ QUERY_SCALE_FACTOR = 0.3  # s' = 0.3 * s
 SHORTCUT = 0.075
 
 
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def mediator_grid(grid, num_mediators: int) -> tuple[int, int, int]:
     """Pooled (t, h, w) grid with about ``num_mediators`` cells and the grid's aspect ratio.
     Axes shrink by the same factor; the cell count is the closest such grid can get."""
@@ -72,7 +76,8 @@ def check_mediator_args(q, k, v, num_mediators, grid, text_tokens) -> int:
 
 
 def mediator_attention(q, k, v, num_mediators: int, grid=None, *, text_tokens: int = 0, scale: float | None = None,
-                       query_scale_factor: float = QUERY_SCALE_FACTOR, shortcut: float = SHORTCUT) -> torch.Tensor:
+                       query_scale_factor: float = QUERY_SCALE_FACTOR, shortcut: float = SHORTCUT,
+                       attend=None) -> torch.Tensor:
     """Mediator attention. q, k, v: (batch, heads, seq, head_dim), seq = text_tokens + N.
 
     Args:
@@ -84,6 +89,9 @@ def mediator_attention(q, k, v, num_mediators: int, grid=None, *, text_tokens: i
         scale: the attention's softmax scale s (mediators -> keys, and the dense text rows),
             default d^-1/2. query_scale_factor: s' = factor * s for queries -> mediators,
             default 0.3. shortcut: c in ``+ c * V``, default 0.075 (0 disables).
+        attend: ``attend(q, k, v, scale)`` computing unmasked attention on (batch, heads, seq,
+            dim) tensors, for the three dense attentions inside (e.g. the caller's attention
+            backend); default torch SDPA.
 
     Example::
 
@@ -95,11 +103,12 @@ def mediator_attention(q, k, v, num_mediators: int, grid=None, *, text_tokens: i
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_video, v_video = q[:, :, text_tokens:], v[:, :, text_tokens:]
     mediators = pool_queries(q_video, num_mediators, grid)
-    gathered = F.scaled_dot_product_attention(mediators, k, v, scale=scale)
-    out = F.scaled_dot_product_attention(q_video, mediators, gathered, scale=scale * query_scale_factor)
+    attend = attend or _sdpa
+    gathered = attend(mediators, k, v, scale)
+    out = attend(q_video, mediators, gathered, scale * query_scale_factor)
     if shortcut:
         out = out + shortcut * v_video
     if not text_tokens:
         return out
-    text_out = F.scaled_dot_product_attention(q[:, :, :text_tokens], k, v, scale=scale)
+    text_out = attend(q[:, :, :text_tokens], k, v, scale)
     return torch.cat([text_out, out], dim=2)

@@ -2,6 +2,8 @@
 
 CI runs this file on the newest diffusers and on the oldest one pyproject.toml allows.
 """
+import copy
+import pickle
 import threading
 
 import torch
@@ -70,23 +72,57 @@ def test_num_timesteps_is_the_loop_length_inside_a_call():
     assert compat.num_timesteps(tp.build("pixart")) is None
 
 
-def test_intercept_sdpa_is_scoped_to_the_thread_and_the_block():
-    q = torch.randn(1, 2, 8, 4)
-    plain = F.scaled_dot_product_attention(q, q, q)
+def _plus_one(calls):
+    def handler(call):
+        calls.append(call.backend)
+        return call.attend(call.query, call.key, call.value, call.scale) + 1
+    return handler
+
+
+def test_route_attention_reaches_sdpa_processors_only_in_that_module_and_removes_exactly():
+    pipe = tp.build("pixart")
+    base = tp.run("pixart", pipe, steps=2)
+    modules = [m for m in pipe.transformer.modules() if hasattr(m, "processor")]
+    first, original = modules[0], modules[0].processor
+    calls, seen_elsewhere = [], []
+    routed, remove = compat.route_attention(first, _plus_one(calls))
+    assert first.processor is routed
+    other = threading.Thread(target=lambda: seen_elsewhere.append(F.scaled_dot_product_attention(*[torch.ones(1, 1, 2, 2)] * 3)))
+    out = tp.run("pixart", pipe, steps=2)
+    other.start()
+    other.join()
+    assert calls and set(calls) == {"sdpa"} and not torch.equal(out, base)
+    assert F.scaled_dot_product_attention is compat._TORCH_SDPA  # nothing global was touched
+    assert torch.equal(seen_elsewhere[0], torch.ones(1, 1, 2, 2))
+    assert pickle.loads(pickle.dumps(routed)).__class__ is type(original)  # saves as the plain processor
+    assert type(copy.deepcopy(first).processor) is type(original)
+    remove()
+    assert first.processor is original and torch.equal(tp.run("pixart", pipe, steps=2), base)
+
+
+def test_route_attention_reaches_the_dispatch_and_names_its_backend():
+    pipe = tp.build("wan")
+    base = tp.run("wan", pipe, steps=2)
+    module = next(m for m in pipe.transformer.modules() if hasattr(m, "processor"))
     calls = []
+    routed, remove = compat.route_attention(module, _plus_one(calls))
+    assert not torch.equal(tp.run("wan", pipe, steps=2), base) and set(calls) == {"native"}
+    pipe.transformer.set_attention_backend("_native_math")  # reaches the original through the wrapper
+    calls.clear()
+    tp.run("wan", pipe, steps=2)
+    assert set(calls) == {"_native_math"} and module.processor is routed
+    assert compat.attention_backend_of(module) == "_native_math"
+    pipe.transformer.set_attention_backend("native")  # diffusers also made _native_math the global default
+    pipe.transformer.reset_attention_backend()
+    remove()
+    assert torch.equal(tp.run("wan", pipe, steps=2), base)
 
-    def handler(query, key, value, **kwargs):
-        calls.append(kwargs)
-        return compat.real_sdpa(query, key, value, **kwargs) + 1
 
-    other = []
-    with compat.intercept_sdpa(handler):
-        assert torch.equal(F.scaled_dot_product_attention(q, q, q), plain + 1)
-        worker = threading.Thread(target=lambda: other.append(F.scaled_dot_product_attention(q, q, q)))
-        worker.start()
-        worker.join()
-    assert torch.equal(other[0], plain) and len(calls) == 1
-    assert F.scaled_dot_product_attention is compat.real_sdpa
+def test_attention_that_cannot_be_routed_is_named():
+    from diffusers.models.attention_processor import AttnProcessor, XFormersAttnProcessor
+
+    for processor in (AttnProcessor(), XFormersAttnProcessor()):
+        assert "neither through torch's scaled_dot_product_attention" in compat.attention_route_problem(processor)
 
 
 def test_cpu_sdpa_is_counted_in_flops():

@@ -71,14 +71,14 @@ def test_pipeline_attention_equals_masked_reference_in_model_order(name, monkeyp
     """Every sparse SDPA call inside the pipeline equals dense SDPA with the sliding-tile mask
     laid out in the model's own token order (text first or last)."""
     calls = []
-    original = intercept.SparseAttentionHook._sdpa
+    original = intercept.SparseAttentionHook._sparse
 
-    def spy(self, layout, setting, query, key, value, *args, **kwargs):
-        out = original(self, layout, setting, query, key, value, *args, **kwargs)
-        calls.append((layout, query, key, value, out))
+    def spy(self, layout, setting, call):
+        out = original(self, layout, setting, call)
+        calls.append((layout, call.query, call.key, call.value, out))
         return out
 
-    monkeypatch.setattr(intercept.SparseAttentionHook, "_sdpa", spy)
+    monkeypatch.setattr(intercept.SparseAttentionHook, "_sparse", spy)
     pipe = tp.build(name)
     config = SlidingTileAttention(tile=(1, 2, 2), window=(1, 1, 3), min_tokens=0, full_attention_fraction=0.0)
     diffaccel.accelerate(pipe, methods=[config])

@@ -57,6 +57,12 @@ class AdaptiveCache(Method):
         tail_blocks: last blocks that always run, correcting the reused residual (>= 0).
         reference: ``"previous"`` accumulates the change from step to step; ``"last_computed"``
             measures the change since the last computed step (FirstBlockCache's rule).
+        noise_floor: part of each step's measured change that is noise, subtracted before it
+            counts (``max(0, d - noise_floor)``). Quantized attention (Sage, int8) or FP8
+            weights/activations add a floor to ``d`` that would otherwise keep the cache from
+            reusing; measure it once per model and quantization (eval/quantized_noise_floor.py:
+            median excess of ``d`` over the unquantized run) and pass it here, so a threshold
+            means the same with and without quantization. 0 = no correction.
     """
 
     name: ClassVar[str] = "adaptive_cache"
@@ -68,6 +74,7 @@ class AdaptiveCache(Method):
     head_blocks: int = 1
     tail_blocks: int = 0
     reference: str = "previous"
+    noise_floor: float = 0.0
 
     def validate(self) -> None:
         at_least(self.threshold, "AdaptiveCache(threshold=...)", 0.0,
@@ -77,6 +84,8 @@ class AdaptiveCache(Method):
         positive_int(self.head_blocks, "AdaptiveCache(head_blocks=...)", "At least the first block must run to measure change.")
         non_negative_int(self.tail_blocks, "AdaptiveCache(tail_blocks=...)")
         one_of(self.reference, REFERENCES, "AdaptiveCache(reference=...)")
+        at_least(self.noise_floor, "AdaptiveCache(noise_floor=...)", 0.0,
+                 "It is the relative change that quantization noise alone adds per step (0 = none).")
 
     def apply(self, session) -> Installed:
         self.validate()
@@ -175,7 +184,8 @@ class AdaptiveCacheInstalled(Installed):
             if ref is None:
                 change.append(torch.zeros((), device=r.device, dtype=torch.float64))
             else:
-                change.append(((r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)).double())
+                d = (r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)
+                change.append((d - config.noise_floor).clamp_min(0.0).double())
         # One collective per decision, with every half's measurement: ranks agree on all of them.
         change = consensus_mean(torch.stack(change)).tolist()
         plan = []

@@ -3,20 +3,24 @@ attention *math* of chosen self-attention modules, keep everything else of their
 
 Every diffusers attention processor (CogVideoX, SD3 joint, Flux, Wan, Hunyuan, plain
 AttnProcessor2_0 ...) does its own projections, norms, RoPE and text concatenation, then calls
-``torch.nn.functional.scaled_dot_product_attention`` on (batch, heads, seq, dim). Copying those
-processors would break whenever diffusers changes them, so a forward hook on the attention
-module intercepts SDPA for the duration of that module's forward only
-(:func:`diffaccel.compat.intercept_sdpa`): the sparse kernel runs when the call is the module's
-self-attention over the known token layout (q, k, v of one shape, sequence = text + T*H*W, no
-real mask) and plain SDPA otherwise. Not thread-safe across concurrent pipeline calls in one
-process (the interception is process-wide while a hooked forward runs).
+torch's ``scaled_dot_product_attention`` or diffusers' ``dispatch_attention_fn`` (the backend the
+user picked with ``set_attention_backend``). Copying those processors would break whenever
+diffusers changes them, so each module gets a routed processor
+(:func:`diffaccel.compat.route_attention`): the processor's own code, with its attention call
+going to :meth:`SparseAttentionHook.route`. Nothing process-wide changes, so pipelines in other
+threads are unaffected. The sparse kernel runs when the call is the module's self-attention over
+the known token layout (q, k, v of one shape, sequence = text + T*H*W, no real mask); every other
+call, and every call of the dense phase, runs on the user's backend unchanged. A module whose
+attention cannot be routed (xformers processors, the classic AttnProcessor, context
+parallelism) is refused at ``accelerate``, never silently left dense; stats count the calls per
+backend (``attention_backend``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffaccel.compat import intercept_sdpa, real_sdpa
+from diffaccel import compat
 from diffaccel.hooks import Installed, hook_forward
 
 
@@ -30,11 +34,21 @@ def mask_is_trivial(attn_mask) -> bool:
 
 
 class SparseAttentionHook:
-    """Hook on one self-attention module. Subclasses decide per call (``plan``) whether the
-    sparse path runs, and implement it (``attend`` on text-first q, k, v)."""
+    """Routes one self-attention module's attention. Subclasses decide per call (``plan``)
+    whether the sparse path runs, and implement it (``attend`` on text-first q, k, v)."""
 
     def __init__(self, installed: Installed, info):
         self.installed, self.info = installed, info
+        try:
+            self.processor, remove = compat.route_attention(info.module, self.route)
+        except ValueError as error:
+            raise ValueError(
+                f"{type(installed.config).__name__} cannot act on {info.name}: {error}. Give the module a processor "
+                f"that calls SDPA or diffusers' attention dispatch (e.g. pipe.disable_xformers_memory_efficient_attention()"
+                f", denoiser.set_attn_processor(AttnProcessor2_0()), or the model's default processor with "
+                f"set_attention_backend(...) for the backend), or leave this method out."
+            ) from None
+        installed.on_remove(remove)
         hook_forward(installed, info.module, self.forward, f"diffaccel_{installed.config.name}")
 
     def plan(self, layout) -> object | None:
@@ -50,7 +64,7 @@ class SparseAttentionHook:
             return None
         return where
 
-    def attend(self, q, k, v, layout, setting, scale) -> torch.Tensor:
+    def attend(self, q, k, v, layout, setting, call: compat.AttentionCall) -> torch.Tensor:
         raise NotImplementedError
 
     def takes_model_order(self) -> bool:
@@ -58,35 +72,63 @@ class SparseAttentionHook:
         return False
 
     def forward(self, original, *args, **kwargs):
+        # The routing lives in the processor: a processor swapped in after accelerate (e.g.
+        # enable_xformers_memory_efficient_attention) would silently bypass the method.
+        if self.info.module.processor is not self.processor and self.installed.session.ctx.active:
+            raise RuntimeError(
+                f"the attention processor of {self.info.name} was replaced after diffaccel.accelerate (it is now "
+                f"{type(self.info.module.processor).__name__}), so {type(self.installed.config).__name__} no longer "
+                f"reaches it; call diffaccel.accelerate(pipe, ...) again after changing attention processors.")
+        return original(*args, **kwargs)
+
+    def route(self, call: compat.AttentionCall) -> torch.Tensor | None:
+        """The module's attention call: the sparse output (batch, heads, seq, dim), or None to let
+        the user's backend compute it."""
         session = self.installed.session
         ctx = session.ctx
-        if not ctx.active or ctx.grid is None:
-            return original(*args, **kwargs)
+        if not ctx.active:
+            return None
+        count_backend(self.installed, call.backend)
+        if ctx.grid is None:
+            return None
+        if call.parallel:
+            raise RuntimeError(f"{self.info.name} runs under diffusers' context parallelism, enabled after "
+                               f"diffaccel.accelerate; {type(self.installed.config).__name__} cannot act on a sharded "
+                               f"sequence. Accelerate without it, or disable context parallelism.")
         layout = session.adapter.token_layout(self.info, ctx.grid)
         setting = self.plan(layout)
         if setting is None:
             self.installed.count("dense_calls")
-            return original(*args, **kwargs)
-        with intercept_sdpa(lambda *a, **kw: self._sdpa(layout, setting, *a, **kw)):
-            return original(*args, **kwargs)
+            return None
+        return self._sparse(layout, setting, call)
 
-    def _sdpa(self, layout, setting, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-              **kwargs):
-        extra = {name: value for name, value in kwargs.items() if not (name == "enable_gqa" and value is False)}
+    def _sparse(self, layout, setting, call: compat.AttentionCall) -> torch.Tensor | None:
+        query, key, value = call.query, call.key, call.value
         matches = (query.dim() == 4 and query.shape == key.shape and value.shape[:3] == query.shape[:3]
-                   and query.shape[2] == layout.seq_len and not is_causal and dropout_p == 0.0 and not extra
-                   and mask_is_trivial(attn_mask))
+                   and query.shape[2] == layout.seq_len and not call.is_causal and call.dropout_p == 0.0
+                   and not call.extra and mask_is_trivial(call.attn_mask))
         if not matches:  # not this module's full self-attention (or masked): leave it dense
             self.installed.count("dense_fallback_calls")
-            return real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                              scale=scale, **kwargs)
+            return None
         self.installed.count("sparse_calls")
         text, visual = layout.text_tokens, layout.num_visual
         if text and layout.text_position == "last" and not self.takes_model_order():  # kernels take text first
             first = lambda x: torch.cat([x[:, :, visual:], x[:, :, :visual]], dim=2)  # noqa: E731
-            out = self.attend(first(query), first(key), first(value), layout, setting, scale)
+            out = self.attend(first(query), first(key), first(value), layout, setting, call)
             return torch.cat([out[:, :, text:], out[:, :, :text]], dim=2)
-        return self.attend(query, key, value, layout, setting, scale)
+        return self.attend(query, key, value, layout, setting, call)
+
+
+def count_backend(installed: Installed, backend: str) -> None:
+    """Count one attention call computed by ``backend`` in ``installed``'s stats
+    (``attention_backend``: {backend name: calls}), so stats say what ran the attention."""
+    backends = installed.counters.setdefault("attention_backend", {})
+    backends[backend] = backends.get(backend, 0) + 1
+
+
+def count_module_backend(installed: Installed, module) -> None:
+    """:func:`count_backend` for a call of attention ``module`` as a whole (reuse methods)."""
+    count_backend(installed, compat.attention_backend_of(module))
 
 
 def step_fraction(ctx) -> float | None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from diffaccel.hooks import Installed, hook_forward
+from diffaccel.methods.attention_intercept import count_module_backend
 from diffaccel.state import CallContext
 
 
@@ -142,6 +143,8 @@ class AttentionReuse:
             if not compute:
                 self.installed.count_skipped(self.info.name, ctx.cfg.row_share)
         computes = [c for _, _, c in self.plan]
+        if any(computes):
+            count_module_backend(self.installed, self.info.module)
         return "run" if all(computes) else "reuse" if not any(computes) else "mixed"
 
     @torch.compiler.disable

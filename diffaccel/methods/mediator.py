@@ -5,7 +5,9 @@ early (coarse layout), more late (detail), as in "Step-wise Dynamic Attention Me
 the constants (s' = 0.3 s, shortcut 0.075 V) are AgentSD's.
 
 Applies to spatial / joint self-attention (text tokens of joint attention are computed
-densely). Grids with fewer than ``min_tokens`` visual tokens stay dense.
+densely). Grids with fewer than ``min_tokens`` visual tokens stay dense. Every attention it
+computes (mediators <- keys, queries <- mediators, text rows) runs on the backend the user
+selected for the module (torch SDPA or the diffusers attention-dispatch backend).
 
 Example::
 
@@ -99,8 +101,9 @@ class _MediatorHook(SparseAttentionHook):
             return None
         return grid, wanted
 
-    def attend(self, q, k, v, layout, setting, scale):
+    def attend(self, q, k, v, layout, setting, call):
         grid, wanted = setting
+        scale = call.scale
         mediators = math.prod(mediator_grid(grid, wanted))  # pooling rounds the count to a grid
         config = self.installed.config
         batch, heads, seq, dim = q.shape
@@ -108,5 +111,7 @@ class _MediatorHook(SparseAttentionHook):
         cost = 8.0 * batch * heads * mediators * seq * dim + 4.0 * batch * heads * text * seq * dim
         self.installed.count("flops_saved", max(0.0, 4.0 * batch * heads * seq * seq * dim - cost))
         self.installed.count("mediators_sum", mediators)
+        # Its two mediator attentions and the text rows are dense attentions: the user's backend runs them.
         return mediator_attention(q, k, v, wanted, grid, text_tokens=text, scale=scale,
-                                  query_scale_factor=config.query_scale_factor, shortcut=config.shortcut)
+                                  query_scale_factor=config.query_scale_factor, shortcut=config.shortcut,
+                                  attend=call.attend)

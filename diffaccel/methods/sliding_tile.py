@@ -8,7 +8,10 @@ found by :func:`diffaccel.methods.window_search.search_windows`.
 Applies to the self-attention of U-Nets, image DiTs and video DiTs (modules the family
 adapter classifies as ``spatial`` or ``joint``), through the adapter's token layout. Where
 a window covers the whole grid, or the grid has fewer than ``min_tokens`` tokens, the
-module keeps its dense SDPA (FlashAttention / xformers / CPU flash).
+module keeps its dense attention on the backend the user selected (torch SDPA, or the
+diffusers attention-dispatch backend: flash, sage, ...); the sparse calls run the tile kernels
+(:mod:`diffaccel.kernels`). Modules whose attention diffaccel cannot route (xformers
+processors, context parallelism) are refused at ``accelerate``.
 
 Example::
 
@@ -176,8 +179,9 @@ class _TileHook(SparseAttentionHook):
             return None
         return grid, tile, density
 
-    def attend(self, q, k, v, layout, setting, scale):
+    def attend(self, q, k, v, layout, setting, call):
         grid, tile, density = setting
+        scale = call.scale
         batch, heads, seq, dim = q.shape
         self.installed.count("_density_sum", density)
         self.installed.count("flops_saved", 4.0 * batch * heads * seq * seq * dim * (1.0 - density))

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 
 from diffaccel.families import Capability
+from diffaccel.methods.attention_intercept import count_module_backend
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.validate import boolean, fraction, integer, one_of, positive_int
 
@@ -292,6 +293,7 @@ class ToMeInstalled(Installed):
                 return original(*args, **kwargs)
             hidden, rest, kw = _first(args, kwargs, "hidden_states")
             B, N = plan.B, plan.N
+            count_module_backend(self, attn)  # merged tokens go through the module's own processor
             if kv_only:
                 kw["encoder_hidden_states"] = plan.merge(hidden)
                 self.count("flops_saved", _attention_flops(attn, B, N, N) - _attention_flops(attn, B, N, plan.M))

@@ -133,9 +133,10 @@ class _ProbeHook(SparseAttentionHook):
         tile = tuple(min(t, s) for t, s in zip(self.installed.tile, grid))
         return grid, tile
 
-    def attend(self, q, k, v, layout, setting, scale):
+    def attend(self, q, k, v, layout, setting, call):
         grid, tile = setting
-        full = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        scale = call.scale
+        full = call.attend(q, k, v, scale)  # the user's backend: what the dense model computes
         norm = full.float().pow(2).sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-12)  # per head
         record = self.installed.records.setdefault(self.info.name, {"weight": 0.0, "density": {}, "errors": {},
                                                                       "n": 0, "tile": tile})
