@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from diffaccel.distributed import check_process_group
 from diffaccel.methods.base import METHODS, Method
 from diffaccel.pipelines import detect
 from diffaccel.presets import PRESETS, preset_methods
@@ -31,7 +32,8 @@ def _resolve_methods(methods, family: str) -> list[Method]:
     return resolved
 
 
-def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None, profile=None, target_speedup: float | None = None):
+def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None, profile=None, target_speedup: float | None = None,
+               process_group=None):
     """Accelerate ``pipe`` in place and return it.
 
     Args:
@@ -42,6 +44,10 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         profile: a redundancy profile (path or ``Profile``) from ``diffaccel profile``; with
             ``target_speedup`` the schedule is picked from it.
         target_speedup: wanted speed-up; uses ``profile`` or the profile shipped for the model.
+        process_group: a ``torch.distributed`` process group (or ``"world"``) whose ranks must take
+            the same data-dependent decisions (one all-reduce per decision). Not needed under
+            diffusers' context parallelism (its group is used automatically); without either,
+            diffaccel never talks to other ranks.
 
     Calling ``accelerate`` again replaces the previous acceleration. Example::
 
@@ -50,6 +56,7 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         print(diffaccel.stats(pipe))
     """
     adapter = detect(pipe)
+    check_process_group(process_group)
     if methods is not None and (preset is not None or target_speedup is not None):
         raise ValueError("Give either methods=, preset= or target_speedup=, not several: they all choose the methods.")
     if methods is not None:
@@ -64,7 +71,7 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         chosen = _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
     else:
         chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
-    attach(pipe, adapter, chosen)
+    attach(pipe, adapter, chosen).process_group = process_group
     return pipe
 
 

@@ -64,7 +64,7 @@ def hook_forward(module: torch.nn.Module, new_forward: Callable, name: str) -> C
 
     had_forward, had_registry = "forward" in vars(module), hasattr(module, "_diffusers_hook")
     registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(_Hook(), name)
+    _register_below_context_parallel(registry, _Hook(), name)
 
     def remove() -> None:
         registry.remove_hook(name, recurse=False)
@@ -76,6 +76,28 @@ def hook_forward(module: torch.nn.Module, new_forward: Callable, name: str) -> C
             del module._diffusers_hook
 
     return remove
+
+
+# diffusers' context-parallel hooks (hooks/context_parallel.py) shard a module's inputs / gather its outputs.
+_CONTEXT_PARALLEL_HOOKS = ("cp_input---", "cp_output---")
+
+
+def _register_below_context_parallel(registry, hook, name: str) -> None:
+    """Register ``hook`` beneath any context-parallel split/gather hook of the module, so it sees
+    the module's inputs and outputs in the layout the module's own code does (sharded under
+    context parallelism), whether ``enable_parallelism`` ran before or after diffaccel. A hook
+    outside the split would mix the full input with the sharded output (cache-dit's #1094)."""
+    order = list(registry._hook_order)
+    first = next((i for i, n in enumerate(order) if n.startswith(_CONTEXT_PARALLEL_HOOKS)), None)
+    if first is None:
+        registry.register_hook(hook, name)
+        return
+    lifted = [(n, registry.hooks[n]) for n in order[first:]]
+    for n, _ in reversed(lifted):
+        registry.remove_hook(n, recurse=False)
+    registry.register_hook(hook, name)
+    for n, h in lifted:  # same hooks, same relative order, now above ours
+        registry.register_hook(h, n)
 
 
 def invalidate_hook_caches(root: torch.nn.Module) -> None:

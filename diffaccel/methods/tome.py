@@ -32,7 +32,6 @@ from typing import ClassVar
 
 import torch
 
-from diffaccel.distributed import consensus_mean
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.validate import fraction, one_of, positive_int
@@ -345,8 +344,6 @@ class ToMeInstalled(Installed):
                 plain.append(timed(False))
                 merged.append(timed(True))
         times = torch.tensor([statistics.median(plain), statistics.median(merged)], dtype=torch.float64)
-        # Every rank must take the same decision: decide on the timings averaged across ranks.
-        times = consensus_mean(times.to(device)).cpu()
         plain_s, merged_s = float(times[0]), float(times[1])
         return {"plain_ms": round(plain_s * 1e3, 3), "merged_ms": round(merged_s * 1e3, 3),
                 "merge": merged_s < GATE_MARGIN * plain_s}
