@@ -80,3 +80,54 @@ def consensus_sum(values: torch.Tensor, session) -> torch.Tensor:
     reduced = values.detach().to(torch.float64).clone()
     torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM, group=group)
     return reduced
+
+
+# What a method supports under diffusers' context parallelism (its ``context_parallel`` class
+# attribute): "any" works on the sharded layout with Ulysses and ring; "ulysses" needs the whole
+# sequence in one attention call (Ulysses shards heads, ring shards the keys); "none" needs the whole
+# sequence in every block.
+CP_SUPPORT = ("any", "ulysses", "none")
+
+
+def check_context_parallel(session) -> None:
+    """Refuse, with the reason and the fix, a method that cannot be exact under the denoiser's context
+    parallelism. Called when methods are installed and at every pipeline call (parallelism may be
+    enabled after ``accelerate``)."""
+    config = context_parallel_config(session.adapter.denoiser)
+    if config is None:
+        return
+    ring = (getattr(config, "ring_degree", 1) or 1) > 1
+    for handle in session.installed:
+        support = getattr(handle.config, "context_parallel", "any")
+        if support == "none" or (support == "ulysses" and ring):
+            name = type(handle.config).__name__
+            why = ("it needs every token of the sequence in each block, and each rank holds a shard"
+                   if support == "none" else
+                   "ring attention splits the keys and values across ranks, so no rank sees the whole window")
+            mode = "ring" if ring else "Ulysses"
+            fix = ("use ContextParallelConfig(ulysses_degree=N) instead" if support == "ulysses"
+                   else "leave it out under context parallelism (a cache method such as AdaptiveCache works)")
+            raise ValueError(f"{name} cannot run under diffusers' {mode} context parallelism: {why}; {fix}.")
+
+
+def ulysses_order(session, seq_len: int, text_tokens: int, text_first: bool) -> torch.Tensor | None:
+    """Under Ulysses, the positions that put one attention call's tokens into the global order.
+
+    Each rank concatenates its shard of the text with its shard of the image/video tokens, and the
+    all-to-all stacks the ranks' sequences: [text_0, visual_0, text_1, visual_1, ...] (Flux shards
+    its text too). Attention that depends on token positions (sliding tiles, pooled mediators)
+    needs [text, visual] whole. None when the call is already in global order (no Ulysses, no
+    joint text, or one rank)."""
+    config = context_parallel_config(session.adapter.denoiser)
+    degree = getattr(config, "ulysses_degree", 1) or 1 if config is not None else 1
+    if degree <= 1 or not text_tokens or seq_len % degree or text_tokens % degree:
+        return None
+    chunk, text = seq_len // degree, text_tokens // degree
+    starts = torch.arange(degree) * chunk
+    if text_first:
+        texts = (starts[:, None] + torch.arange(text)).flatten()
+        visuals = (starts[:, None] + text + torch.arange(chunk - text)).flatten()
+        return torch.cat([texts, visuals])
+    visuals = (starts[:, None] + torch.arange(chunk - text)).flatten()
+    texts = (starts[:, None] + chunk - text + torch.arange(text)).flatten()
+    return torch.cat([visuals, texts])

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 
 from diffaccel import compat
+from diffaccel.distributed import check_context_parallel
 from diffaccel.flops import count_flops, flops_saved_fraction
 from diffaccel.pipelines.base import Adapter, TokenGrid
 
@@ -128,6 +129,7 @@ class Session:
     @contextlib.contextmanager
     def pipeline_call(self) -> Iterator[CallContext]:
         """Wraps one pipeline ``__call__``: fresh state, scheduler steps counted."""
+        check_context_parallel(self)  # diffusers' parallelism may have been enabled after accelerate
         self.ctx = CallContext(active=True)
         self._cfg_guess = None
         for handle in self.installed:
@@ -221,6 +223,7 @@ class Session:
         try:
             for config in configs:
                 self.installed.append(config.apply(self))
+            check_context_parallel(self)
         except Exception:
             self.remove()
             raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from diffaccel.compat import intercept_sdpa, real_sdpa
+from diffaccel.distributed import ulysses_order
 from diffaccel.hooks import Installed, hook_forward
 
 
@@ -77,6 +78,14 @@ class SparseAttentionHook:
             return real_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, **kwargs)
         self.installed.count("sparse_calls")
+        order = ulysses_order(self.installed.session, query.shape[2], layout.text_tokens, layout.text_position != "last")
+        if order is not None:  # diffusers' Ulysses stacked the ranks' [text, visual] shards: attend in global order
+            order = order.to(query.device)
+            out = self._attend_ordered(layout, setting, scale, *(x[:, :, order] for x in (query, key, value)))
+            return torch.empty_like(out).index_copy_(2, order, out)
+        return self._attend_ordered(layout, setting, scale, query, key, value)
+
+    def _attend_ordered(self, layout, setting, scale, query, key, value):
         text, visual = layout.text_tokens, layout.num_visual
         if text and layout.text_position == "last":  # kernels take text first
             first = lambda x: torch.cat([x[:, :, visual:], x[:, :, :visual]], dim=2)  # noqa: E731
