@@ -57,3 +57,46 @@ def test_every_preset_on_every_bundled_model_two_ranks_equal_one(tmp_path):
             assert np.array_equal(np.load(one / rel), np.load(two / rel)), f"{model}: {rel} differs"
         assert _without_speed(json.loads((two / "results.json").read_text())) == \
             _without_speed(json.loads((one / "results.json").read_text()))
+
+
+@pytest.mark.slow
+def test_demo_on_two_ranks_equals_one(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    demo = ["-m", "diffaccel.cli", "demo", "--models", "tiny-dit", "--presets", "balanced", "--steps", "3",
+            "--seeds", "0-2", "--repeats", "1", "--timing-budget", "0", "--no-progress"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--module", "diffaccel.cli", *demo[2:], "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("| tiny-dit | balanced |") == 1  # rank 0 prints, once
+    one = subprocess.run([sys.executable, *demo, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    results = [json.loads((tmp_path / run / "tiny-dit" / "results.json").read_text()) for run in ("one", "two")]
+    assert _without_speed(results[0]) == _without_speed(results[1])
+    assert (tmp_path / "two" / "tiny-dit.png").is_file()
+
+
+def _without_timings(profile: dict) -> dict:
+    out = dict(profile)
+    out.pop("costs")  # timed modules: rank 0 times them, like one process does
+    out["measured"] = {k: v for k, v in out["measured"].items() if k != "seconds"}
+    return out
+
+
+@pytest.mark.slow
+def test_profile_on_two_ranks_equals_one(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    profile = ["-m", "diffaccel.cli", "profile", "tiny-dit", "--steps", "4", "--num-prompts", "3",
+               "--calibration-prompts", "1", "--device", "cpu", "--no-progress"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--module", "diffaccel.cli", *profile[2:], "--out", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote") == 1  # rank 0 writes
+    one = subprocess.run([sys.executable, *profile, "--out", str(tmp_path / "one.json")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "two.json"]  # no partial files left
+    profiles = [json.loads((tmp_path / f"{run}.json").read_text()) for run in ("one", "two")]
+    assert _without_timings(profiles[0]) == _without_timings(profiles[1])
