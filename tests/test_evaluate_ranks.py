@@ -38,7 +38,7 @@ def test_every_preset_on_every_bundled_model_two_ranks_equal_one(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "eval" / "evaluate.py"), "--model", model, "--out", str(tmp_path / "two" / model),
                "--threads", "1", *ARGS]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # a hang fails here
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # a hang fails here
         assert proc.returncode == 0, proc.stderr[-3000:]
     # 1 process, same settings (1 thread: the same kernels as each rank).
     threads = torch.get_num_threads()
@@ -66,11 +66,11 @@ def test_demo_on_two_ranks_equals_one(tmp_path):
             "--seeds", "0-2", "--repeats", "1", "--timing-budget", "0", "--no-progress"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "--module", "diffaccel.cli", *demo[2:], "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("| tiny-dit | balanced |") == 1  # rank 0 prints, once
     one = subprocess.run([sys.executable, *demo, "--out", str(tmp_path / "one")], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     results = [json.loads((tmp_path / run / "tiny-dit" / "results.json").read_text()) for run in ("one", "two")]
     assert _without_speed(results[0]) == _without_speed(results[1])
@@ -91,11 +91,11 @@ def test_profile_on_two_ranks_equals_one(tmp_path):
                "--calibration-prompts", "1", "--device", "cpu", "--no-progress"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "--module", "diffaccel.cli", *profile[2:], "--out", str(tmp_path / "two.json")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote") == 1  # rank 0 writes
     one = subprocess.run([sys.executable, *profile, "--out", str(tmp_path / "one.json")], env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "two.json"]  # no partial files left
     profiles = [json.loads((tmp_path / f"{run}.json").read_text()) for run in ("one", "two")]
