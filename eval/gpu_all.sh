@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU session in one command (device time is scarce): train the bundled models,
-# then check and time the attention kernels. Every part writes under $OUT; a failing part
-# does not stop the next one.
+# Training session in one command (device time is scarce): train the bundled models, then the
+# kernel section of the GPU suite (eval/gpu_suite.sh; the whole suite is its own 8-minute run).
+# Every part writes under $OUT; a failing part does not stop the next one.
 #   bash eval/gpu_all.sh        # carry: [".whl"]
 set -u
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ for name in tiny-sd tiny-dit tiny-video; do
     tar -C "$dir" -czf "$OUT/$name.tgz" "$name" && echo "packed $name after the limit"
   fi
 done
-timeout "${KERNELS_LIMIT:-170}" bash eval/gpu_kernels.sh || echo "gpu_kernels.sh ended with $?"
+timeout "${KERNELS_LIMIT:-170}" bash eval/gpu_suite.sh --only kernels || echo "gpu_suite.sh --only kernels ended with $?"
 echo "== all parts took ${SECONDS} s"
 ls -l "$OUT"
 # Context parallelism needs two GPUs (NCCL cannot put two ranks on one GPU): only then.

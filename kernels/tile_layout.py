@@ -103,10 +103,13 @@ def make_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, tile, win
                              f"pass one (t, h, w) window per head or one window for all")
     else:
         windows = (_as_triple(window, "window"),)
+    num_tiles = [math.ceil(s / t) for s, t in zip(grid_t, tile_t)]
     for win in windows:
-        if any(w < 1 or w % 2 == 0 for w in win):
-            raise ValueError(f"window sizes are counted in tiles and must be odd and >= 1 (a centred window), "
-                             f"got {win}")
+        # an even window has no centre tile, unless it covers its whole axis (then it means "all",
+        # e.g. a window equal to the tile count, as a full-attention case is naturally written)
+        if any(w < 1 or (w % 2 == 0 and w < n) for w, n in zip(win, num_tiles)):
+            raise ValueError(f"window sizes are counted in tiles and must be odd and >= 1 (a centred window) or "
+                             f"cover the whole axis ({tuple(num_tiles)} tiles here), got {win}")
     if not isinstance(text_tokens, int) or text_tokens < 0:
         raise ValueError(f"text_tokens must be an int >= 0, got {text_tokens!r}")
     video = grid_t[0] * grid_t[1] * grid_t[2]

@@ -81,6 +81,31 @@ class AttentionInfo:
     downsample: int = 1
 
 
+@dataclass(frozen=True)
+class TokenSequence:
+    """Where a denoiser's visual token sequence lives, for methods that reorder it once per call
+    (sliding-tile attention keeps it in tile order between ``enter`` and ``exit``).
+
+    Between the two points the denoiser must treat visual tokens independently (norms, MLPs,
+    modulation, cross-attention, dense self-attention are order-free) except for the
+    position-dependent tensors listed here, which are reordered the same way.
+
+    ``enter``: (module path, "output" or "input"): the module's output, or its first input,
+    holds the visual tokens as the last ``T*H*W`` entries of dim 1 (text may precede them).
+    ``exit``: module path whose first input holds the visual tokens (dim 1) to restore.
+    ``tables``: (module path, dim) pairs: module outputs (a tensor or a tuple of tensors) with
+    one entry per visual token along ``dim`` (rotary tables).
+    ``call_tables``: (denoiser forward argument, dim) pairs: call inputs with one entry per
+    visual token along ``dim`` (precomputed rotary tables, per-token timesteps); an input
+    with fewer dims (a per-sample timestep) is left alone.
+    """
+
+    enter: tuple[str, str]
+    exit: str
+    tables: tuple[tuple[str, int], ...] = ()
+    call_tables: tuple[tuple[str, int], ...] = ()
+
+
 @dataclass
 class SkipBranch:
     """A DeepCache branch point of a U-Net, numbered as DeepCache's ``cache_branch_id``.
@@ -144,6 +169,12 @@ class Adapter:
             index = next(i for i, (b, _) in enumerate(blocks) if name.startswith(b + "."))
             out.append(AttentionInfo(name, module, kind, index))
         return out
+
+    def token_sequence(self) -> TokenSequence:
+        """Where the visual tokens can be reordered once per call; raises ``ValueError`` saying
+        why not where they cannot."""
+        raise ValueError(f"{type(self.denoiser).__name__} ({self.family}) has no single visual token sequence "
+                         f"that diffaccel can reorder once per call")
 
     def skip_branches(self) -> list[SkipBranch]:
         """U-Net only: DeepCache's skip branches. Other families have none."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from diffaccel.families import Family
 
-from .base import Adapter, AttentionInfo, TokenGrid, TokenLayout, call_arg
+from .base import Adapter, AttentionInfo, TokenGrid, TokenLayout, TokenSequence, call_arg
 from .image_dit import _text_len
 
 
@@ -25,6 +25,11 @@ class CogVideoXAdapter(Adapter):
 
     def blocks(self):
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.denoiser.transformer_blocks)]
+
+    def token_sequence(self):
+        # patch_embed returns [text, video] (positional embeddings already added inside it);
+        # CogVideoX-5b's rotary table comes precomputed from the pipeline, one row per video token.
+        return TokenSequence(enter=("patch_embed", "output"), exit="proj_out", call_tables=(("image_rotary_emb", 0),))
 
     def grid_from_call(self, args, kwargs):
         x = call_arg(args, kwargs, "hidden_states", 0)  # (B, F, C, H, W)
@@ -71,6 +76,10 @@ class LatteAdapter(_ChannelsFirstVideo):
         p = int(self.denoiser.config.patch_size)
         return TokenGrid(int(x.shape[2]), int(x.shape[3]) // p, int(x.shape[4]) // p, _text_len(args, kwargs, 2))
 
+    def token_sequence(self):
+        raise ValueError("Latte folds frames into the batch for its spatial blocks and regroups tokens by position "
+                         "for its temporal blocks; use permute_once=False")
+
     def token_layout(self, info: AttentionInfo, grid: TokenGrid) -> TokenLayout:
         # Latte's spatial blocks attend within each frame; its temporal blocks along frames.
         if info.kind == "spatial":
@@ -93,6 +102,15 @@ class HunyuanVideoAdapter(_ChannelsFirstVideo):
         cfg = self.denoiser.config
         return int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size)
 
+    def token_sequence(self):
+        if getattr(self.denoiser.config, "image_condition_type", None) == "token_replace":
+            # HunyuanVideo-I2V modulates the first frame's tokens (hidden_states[:, :first_frame_num_tokens])
+            # differently inside every block: a position-dependent term tile order would scatter.
+            raise ValueError("HunyuanVideo with image_condition_type='token_replace' (I2V) treats the first frame's "
+                             "tokens apart inside every block; its tokens cannot be kept in tile order")
+        # x_embedder returns the video tokens alone; rope returns (cos, sin), one row per token.
+        return TokenSequence(enter=("x_embedder", "output"), exit="proj_out", tables=(("rope", 0),))
+
     def blocks(self):
         tr = self.denoiser
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(tr.transformer_blocks)] + [
@@ -109,6 +127,13 @@ class WanAdapter(_ChannelsFirstVideo):
     def patch(self):
         return _pair(self.denoiser.config.patch_size)
 
+    def token_sequence(self):
+        # The patch embedding is a Conv3d flattened inline, so the first block's input is where the
+        # token sequence first exists. rope returns (cos, sin) of shape (1, N, 1, D); Wan 2.2 TI2V
+        # passes per-token timesteps (B, N), which also set the output modulation before proj_out.
+        return TokenSequence(enter=("blocks.0", "input"), exit="proj_out", tables=(("rope", 1),),
+                             call_tables=(("timestep", 1),))
+
     def blocks(self):
         return [(f"blocks.{i}", b) for i, b in enumerate(self.denoiser.blocks)]
 
@@ -121,6 +146,12 @@ class LTXVideoAdapter(Adapter):
 
     def blocks(self):
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.denoiser.transformer_blocks)]
+
+    def token_sequence(self):
+        # Latents arrive packed (B, N, C) and proj_in is token-wise; rope returns (cos, sin) of
+        # shape (B, N, D); image-to-video passes per-token timesteps (B, N) (conditioning mask).
+        return TokenSequence(enter=("proj_in", "output"), exit="proj_out", tables=(("rope", 1),),
+                             call_tables=(("timestep", 1),))
 
     def grid_from_call(self, args, kwargs):
         # Latents arrive packed (B, N, C); the grid is passed alongside as keyword arguments.

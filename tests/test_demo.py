@@ -15,7 +15,8 @@ def test_demo_runs_offline_and_writes_its_files(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "diffaccel.cli", "demo", "--models", "tiny-sd", "--presets", "fast", "--steps", "2",
                            "--seeds", "0", "--repeats", "1", "--timing-budget", "0", "--out", str(out), "--no-progress"],
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)  # not the repository root, whose kernels/ shadows transformers' `kernels`
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| tiny-sd | baseline |" in proc.stdout and "prompt-following" in proc.stdout
     grid = Image.open(out / "tiny-sd.png")

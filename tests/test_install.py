@@ -76,3 +76,10 @@ sys.exit(main(["demo", "--models", "tiny-video", "--presets", "balanced", "--ste
     results = json.loads((out / "tiny-video" / "results.json").read_text())
     assert "ssim" not in results["configs"]["balanced"] and "psnr" in results["configs"]["balanced"]
     assert results["skipped"][0] == extra[0]
+
+
+def test_repository_kernels_folder_never_shadows_transformers_silently(tmp_path):
+    # transformers >= 5.25 imports the Hugging Face `kernels` package; from the repository root
+    # `python -c` finds our kernels/ folder first. The user gets our one-line reason, not a deep ImportError.
+    proc = subprocess.run([sys.executable, "-c", "import kernels"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "run from another directory" in proc.stderr.splitlines()[-1]

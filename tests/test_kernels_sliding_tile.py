@@ -102,6 +102,21 @@ def test_flex_path_matches_reference(grid, tile, window, text, heads):
     assert (out.double() - _reference64(q, k, v, grid, tile, window, text)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("grid,tile,window,text,heads", CASES[1:2] + CASES[5:6])
+def test_flex_arithmetic_mask_matches_reference(grid, tile, window, text, heads, monkeypatch):
+    """The mask_mod FlexAttention uses past the lookup table's size limit."""
+    from diffaccel.kernels import sliding_tile_flex
+
+    monkeypatch.setattr(sliding_tile_flex, "MAX_TABLE", 0)
+    sliding_tile_flex._cached_block_mask.cache_clear()
+    try:
+        q, k, v = _inputs(grid, text, heads)
+        out = sliding_tile_attention(q, k, v, grid, tile, window, text, backend="flex")
+        assert (out.double() - _reference64(q, k, v, grid, tile, window, text)).abs().max() <= 1e-4
+    finally:
+        sliding_tile_flex._cached_block_mask.cache_clear()
+
+
 def test_dense_backend_is_the_reference():
     grid, tile, window, text, heads = CASES[5]
     q, k, v = _inputs(grid, text, heads)

@@ -54,6 +54,10 @@ class SparseAttentionHook:
     def attend(self, q, k, v, layout, setting, scale) -> torch.Tensor:
         raise NotImplementedError
 
+    def takes_model_order(self) -> bool:
+        """True when ``attend`` takes q, k, v in the model's order (text last stays last)."""
+        return False
+
     def forward(self, original, *args, **kwargs):
         session = self.installed.session
         ctx = session.ctx
@@ -87,7 +91,7 @@ class SparseAttentionHook:
 
     def _attend_ordered(self, layout, setting, scale, query, key, value):
         text, visual = layout.text_tokens, layout.num_visual
-        if text and layout.text_position == "last":  # kernels take text first
+        if text and layout.text_position == "last" and not self.takes_model_order():  # kernels take text first
             first = lambda x: torch.cat([x[:, :, visual:], x[:, :, :visual]], dim=2)  # noqa: E731
             out = self.attend(first(query), first(key), first(value), layout, setting, scale)
             return torch.cat([out[:, :, text:], out[:, :, :text]], dim=2)

@@ -25,8 +25,10 @@ from typing import ClassVar
 
 from diffaccel.families import Capability
 from diffaccel.kernels import BACKENDS, sliding_tile_attention, sliding_tile_density
+from diffaccel.kernels.tile_order import sliding_tile_attention_tile_ordered
 from diffaccel.methods.attention_intercept import SparseAttentionHook
 from diffaccel.methods.base import Installed, Method, register
+from diffaccel.methods.tile_order import TileOrder
 from diffaccel.validate import fraction, int_triple, non_negative_int, window
 
 KINDS = ("spatial", "joint")
@@ -50,6 +52,13 @@ class SlidingTileAttention(Method):
         min_tokens: grids with fewer visual tokens stay dense (sparse overhead not worth it).
         backend: force a kernel backend (one of ``diffaccel.kernels.BACKENDS``, or "cpu" for
             the box path); None = the fastest that can run.
+        permute_once: keep the video tokens in tile order for the whole denoiser call (reordered
+            once after the patch embedding, with the rotary tables, and back before the output
+            projection; :mod:`diffaccel.methods.tile_order`), so no layer reorders q, k, v: the
+            Triton kernel then runs alone. Video DiTs whose adapter supports it (CogVideoX,
+            HunyuanVideo T2V, Wan, LTX-Video); output equal to ``False`` up to float rounding.
+            Off by default until GPU timings confirm the gain (eval/gpu_suite.sh measures it);
+            on CPU the box path gathers to row-major per layer, so it is slower there.
     """
 
     name: ClassVar[str] = "sliding_tile"
@@ -63,6 +72,7 @@ class SlidingTileAttention(Method):
     full_attention_fraction: float = 0.3
     min_tokens: int = 1024
     backend: str | None = None
+    permute_once: bool = False
 
     def validate(self) -> None:
         if self.tile is not None:
@@ -76,6 +86,8 @@ class SlidingTileAttention(Method):
             window(per_layer, f"SlidingTileAttention(layer_windows[{name!r}])")
         fraction(self.full_attention_fraction, "SlidingTileAttention(full_attention_fraction=...)")
         non_negative_int(self.min_tokens, "SlidingTileAttention(min_tokens=...)")
+        if not isinstance(self.permute_once, bool):
+            raise ValueError(f"SlidingTileAttention(permute_once=...) must be True or False, got {self.permute_once!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"SlidingTileAttention(backend=...) must be one of {BACKEND_CHOICES}, got {self.backend!r}")
 
@@ -117,6 +129,13 @@ class SlidingTileAttentionInstalled(Installed):
             raise ValueError(f"layer_windows names modules that are not spatial/joint self-attention of this "
                              f"pipeline: {sorted(unknown)[:5]}; known: {[i.name for i in modules][:5]} ...")
         self.hooks = [_TileHook(self, info, config.layer_windows.get(info.name, self.window)) for info in modules]
+        self.tile_order = None
+        if config.permute_once:
+            try:
+                self.tile_order = TileOrder(self)
+            except ValueError as exc:
+                self.remove()
+                raise ValueError(f"SlidingTileAttention(permute_once=True): {exc}") from None
 
     def stats(self) -> dict:
         out = dict(self.counters)
@@ -130,6 +149,10 @@ class _TileHook(SparseAttentionHook):
     def __init__(self, installed: SlidingTileAttentionInstalled, info, window):
         super().__init__(installed, info)
         self.window = window
+
+    def takes_model_order(self) -> bool:
+        order = self.installed.tile_order
+        return order is not None and order.active is not None
 
     def plan(self, layout):
         if self.sparse_phase(layout) is None:
@@ -148,6 +171,14 @@ class _TileHook(SparseAttentionHook):
         batch, heads, seq, dim = q.shape
         self.installed.count("_density_sum", density)
         self.installed.count("flops_saved", 4.0 * batch * heads * seq * seq * dim * (1.0 - density))
+        if self.takes_model_order():  # tokens in tile order since the patch embedding: no reorder here
+            if self.installed.tile_order.active != (grid, tile):
+                raise RuntimeError(f"{self.info.name}: tokens are in tile order {self.installed.tile_order.active}, "
+                                   f"but this layer sees grid {grid} with tile {tile}; please report this model")
+            self.installed.count("tile_ordered_calls")
+            return sliding_tile_attention_tile_ordered(q, k, v, grid, tile, self.window, layout.text_tokens,
+                                                       layout.text_position, scale=scale,
+                                                       backend=self.installed.config.backend)
         return sliding_tile_attention(q, k, v, grid, tile, self.window, layout.text_tokens, scale=scale,
                                       backend=self.installed.config.backend)
 
