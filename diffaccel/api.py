@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable
 
+from diffaccel.distributed import check_process_group
 from diffaccel.methods.base import METHODS, Method
 from diffaccel.pipelines import detect
 from diffaccel.presets import PRESETS, preset_methods
@@ -36,7 +37,8 @@ def _resolve_methods(methods, family: str) -> list[Method]:
     return resolved
 
 
-def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None, profile=None, target_speedup: float | None = None):
+def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None, profile=None, target_speedup: float | None = None,
+               process_group=None):
     """Accelerate ``pipe`` in place and return it.
 
     Args:
@@ -47,6 +49,10 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         profile: a redundancy profile (path or ``Profile``) from ``diffaccel profile``; with
             ``target_speedup`` the schedule is picked from it.
         target_speedup: wanted speed-up; uses ``profile`` or the profile shipped for the model.
+        process_group: a ``torch.distributed`` process group (or ``"world"``) whose ranks must take
+            the same data-dependent decisions (one all-reduce per decision). Not needed under
+            diffusers' context parallelism (its group is used automatically); without either,
+            diffaccel never talks to other ranks.
 
     Calling ``accelerate`` again replaces the previous acceleration, whatever it was (a quick
     calibration for ``target_speedup`` measures the unaccelerated model). All or nothing: if it
@@ -59,6 +65,7 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
     """
     methods = _check_arguments(preset, methods, profile, target_speedup)
     adapter = detect(pipe)
+    check_process_group(process_group)
     previous = session_of(pipe)
     with previous.lock if previous is not None else contextlib.nullcontext():
         # The previous acceleration comes off first (planning may measure the plain model) and goes
@@ -66,10 +73,11 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         before = list(previous.configs) if previous is not None else None
         detach(pipe)
         try:
-            attach(pipe, adapter, _choose(pipe, adapter, preset, methods, profile, target_speedup))
+            session = attach(pipe, adapter, _choose(pipe, adapter, preset, methods, profile, target_speedup))
+            session.process_group = process_group
         except BaseException:
             if before is not None:
-                _restore(pipe, adapter, before)
+                _restore(pipe, adapter, before, previous.process_group)
             raise
     return pipe
 
@@ -88,11 +96,11 @@ def _choose(pipe, adapter, preset, methods, profile, target_speedup) -> list[Met
     return _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
 
 
-def _restore(pipe, adapter, configs) -> None:
+def _restore(pipe, adapter, configs, process_group) -> None:
     """Put a replaced acceleration back after a failed ``accelerate`` (best effort: the failure
     being reported matters more than a second one here)."""
     try:
-        attach(pipe, adapter, configs)
+        attach(pipe, adapter, configs).process_group = process_group
     except Exception:  # noqa: BLE001 - attach leaves the pipeline plain when it fails
         pass
 

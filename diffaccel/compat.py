@@ -107,7 +107,7 @@ def hook_forward(module: torch.nn.Module, new_forward: Callable, name: str) -> C
     registry = HookRegistry.check_if_exists_or_initialize(module)
     hook = _hook_class()(new_forward)
     try:
-        registry.register_hook(hook, name)
+        _register_below_context_parallel(registry, hook, name)
     except BaseException:
         if not registry.hooks and not had_registry:
             vars(module).pop("_diffusers_hook", None)
@@ -193,6 +193,28 @@ def check_no_foreign_cache(root: torch.nn.Module, when: str) -> None:
         fix = f"Call {kind}.disable_cache() first (diffaccel.AdaptiveCache / PAB / FasterCache replace them)."
     raise ValueError(f"diffaccel does not stack with diffusers' cache hooks, and this {kind} has some: "
                      f"{', '.join(found)}. {fix}")
+
+
+# diffusers' context-parallel hooks (hooks/context_parallel.py) shard a module's inputs / gather its outputs.
+_CONTEXT_PARALLEL_HOOKS = ("cp_input---", "cp_output---")
+
+
+def _register_below_context_parallel(registry, hook, name: str) -> None:
+    """Register ``hook`` beneath any context-parallel split/gather hook of the module, so it sees
+    the module's inputs and outputs in the layout the module's own code does (sharded under
+    context parallelism), whether ``enable_parallelism`` ran before or after diffaccel. A hook
+    outside the split would mix the full input with the sharded output (cache-dit's #1094)."""
+    order = list(registry._hook_order)
+    first = next((i for i, n in enumerate(order) if n.startswith(_CONTEXT_PARALLEL_HOOKS)), None)
+    if first is None:
+        registry.register_hook(hook, name)
+        return
+    lifted = [(n, registry.hooks[n]) for n in order[first:]]
+    for n, _ in reversed(lifted):
+        registry.remove_hook(n, recurse=False)
+    registry.register_hook(hook, name)
+    for n, h in lifted:  # same hooks, same relative order, now above ours
+        registry.register_hook(h, n)
 
 
 def invalidate_hook_caches(root: torch.nn.Module) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffaccel.compat import register_cpu_sdpa_flop_formula
+from diffaccel.distributed import model_parallel_group
 
 
 @contextlib.contextmanager
@@ -45,7 +46,8 @@ def flops_saved_fraction(session, method_stats: dict) -> float | None:
     Methods report ``skipped_modules`` ({module path: times skipped}, ``""`` = a whole denoiser
     call, fractional counts for part of a batch) and/or ``flops_saved`` (absolute FLOPs). Module
     costs come from one full denoiser forward counted with :func:`count_flops`, measured the
-    first time they are needed for an input shape and cached.
+    first time they are needed for an input shape and cached. None under diffusers' context or
+    tensor parallelism (that forward would issue collectives from a ``stats()`` call).
     """
     calls = session.ctx.denoiser_calls
     if calls == 0:
@@ -53,6 +55,9 @@ def flops_saved_fraction(session, method_stats: dict) -> float | None:
     needs_costs = any(s.get("skipped_modules") or s.get("flops_saved") for s in method_stats.values())
     if not needs_costs:
         return 0.0
+    if model_parallel_group(session.adapter.denoiser) is not None:
+        # Counting would run a sharded forward (collectives) from stats(), which one rank may call alone.
+        return None
     try:
         costs = session.module_costs()
     except Exception:  # noqa: BLE001 - e.g. flex attention cannot run under FlopCounterMode on CPU

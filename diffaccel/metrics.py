@@ -132,13 +132,14 @@ class ColourGridFeatures(torch.nn.Module):
 
 
 def make_fid(feature: torch.nn.Module):
-    """torchmetrics FID on a custom feature module; reference features survive ``reset()`` and
-    states are summed across ranks on ``compute()`` under torch.distributed."""
+    """torchmetrics FID on a custom feature module; reference features survive ``reset()``. It never
+    syncs across ranks (no hidden collective): the evaluation runner feeds every sample to rank 0."""
     if not available("torchmetrics"):
         raise MetricUnavailable(f"FID skipped: it needs torchmetrics, {EVAL_EXTRA}.")
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=feature, reset_real_features=False, input_img_size=(3, 299, 299))
+    return FrechetInceptionDistance(feature=feature, reset_real_features=False, input_img_size=(3, 299, 299),
+                                     sync_on_compute=False)
 
 
 def load_fid_statistics(fid, path: str) -> None:

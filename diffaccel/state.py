@@ -38,6 +38,7 @@ import torch
 
 from diffaccel import compat
 from diffaccel.compat import check_no_foreign_cache, foreign_cache_hooks, not_picklable_message
+from diffaccel.distributed import check_context_parallel
 from diffaccel.flops import count_flops, flops_saved_fraction
 from diffaccel.pipelines.base import Adapter, TokenGrid
 
@@ -171,6 +172,7 @@ class Session:
                 raise RuntimeError("diffaccel: this accelerated pipeline was called from inside its own call (a step "
                                    "callback?); nested calls of one pipeline are not supported.")
             check_no_foreign_cache(self.adapter.denoiser, when="call")
+            check_context_parallel(self)  # diffusers' parallelism may have been enabled after accelerate
             self.ctx = CallContext(running=True, owner=threading.get_ident())
             self._cfg_guess = None
             scheduler = self.pipe.scheduler
@@ -275,6 +277,7 @@ class Session:
             for config in configs:
                 self.track(config.apply(self))
                 self.configs.append(config)
+            check_context_parallel(self)
         except BaseException:
             self.remove()
             raise

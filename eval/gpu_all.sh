@@ -23,3 +23,10 @@ done
 timeout "${KERNELS_LIMIT:-170}" bash eval/gpu_suite.sh --only kernels || echo "gpu_suite.sh --only kernels ended with $?"
 echo "== all parts took ${SECONDS} s"
 ls -l "$OUT"
+# Context parallelism needs two GPUs (NCCL cannot put two ranks on one GPU): only then.
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  timeout "${CP_LIMIT:-300}" python -m torch.distributed.run --standalone --nproc_per_node 2 \
+    eval/context_parallel.py --steps 6 > "$OUT/context_parallel.md" 2>&1 || echo "context_parallel.py ended with $?"
+else
+  echo "one GPU: the 2-GPU context-parallel check (eval/context_parallel.py) is skipped"
+fi

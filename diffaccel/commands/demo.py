@@ -47,6 +47,7 @@ def main(args) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffaccel.bundled.loader import BUNDLED_MODELS
+    from diffaccel.evaluation.distributed import Ranks
     from diffaccel.evaluation.runner import EvalOptions, parse_seeds, run_evaluation
     from diffaccel.loading import load_pipeline, resolve_device
     from diffaccel.metrics import eval_extra_note
@@ -69,18 +70,29 @@ def main(args) -> int:
     if unknown or not models:
         raise ValueError(f"--models: {', '.join(unknown) or 'none given'}; the demo runs bundled models: "
                          f"{', '.join(BUNDLED_MODELS)}.")
-    all_results, written = [], []
-    for k, model in enumerate(models, 1):
-        print(f"[{k}/{len(models)}] {model}", flush=True)
-        pipe = load_pipeline(model, device=args.device)
-        configs = demo_configs(detect(pipe).family, args.presets)
-        out = args.out / model
-        results = run_evaluation(EvalOptions(model=model, out=out, configs=configs, seeds=seeds, steps=args.steps,
-                                             device=args.device, repeats=args.repeats,
-                                             timing_budget_s=args.timing_budget, warmup=0,
-                                             progress=not args.no_progress, pipe=pipe, replace_stale=True))
-        all_results.append(results)
-        written.append(write_grid(out, results, args.out))
+    # Under torchrun / accelerate launch the seeds are dealt to the ranks (one GPU each); rank 0
+    # times, writes and prints. Ranks never wait on each other while generating.
+    ranks = Ranks.from_env(args.device)
+    try:
+        device = ranks.device(args.device)
+        all_results, written = [], []
+        for k, model in enumerate(models, 1):
+            if ranks.main:
+                print(f"[{k}/{len(models)}] {model}", flush=True)
+            pipe = load_pipeline(model, device=device)
+            configs = demo_configs(detect(pipe).family, args.presets)
+            out = args.out / model
+            results = run_evaluation(EvalOptions(model=model, out=out, configs=configs, seeds=seeds, steps=args.steps,
+                                                 device=device, repeats=args.repeats,
+                                                 timing_budget_s=args.timing_budget, warmup=0,
+                                                 progress=not args.no_progress, pipe=pipe, replace_stale=True))
+            if ranks.main:
+                all_results.append(results)
+                written.append(write_grid(out, results, args.out))
+    finally:
+        ranks.close()
+    if not ranks.main:
+        return 0
     print(summary_table(all_results))
     extra = eval_extra_note()
     if extra:

@@ -89,6 +89,7 @@ def set_scheduler(pipe, name: str | None) -> None:
 def main(args) -> int:
     import time
 
+    from diffaccel.evaluation.distributed import Ranks
     from diffaccel.loading import load_pipeline, resolve_device
     from diffaccel.metrics import EVAL_EXTRA, available
     from diffaccel.profiler.measure import measure
@@ -113,18 +114,32 @@ def main(args) -> int:
         raise ValueError(f"--plot needs matplotlib: {EVAL_EXTRA} (or leave out --plot).")
     started = time.perf_counter()
     prompts = read_prompts(args.prompts, args.num_prompts, args.model)
-    device = resolve_device(args.device)
-    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    set_scheduler(pipe, args.scheduler)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial.json")
-    seeds = [args.seed + i for i in range(len(prompts))]
-    call = call_arguments(args.model, args)
-    print(f"profiling {args.model}: per-module costs (one call, timed modules), then {_count(len(prompts), 'prompt')} "
-          f"x {args.steps} steps", flush=True)
-    profile = measure(pipe, prompts, call, model=args.model, seeds=seeds, partial_path=partial,
-                      progress=not args.no_progress, describe={"device": device, "dtype": str(pipe.dtype).replace("torch.", "")})
+    # Under torchrun / accelerate launch the prompts are dealt to the ranks; rank 0 writes the
+    # profile (the plan any rank later derives from it is the same: a function of the file).
+    ranks = Ranks.from_env(args.device)
+    try:
+        device = ranks.device(resolve_device(args.device))
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+        set_scheduler(pipe, args.scheduler)
+        out = Path(args.out)
+        if ranks.main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        suffix = ".partial.json" if ranks.main else f".partial.rank{ranks.rank}.json"
+        partial = out.with_name(out.name + suffix)
+        seeds = [args.seed + i for i in range(len(prompts))]
+        call = call_arguments(args.model, args)
+        if ranks.main:
+            print(f"profiling {args.model}: per-module costs (one call, timed modules), then "
+                  f"{_count(len(prompts), 'prompt')} x {args.steps} steps"
+                  + (f" on {ranks.world} ranks" if ranks.world > 1 else ""), flush=True)
+        profile = measure(pipe, prompts, call, model=args.model, seeds=seeds, partial_path=partial,
+                          progress=not args.no_progress and ranks.main, ranks=ranks if ranks.world > 1 else None,
+                          describe={"device": device, "dtype": str(pipe.dtype).replace("torch.", "")})
+        if not ranks.main:  # nothing else needs the other ranks: no collective follows
+            partial.unlink(missing_ok=True)
+            return 0
+    finally:
+        ranks.close()
     calibration_s = 0.0
     if args.calibration_prompts > 0:
         from diffaccel.profiler.calibrate_psnr import calibrate_psnr

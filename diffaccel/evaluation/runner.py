@@ -1,5 +1,9 @@
 """One evaluation: generate every (config, seed), score, time, report. Resumable and
-multi-process (seeds dealt round-robin to ranks; rank 0 times the configs and writes the report).
+multi-process: seeds are dealt round-robin to ranks (seed list position i goes to rank i mod N),
+each rank generates and scores its own, independently (diffaccel issues no collective unless
+asked, so ranks never wait for each other, whatever each one skips on resume); rank 0 computes
+FID over all seeds in order, times the configs alone and writes the report, so every number but
+the timings equals a 1-process run.
 """
 from __future__ import annotations
 
@@ -215,21 +219,25 @@ def _run(options: EvalOptions, configs: list[EvalConfig], out: Path, ranks: Rank
 
     records, fids = [], {}
     for config in configs:
-        if fid is not None:
-            fid.reset()  # keeps the reference features
         for seed in mine:
             sample = generation.load_sample(generation.sample_paths(out, config.name, seed, video)[1])
             baseline = None if config.is_baseline else generation.load_sample(
                 generation.sample_paths(out, configs[0].name, seed, video)[1])
             records.append(quality.sample_record(config.name, seed, prompt_of[seed], sample, baseline,
                                                  scorers.get("clip"), scorers.get("lpips"), follows))
-            if fid is not None:
+    records = ranks.gather(records)
+    ranks.barrier()  # every rank's samples are on disk
+    if fid is not None and ranks.main:
+        # Rank 0 reads every seed's sample in seed order: the same feature sums as one process, bit
+        # for bit (summing per-rank states would change the last digits with the rank count).
+        for config in configs:
+            fid.reset()  # keeps the reference features
+            for seed in options.seeds:
+                sample = generation.load_sample(generation.sample_paths(out, config.name, seed, video)[1])
                 if fid_note["reference"] == "baseline outputs" and config.is_baseline:
                     fid.update(metrics.to_uint8_nchw(sample).to(pipe.device), real=True)
                 fid.update(metrics.to_uint8_nchw(sample).to(pipe.device), real=False)
-        if fid is not None:
-            fids[config.name] = round(float(fid.compute()), 6)  # sums across ranks; rounding hides their order
-    records = ranks.gather(records)
+            fids[config.name] = round(float(fid.compute()), 6)
 
     speed = None
     if ranks.main:

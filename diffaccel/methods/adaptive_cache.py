@@ -14,8 +14,11 @@ Why it is built this way:
 * The decision and every cached tensor are kept per CFG half: a conditional call is never
   compared with an unconditional one, and with batched CFG each half decides for itself (a half
   that must compute runs alone), so batched and separate CFG give the same result.
-* A decision covers a whole half of the batch (mean over its samples), and under
-  torch.distributed it is taken on the all-rank mean, so every rank takes the same path.
+* A decision covers a whole half of the batch (over all its samples). When ranks must agree
+  (diffusers' context parallelism on the denoiser, or ``accelerate(..., process_group=pg)``) the
+  change is measured over all ranks' tokens (one all-reduce of the sums), so every rank takes the
+  same path, and under context parallelism the path one process would take; otherwise no
+  collective is issued.
 * ``warmup`` first steps always compute, and at most ``max_consecutive`` steps in a row reuse.
 * The decision code is excluded from torch.compile; only the mode of a block ("run" / "reuse" /
   "mixed") reaches compiled code, so steps do not trigger recompilation.
@@ -34,7 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffaccel.distributed import consensus_mean
+from diffaccel.distributed import consensus_sum
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.methods.cache_common import ArgReader, cat_rows, cfg_half_rows, num_rows, run_rows, take_rows, tree_map
@@ -178,16 +181,16 @@ class AdaptiveCacheInstalled(Installed):
         states = [self.halves.setdefault(half, _HalfState()) for half, _ in groups]
         signals = [head_residual[sl].detach().float() for _, sl in groups]
         anchored = config.reference == "last_computed"
-        change = []
+        sums = []  # per half: sum |r - ref|, sum |ref| (sums, so shards add up to the whole sequence)
         for state, r in zip(states, signals):
             ref = state.anchor if anchored else state.signal
             if ref is None:
-                change.append(torch.zeros((), device=r.device, dtype=torch.float64))
+                sums.append(torch.zeros(2, device=r.device, dtype=torch.float64))
             else:
-                d = (r - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12)
-                change.append((d - config.noise_floor).clamp_min(0.0).double())
-        # One collective per decision, with every half's measurement: ranks agree on all of them.
-        change = consensus_mean(torch.stack(change)).tolist()
+                sums.append(torch.stack([(r - ref).abs().sum(), ref.abs().sum()]).double())
+        # At most one collective per decision, with every half's sums: ranks agree on all of them.
+        totals = consensus_sum(torch.stack(sums), self.session).tolist()
+        change = [max(num / max(den, 1e-12 * r.numel()) - config.noise_floor, 0.0) for (num, den), r in zip(totals, signals)]
         plan = []
         for (half, sl), state, r, d in zip(groups, states, signals, change):
             if anchored:  # d already spans every step since the anchor

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from diffaccel import compat
+from diffaccel.distributed import ulysses_order
 from diffaccel.hooks import Installed, hook_forward
 
 
@@ -111,6 +112,14 @@ class SparseAttentionHook:
             self.installed.count("dense_fallback_calls")
             return None
         self.installed.count("sparse_calls")
+        order = ulysses_order(self.installed.session, query.shape[2], layout.text_tokens, layout.text_position != "last")
+        if order is not None:  # diffusers' Ulysses stacked the ranks' [text, visual] shards: attend in global order
+            order = order.to(query.device)
+            out = self._attend_ordered(layout, setting, call, *(x[:, :, order] for x in (query, key, value)))
+            return torch.empty_like(out).index_copy_(2, order, out)
+        return self._attend_ordered(layout, setting, call, query, key, value)
+
+    def _attend_ordered(self, layout, setting, call, query, key, value):
         text, visual = layout.text_tokens, layout.num_visual
         if text and layout.text_position == "last" and not self.takes_model_order():  # kernels take text first
             first = lambda x: torch.cat([x[:, :, visual:], x[:, :, :visual]], dim=2)  # noqa: E731

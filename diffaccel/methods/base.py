@@ -44,6 +44,9 @@ class Method:
     requires: ClassVar[Capability | None] = None
     # Keys of ``diffaccel.families.method_defaults(family, name)`` the method reads.
     family_defaults: ClassVar[tuple[str, ...]] = ()
+    # Under diffusers' context parallelism: "any" (exact with Ulysses and ring on the sharded layout),
+    # "ulysses" (needs whole-sequence attention calls) or "none" (see diffaccel.distributed).
+    context_parallel: ClassVar[str] = "any"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -47,6 +47,7 @@ class MediatorAttention(Method):
 
     name: ClassVar[str] = "mediator"
     requires: ClassVar[Capability] = Capability.SPARSE_ATTENTION
+    context_parallel: ClassVar[str] = "ulysses"
 
     mediator_ratio: tuple[float, float] = (1 / 16, 1 / 4)
     full_attention_fraction: float = 0.0

@@ -66,6 +66,7 @@ class SlidingTileAttention(Method):
 
     name: ClassVar[str] = "sliding_tile"
     requires: ClassVar[Capability] = Capability.SPARSE_ATTENTION
+    context_parallel: ClassVar[str] = "ulysses"
     family_defaults: ClassVar[tuple[str, ...]] = ("tile", "window")
 
     tile: tuple[int, int, int] | None = None

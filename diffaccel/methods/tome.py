@@ -75,6 +75,7 @@ class ToMe(Method):
 
     name: ClassVar[str] = "tome"
     requires: ClassVar[Capability] = Capability.TOKEN_MERGING
+    context_parallel: ClassVar[str] = "none"
 
     ratio: float = 0.5
     max_downsample: int | None = 1

@@ -85,11 +85,15 @@ def aggregate(runs: list[dict]) -> tuple[list[float], list[dict], dict]:
 
 
 def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = "", seeds: list[int] | None = None,
-            partial_path=None, progress: bool = True, describe: dict | None = None) -> Profile:
+            partial_path=None, progress: bool = True, describe: dict | None = None, ranks=None) -> Profile:
     """Profile ``pipe`` over ``prompts`` (one generation each, seed ``seeds[i]``, default i).
 
     ``call_kwargs`` are the pipeline call arguments (num_inference_steps, height, ...);
-    ``partial_path`` keeps finished generations so an interrupted run resumes.
+    ``partial_path`` keeps finished generations so an interrupted run resumes. ``ranks`` (an
+    object with ``rank``, ``world``, ``gather(list) -> list`` and ``broadcast(value)``, e.g. the
+    evaluation's ``Ranks``) spreads the prompts over processes: prompt i runs on rank i mod world,
+    rank 0 times the modules, and every rank returns the same profile (the 1-process one, timings
+    aside).
     """
     if not prompts:
         raise ValueError("No prompts to profile with: give at least one prompt (the prompts file is empty?).")
@@ -103,11 +107,12 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
     pipe.set_progress_bar_config(disable=True)
     started = time.perf_counter()
     bar = _bar(len(prompts), progress, initial=len(partial["runs"]))
-    if partial.get("costs") is None:
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
+    if partial.get("costs") is None and rank == 0:
         partial["costs"] = measure_costs(pipe, adapter, prompts[0], call_kwargs, seeds[0], planners)
         _save_partial(partial_path, partial)
     for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-        if str(i) in partial["runs"]:
+        if str(i) in partial["runs"] or i % world != rank:
             continue
         with record(pipe, targets=TARGETS) as rec, contextlib.ExitStack() as stack:
             probes = {p.name: (p, stack.enter_context(p.probe(pipe, adapter))) for p in planners}
@@ -121,6 +126,10 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
             bar.update(1)
     if bar is not None:
         bar.close()
+    if world > 1:  # every rank's runs (by prompt index), rank 0's module costs, the summed time
+        partial["runs"] = dict(ranks.gather(sorted(partial["runs"].items())))
+        partial["costs"] = ranks.broadcast(partial["costs"])
+        partial["seconds"] = sum(ranks.gather([partial.get("seconds", 0.0)]))
     runs = [partial["runs"][str(i)] for i in range(len(prompts))]
     times, modules, stats = aggregate(runs)
     measured = {

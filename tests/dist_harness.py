@@ -1,0 +1,62 @@
+"""Run a function on N gloo processes on CPU, with a deadline so a hang fails instead of stalling.
+
+``run_ranks(fn, world, *args)`` spawns ``world`` processes that each join one gloo group and call
+``fn(rank, world, *args)``; each return value comes back through a file. diffusers' context
+parallelism divides by ``torch.accelerator.device_count()``, which is 0 on a CPU-only machine:
+the workers report one device (the gloo backend runs on CPU either way).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+DEADLINE_S = 600  # generous: only a hang (a collective no other rank joins) ever gets near it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world, port, out_dir, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.accelerator.device_count = lambda *a, **k: 1  # CPU-only box: diffusers' CP divides by this
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = ("ok", fn(rank, world, *args))
+    except BaseException:  # noqa: BLE001 - carried back to the test, which fails with it
+        result = ("error", traceback.format_exc())
+    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, deadline_s: float = DEADLINE_S) -> list:
+    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run on its own rank."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out_dir, args), nprocs=world, join=False,
+                                 start_method="spawn")
+        end = time.monotonic() + deadline_s
+        while not ctx.join(timeout=max(0.1, end - time.monotonic())):  # returns as each process ends
+            if time.monotonic() >= end:
+                for p in ctx.processes:
+                    p.kill()
+                raise AssertionError(f"{world} ranks did not finish within {deadline_s} s: a collective hangs")
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:
+                status, value = pickle.load(f)
+            if status != "ok":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+        return results
