@@ -85,11 +85,12 @@ def aggregate(runs: list[dict]) -> tuple[list[float], list[dict], dict]:
 
 
 def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = "", seeds: list[int] | None = None,
-            partial_path=None, progress: bool = True, describe: dict | None = None) -> Profile:
+            partial_path=None, progress: bool = True, describe: dict | None = None, step_graph: int = 0) -> Profile:
     """Profile ``pipe`` over ``prompts`` (one generation each, seed ``seeds[i]``, default i).
 
     ``call_kwargs`` are the pipeline call arguments (num_inference_steps, height, ...);
-    ``partial_path`` keeps finished generations so an interrupted run resumes.
+    ``partial_path`` keeps finished generations so an interrupted run resumes. ``step_graph`` > 0
+    measures StepCache's step graph on that many of the prompts (image and video DiTs).
     """
     if not prompts:
         raise ValueError("No prompts to profile with: give at least one prompt (the prompts file is empty?).")
@@ -134,6 +135,11 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
     profile = Profile(model=model, pipeline=adapter.name, family=str(adapter.family), fingerprint=_plain(adapter.fingerprint()),
                       times=[float(t) for t in times], modules=modules, stats=stats, costs=partial["costs"], measured=measured,
                       reuse_error=_reuse_tables(pipe, runs, planners))
+    if step_graph > 0 and any(p.name == "step_cache" for p in planners):
+        from diffaccel.profiler.reuse_error import step_skip_errors
+
+        k = min(step_graph, len(prompts))
+        profile.reuse_error["step_cache"] = step_skip_errors(pipe, adapter, prompts[:k], seeds[:k], call_kwargs)
     return profile
 
 
