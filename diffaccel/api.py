@@ -64,6 +64,10 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         chosen = _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
     else:
         chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
+    if any(getattr(m, "min_psnr", None) is not None for m in chosen):  # StepCache planned for a PSNR per call
+        from diffaccel.profiler.plan_step_cache import with_psnr_schedules
+
+        chosen = with_psnr_schedules(adapter, chosen)
     attach(pipe, adapter, chosen)
     return pipe
 

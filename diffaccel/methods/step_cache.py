@@ -69,6 +69,9 @@ class StepCache(Method):
         curve: ``((t, cumulative change), ...)`` sorted by t, read by the rule.
         veto: relative change of the stack input since the last compute above which a planned skip
             computes anyway (0: off, the schedule is followed exactly).
+        min_psnr: where a profile with a measured step graph is known for the model (shipped with it
+            or given), each call runs the fastest schedule planned for this predicted PSNR (dB) at
+            the call's timesteps; the rule above applies where there is none (None: always the rule).
     """
 
     name: ClassVar[str] = "step_cache"
@@ -83,6 +86,7 @@ class StepCache(Method):
     mask: tuple[bool, ...] | None = None
     curve: tuple[tuple[float, float], ...] | None = None
     veto: float = 0.0
+    min_psnr: float | None = None
 
     def validate(self) -> None:
         at_least(self.threshold, "StepCache(threshold=...)", 0.0, "0 computes every step; larger skips more.")
@@ -94,6 +98,8 @@ class StepCache(Method):
             raise ValueError(f"StepCache(forecast_order={self.forecast_order!r}) must be 0, 1 or 2 (0 repeats the last residual).")
         at_least(self.guard, "StepCache(guard=...)", 0.0, "0 leaves the forecast unbounded; 2 is a safe bound.")
         at_least(self.veto, "StepCache(veto=...)", 0.0, "0 turns the run-time check off.")
+        if self.min_psnr is not None:
+            at_least(self.min_psnr, "StepCache(min_psnr=...)", 0.0, "A PSNR in dB, e.g. 30; None follows the rule.")
         if self.mask is not None and not all(isinstance(b, bool) for b in self.mask):
             raise ValueError("StepCache(mask=...) must hold one bool per step (True computes the step).")
         if self.curve is not None and (len(self.curve) < 2 or any(len(p) != 2 for p in self.curve)):

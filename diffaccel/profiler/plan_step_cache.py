@@ -22,7 +22,11 @@ decisions are data-independent. Example::
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from diffaccel.hooks import Installed
+from diffaccel.methods.base import Method
 
 from diffaccel.methods.step_cache import StepCache
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
@@ -172,3 +176,59 @@ class StepCachePlanner(Planner):
     def summary(self, plan) -> str:
         skipped = [i for i, c in enumerate(plan.config.mask or ()) if not c]
         return f"skip steps {skipped}, forecast order {plan.config.forecast_order}"
+
+
+# ---- PSNR-targeted schedules at call time (StepCache(min_psnr=...)) --------------------------------
+@dataclass(frozen=True)
+class StepCachePsnrSchedule(Method):
+    """Schedule provider for ``StepCache(min_psnr=...)``: at every call, the fastest mask whose
+    predicted PSNR on ``profile``'s measured step graph meets ``min_psnr``, for the call's
+    timesteps; the StepCache config's own rule where the graph was measured at other timesteps."""
+
+    name: ClassVar[str] = "step_cache_psnr_schedule"
+    profile: Profile | None = None
+
+    def apply(self, session) -> Installed:
+        return _PsnrScheduleInstalled(self, session)
+
+
+class _PsnrScheduleInstalled(Installed):
+    def __init__(self, config: StepCachePsnrSchedule, session):
+        super().__init__(config, session)
+        self.plans: dict[tuple, StepCache] = {}
+        self.info: dict = {}
+        session.providers[StepCache.name] = self
+        self.on_remove(lambda: session.providers.pop(StepCache.name, None))
+
+    def config_for_call(self, config: StepCache, session) -> StepCache:
+        timesteps = [float(t) for t in getattr(session.pipe.scheduler, "timesteps", [])]
+        n = int(session.ctx.num_steps or len(timesteps))
+        times = [session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]]
+        key = (config.min_psnr, tuple(round(t, 6) for t in times))
+        if key not in self.plans:
+            profile = self.config.profile
+            if config.min_psnr is None or measured_edges(profile, times) is None:
+                self.plans[key], self.info = config, {"planned": False}
+            else:
+                plan = plan_for_psnr(profile, times, config.min_psnr)
+                self.plans[key] = replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order)
+                self.info = {"planned": True, "predicted_psnr": round(-10 * math.log10(max(plan.error, 1e-30)), 2),
+                             "predicted_speedup": round(plan.speedup, 3)}
+        return self.plans[key]
+
+    def stats(self) -> dict:
+        return dict(self.info)
+
+
+def with_psnr_schedules(adapter, methods: list[Method], profile: Profile | None = None) -> list[Method]:
+    """``methods`` plus the schedule provider a ``StepCache(min_psnr=...)`` among them needs, planned
+    from ``profile`` or the profile shipped for the model (nothing added without a step graph)."""
+    if not any(isinstance(m, StepCache) and m.min_psnr is not None for m in methods):
+        return methods
+    if profile is None:
+        from diffaccel.profiler.schedule import shipped_profile
+
+        profile = shipped_profile(adapter)
+    if profile is None or not (profile.reuse_error or {}).get("step_cache"):
+        return methods
+    return [*methods, StepCachePsnrSchedule(profile=profile)]
