@@ -20,7 +20,8 @@ from diffaccel.bundled.loader import bundled_dir
 from diffaccel.evaluation.generation import builtin_prompts
 from diffaccel.pipelines import detect
 from diffaccel.profiler.profile import load_profile
-from diffaccel.profiler.reuse_error import step_skip_errors
+from diffaccel.profiler.plan_step_cache import candidates
+from diffaccel.profiler.reuse_error import step_skip_errors, verify_step_schedules
 
 
 def main() -> None:
@@ -28,18 +29,38 @@ def main() -> None:
     ap.add_argument("model", choices=("tiny-dit", "tiny-video"))
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-gap", type=int, default=4)
+    ap.add_argument("--verify", type=int, default=4, help="training captions (seeds 100..) on which the planned "
+                    "schedules are run and kept as verified ones (0: graph only)")
+    ap.add_argument("--skip-graph", action="store_true", help="keep the stored graph, only verify")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
     pipe.set_progress_bar_config(disable=True)
     captions = builtin_prompts("bundled", args.model == "tiny-video")
     seeds = list(range(args.prompts))
     started = time.perf_counter()
-    table = step_skip_errors(pipe, detect(pipe), [captions[s] for s in seeds], seeds, {}, max_gap=args.max_gap)
     path = bundled_dir() / args.model / "profile.json"
     profile = load_profile(path)
-    profile.reuse_error["step_cache"] = table
-    profile.save(path)
-    print(f"{path}: step graph of {sum(len(r) for r in table['edges'].values())} edges in {time.perf_counter() - started:.0f} s")
+    if not args.skip_graph:
+        table = step_skip_errors(pipe, detect(pipe), [captions[s] for s in seeds], seeds, {}, max_gap=args.max_gap)
+        profile.reuse_error["step_cache"] = table
+        profile.save(path)
+        print(f"{path}: step graph of {sum(len(r) for r in table['edges'].values())} edges in {time.perf_counter() - started:.0f} s")
+    if args.verify:
+        times = profile.reuse_error["step_cache"]["times"]
+        profile.calibration.pop("step_cache", None)
+        plans = {p.config.mask + tuple(p.config.forecast_orders or ()): p for p in candidates(profile, times)}
+        vseeds = list(range(100, 100 + args.verify))
+        runs = verify_step_schedules(pipe, detect(pipe), [captions[s % len(captions)] for s in vseeds], vseeds, {},
+                                     [p.config for p in plans.values()])
+        for run, plan in zip(runs, plans.values()):
+            run["speedup"] = round(plan.speedup, 4)
+        # Keep the Pareto front: no other run both faster (or as fast) and better.
+        front = [r for r in runs if not any(o["speedup"] >= r["speedup"] and o["psnr"] > r["psnr"] and o is not r for o in runs)]
+        profile.calibration["step_cache"] = {"times": times, "seeds": vseeds, "runs": sorted(front, key=lambda r: r["speedup"]),
+                                             "statistic": "mean PSNR (dB) over training captions vs the unaccelerated output"}
+        profile.save(path)
+        for r in sorted(front, key=lambda r: r["speedup"]):
+            print(f"  {r['speedup']:.2f}x  {r['psnr']:.2f} dB  skip {[i for i, c in enumerate(r['mask']) if not c]}")
 
 
 if __name__ == "__main__":

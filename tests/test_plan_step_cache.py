@@ -40,8 +40,23 @@ def test_shortest_paths_are_the_best_schedules_for_every_step_count(retention, f
     paths = shortest_paths(edges, n, retention, final_steps, max_gap)
     brute = _brute_force(edges, n, retention, final_steps, max_gap)
     assert sorted(paths) == sorted(brute)
-    for k, (err, mask) in paths.items():
-        assert err == pytest.approx(brute[k][0]) and sum(mask) == k and mask[0]
+    for k, (err, mask, orders) in paths.items():
+        assert err == pytest.approx(brute[k][0]) and sum(mask) == k and mask[0] and set(orders) == {0}
+
+
+def test_forecast_orders_are_chosen_per_skip_only_where_their_measurement_holds():
+    n = 6
+    order0 = {(i, j): 1.0 for i in range(n) for j in range(i + 2, n + 1)}
+    order1 = {(i, j): 0.1 for i in range(n) for j in range(i + 2, n + 1)}
+    paths = shortest_paths({0: order0, 1: order1}, n, max_gap=1)
+    err, mask, orders = paths[3]  # compute 0, 2, 4: skips 1, 3, 5
+    assert mask == [True, False, True, False, True, False]
+    # 1 follows step 0 (order 1 measured there); 3 and 5 follow a skip, so only order 0 is trusted.
+    assert [orders[s] for s in (1, 3, 5)] == [1, 0, 0] and err == pytest.approx(2.1)
+    err, mask, orders = paths[4]  # two skips, each after two computed steps (or step 0): order 1 twice
+    assert err == pytest.approx(0.2) and sorted(orders[s] for s in range(n) if not mask[s]) == [1, 1]
+    # Coherent errors add as amplitudes.
+    assert shortest_paths({0: order0}, n, max_gap=1, coherent=True)[3][0] == pytest.approx(9.0)
 
 
 def test_measured_step_graph_matches_real_runs_and_plans_from_it():
@@ -72,6 +87,7 @@ def test_plan_uses_the_measured_graph_when_timesteps_match(monkeypatch):
     times = [1 - i / n for i in range(n)]
     rows = [[i, j, 0.001 * (j - i) ** 2 * (3 if i < 2 else 1)] for i in range(n - 1) for j in range(i + 2, min(n, i + 5) + 1)]
     profile.reuse_error = {**profile.reuse_error, "step_cache": {"times": times, "edges": {"0": rows, "1": [[i, j, e / 2] for i, j, e in rows]}}}
+    profile.calibration = {k: v for k, v in profile.calibration.items() if k != "step_cache"}
     plan = P.plan_step_cache(profile, times, 1.4)
     assert plan.config.forecast_order == 1 and plan.speedup >= 1.4 and plan.note == "measured step graph"
     assert plan.config.mask[0] and not all(plan.config.mask)

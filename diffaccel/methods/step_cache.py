@@ -66,6 +66,8 @@ class StepCache(Method):
         guard: the forecast's change is at most ``guard`` times the last observed change per step
             interval (0: unbounded).
         mask: explicit schedule, one bool per step (True computes); overrides the rule.
+        forecast_orders: with ``mask``, the forecast order of each step where it is skipped (one int
+            per step; None: ``forecast_order`` everywhere). Plans choose the order per skip.
         curve: ``((t, cumulative change), ...)`` sorted by t, read by the rule.
         veto: relative change of the stack input since the last compute above which a planned skip
             computes anyway (0: off, the schedule is followed exactly).
@@ -84,6 +86,7 @@ class StepCache(Method):
     forecast_order: int = 1
     guard: float = 2.0
     mask: tuple[bool, ...] | None = None
+    forecast_orders: tuple[int, ...] | None = None
     curve: tuple[tuple[float, float], ...] | None = None
     veto: float = 0.0
     min_psnr: float | None = None
@@ -102,6 +105,10 @@ class StepCache(Method):
             at_least(self.min_psnr, "StepCache(min_psnr=...)", 0.0, "A PSNR in dB, e.g. 30; None follows the rule.")
         if self.mask is not None and not all(isinstance(b, bool) for b in self.mask):
             raise ValueError("StepCache(mask=...) must hold one bool per step (True computes the step).")
+        if self.forecast_orders is not None and (
+                self.mask is None or len(self.forecast_orders) != len(self.mask)
+                or any(isinstance(o, bool) or o not in ORDERS for o in self.forecast_orders)):
+            raise ValueError("StepCache(forecast_orders=...) needs a mask of the same length and holds 0, 1 or 2 per step.")
         if self.curve is not None and (len(self.curve) < 2 or any(len(p) != 2 for p in self.curve)):
             raise ValueError("StepCache(curve=...) must hold at least two (t, cumulative change) pairs.")
 
@@ -261,14 +268,18 @@ class StepCacheInstalled(Installed):
         out_rows = tree_map(lambda o: o[sl].detach(), out)
         if self.per_block:
             residual = tree_map(torch.sub, out_rows, self._inputs(reader, args, kwargs, rows, sl))
-            state.blocks.setdefault(index, History(self.call_config().forecast_order + 1)).push(self._time(), residual)
+            state.blocks.setdefault(index, History(self._keep())).push(self._time(), residual)
             return
         if index == 0:
             state.entry = tree_map(torch.Tensor.detach, self._inputs(reader, args, kwargs, rows, sl))
         if index == self.last:
-            state.history.keep = self.call_config().forecast_order + 1
+            state.history.keep = self._keep()
             state.history.push(self._time(), tree_map(torch.sub, out_rows, state.entry))
             state.entry = None
+
+    def _keep(self) -> int:
+        config = self.call_config()
+        return max(config.forecast_order, *(config.forecast_orders or (0,))) + 1
 
     def _reused_rows(self, index, reader, args, kwargs, rows, half, sl):
         config, state = self.call_config(), self.halves[half]
@@ -282,7 +293,10 @@ class StepCacheInstalled(Installed):
             history = state.history
         else:
             return identity
-        residual = history.forecast(self._time(), config.forecast_order, config.guard)
+        order = config.forecast_order
+        if config.forecast_orders is not None and self.session.ctx.step < len(config.forecast_orders):
+            order = config.forecast_orders[self.session.ctx.step]
+        residual = history.forecast(self._time(), order, config.guard)
         return tree_map(torch.add, identity, residual)
 
     @torch.compiler.disable

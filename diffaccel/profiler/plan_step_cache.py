@@ -65,42 +65,60 @@ def proxy_edges(profile: Profile, times: list[float], max_gap: int = MAX_GAP) ->
     return {0: edges}
 
 
-def shortest_paths(edges: dict[tuple[int, int], float], n: int, retention: int = RETENTION, final_steps: int = 0,
-                   max_gap: int = MAX_GAP) -> dict[int, tuple[float, list[bool]]]:
-    """{computed steps K: (least summed error, mask)} over every schedule the edges allow.
+def shortest_paths(edges: dict, n: int, retention: int = RETENTION, final_steps: int = 0, max_gap: int = MAX_GAP,
+                   coherent: bool = False) -> dict[int, tuple[float, list[bool], list[int]]]:
+    """{computed steps K: (least error, mask, forecast order per step)} over every schedule the edges allow.
 
-    Skipped steps lie in [retention, n - final_steps) and at most ``max_gap`` in a row; an edge
-    between neighbours costs nothing. O(n^2 * max_gap) -- microseconds for 50 steps.
+    ``edges`` is ``{order: {(i, j): error}}`` or, for one order, ``{(i, j): error}``. Skipped steps lie in
+    [retention, n - final_steps), at most ``max_gap`` in a row; an edge between neighbours costs
+    nothing. Each skip takes its cheapest order, but an order >= 1 only right after two computed
+    steps in a row (or from step 0): the measured edges were run with every earlier step computed,
+    so that is where their numbers hold (a forecast from an earlier skip's sparse history is not
+    what was measured, and was measured to go badly wrong). Errors add as independent noise (MSE
+    sums) or, with ``coherent``, as aligned errors (RMS sums) -- real runs lie between the two.
+    O(n^2 * max_gap) per order.
     """
+    if edges and not isinstance(next(iter(edges)), int):
+        edges = {0: edges}
     inf = math.inf
-    # best[k][j]: least error reaching node j with k edges (k computed steps before j); back-pointers.
-    best = [[inf] * (n + 1) for _ in range(n + 1)]
-    back = [[-1] * (n + 1) for _ in range(n + 1)]
-    best[0][0] = 0.0
+    cost = (lambda e: math.sqrt(e)) if coherent else (lambda e: e)
+    # best[k][j][u]: least error reaching node j with k edges; u = 1 when j - 1 was computed too.
+    best = [[[inf, inf] for _ in range(n + 1)] for _ in range(n + 1)]
+    back: dict = {}
+    best[0][0][1] = 0.0
     for k in range(1, n + 1):
         for j in range(1, n + 1):
             for i in range(max(0, j - max_gap - 1), j):
-                prev = best[k - 1][i]
-                if prev == inf:
-                    continue
-                if j == i + 1:
-                    w = 0.0
-                elif i + 1 < retention or j > n - final_steps or (i, j) not in edges:
-                    continue
-                else:
-                    w = edges[(i, j)]
-                if prev + w < best[k][j]:
-                    best[k][j], back[k][j] = prev + w, i
+                for u in (0, 1):
+                    prev = best[k - 1][i][u]
+                    if prev == inf:
+                        continue
+                    if j == i + 1:
+                        options = [(0.0, 0)]
+                    elif i + 1 < retention or j > n - final_steps:
+                        continue
+                    else:
+                        options = [(cost(table[(i, j)]), order) for order, table in edges.items()
+                                   if (i, j) in table and (order == 0 or u == 1)]
+                    for w, order in options:
+                        v = 1 if j == i + 1 else 0
+                        if prev + w < best[k][j][v]:
+                            best[k][j][v] = prev + w
+                            back[(k, j, v)] = (i, u, order)
     out = {}
     for k in range(1, n + 1):
-        if best[k][n] == inf:
+        v = min((0, 1), key=lambda x: best[k][n][x])
+        if best[k][n][v] == inf:
             continue
-        mask, j, kk = [False] * n, n, k
+        err = best[k][n][v] ** 2 if coherent else best[k][n][v]
+        mask, orders, j, kk = [False] * n, [0] * n, n, k
         while j > 0:
-            i = back[kk][j]
+            i, u, order = back[(kk, j, v)]
             mask[i] = True
-            j, kk = i, kk - 1
-        out[k] = (best[k][n], mask)
+            for s_ in range(i + 1, j):
+                orders[s_] = order
+            j, kk, v = i, kk - 1, u
+        out[k] = (err, mask, orders)
     return out
 
 
@@ -110,39 +128,61 @@ def _speedup(profile: Profile, mask: list[bool]) -> float:
     return full * len(mask) / sum(full if c else full - saved for c in mask)
 
 
+def _plan(profile: Profile, mask, orders, err: float, note: str) -> Plan:
+    config = StepCache(mask=tuple(bool(c) for c in mask), forecast_order=max(orders or [0]),
+                       forecast_orders=tuple(int(o) for o in orders) if orders else None, final_steps=0, retention=0.0)
+    speed = _speedup(profile, list(mask))
+    return Plan("step_cache", config, speed, wall_speedup(profile, speed, _blocks(profile)), err, list(mask), note)
+
+
+def verified(profile: Profile, times: list[float]) -> list[Plan]:
+    """Schedules run on training captions (``profile.calibration["step_cache"]``), with their measured
+    MSE as the error, when they were run at ``times``."""
+    cal = (profile.calibration or {}).get("step_cache")
+    if not cal or len(cal["times"]) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(cal["times"], times)):
+        return []
+    return [_plan(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified on training captions")
+            for r in cal["runs"]]
+
+
 def candidates(profile: Profile, times: list[float], retention: int = RETENTION, final_steps: int = 0) -> list[Plan]:
-    """Every count of computed steps' best schedule, over every forecast order the table has."""
+    """Schedules to choose from: the verified ones where the profile has them for ``times``, else every
+    count of computed steps' shortest path (both error models) over the step graph."""
+    runs = verified(profile, times)
+    if runs:
+        return runs
     edges = measured_edges(profile, times)
     measured = edges is not None
     edges = edges or proxy_edges(profile, times)
+    note = "measured step graph" if measured else "proxy error (no measured step graph for these timesteps)"
     plans = []
-    for order, weights in sorted(edges.items()):
-        for k, (err, mask) in shortest_paths(weights, len(times), retention, final_steps).items():
-            config = StepCache(mask=tuple(mask), forecast_order=order, final_steps=0, retention=0.0)
-            speed = _speedup(profile, mask)
-            note = "measured step graph" if measured else "proxy error (no measured step graph for these timesteps)"
-            plans.append(Plan("step_cache", config, speed, wall_speedup(profile, speed, _blocks(profile)), err, mask, note))
+    for coherent in (False, True):
+        for k, (err, mask, orders) in shortest_paths(edges, len(times), retention, final_steps, coherent=coherent).items():
+            plans.append(_plan(profile, mask, orders, err, note))
     return plans
 
 
 def plan_step_cache(profile: Profile, times: list[float], target: float, retention: int = RETENTION,
                     final_steps: int = 0) -> Plan:
     """The least-error schedule whose FLOPs speed-up is at least ``target``."""
-    ok = [p for p in candidates(profile, times, retention, final_steps) if p.speedup >= target - 1e-9]
+    plans = candidates(profile, times, retention, final_steps)
+    ok = [p for p in plans if p.speedup >= target - 1e-9]
     if not ok:
-        best = max((p.speedup for p in candidates(profile, times, retention, final_steps)), default=1.0)
+        best = max((p.speedup for p in plans), default=1.0)
         raise UnreachableTarget(f"StepCache reaches at most {best:.2f}x here (at most {MAX_GAP} steps skipped in a row)")
     return min(ok, key=lambda p: (p.error, -p.speedup))
 
 
 def plan_for_psnr(profile: Profile, times: list[float], min_psnr: float, retention: int = RETENTION,
                   final_steps: int = 0) -> Plan:
-    """The fastest schedule whose predicted PSNR (from the summed measured MSE) is at least ``min_psnr``."""
-    if measured_edges(profile, times) is None:
+    """The fastest schedule whose PSNR (verified, else predicted from the measured MSE) is at least ``min_psnr``."""
+    if measured_edges(profile, times) is None and not verified(profile, times):
         raise ValueError("A PSNR target needs the measured step graph for these timesteps; profile with "
                          "`diffaccel profile` at this step count (it records profile.reuse_error['step_cache']).")
     budget = 10.0 ** (-min_psnr / 10.0)
     ok = [p for p in candidates(profile, times, retention, final_steps) if p.error <= budget]
+    if not ok:  # nothing verified reaches it: every step computes
+        return _plan(profile, [True] * len(times), [0] * len(times), 0.0, "no schedule meets the PSNR target")
     return max(ok, key=lambda p: (p.speedup, -p.error))
 
 
@@ -171,7 +211,8 @@ class StepCachePlanner(Planner):
         return Plan("step_cache", config, speed, wall_speedup(profile, speed, _blocks(profile)), err, mask)
 
     def call_config(self, config, plan) -> StepCache:
-        return replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order)
+        return replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order,
+                       forecast_orders=plan.config.forecast_orders)
 
     def summary(self, plan) -> str:
         skipped = [i for i, c in enumerate(plan.config.mask or ()) if not c]
@@ -211,7 +252,8 @@ class _PsnrScheduleInstalled(Installed):
                 self.plans[key], self.info = config, {"planned": False}
             else:
                 plan = plan_for_psnr(profile, times, config.min_psnr)
-                self.plans[key] = replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order)
+                self.plans[key] = replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order,
+                                          forecast_orders=plan.config.forecast_orders)
                 self.info = {"planned": True, "predicted_psnr": round(-10 * math.log10(max(plan.error, 1e-30)), 2),
                              "predicted_speedup": round(plan.speedup, 3)}
         return self.plans[key]

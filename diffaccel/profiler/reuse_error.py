@@ -242,3 +242,30 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
             denoiser.forward = own
     return {"times": times, "max_gap": max_gap, "edges": table, "prompts": len(prompts),
             "statistic": "edge (i, j): mean over prompts of the output MSE with steps i+1..j-1 skipped"}
+
+
+def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, configs: list) -> list[dict]:
+    """Run StepCache ``configs`` (explicit masks) on ``prompts`` / ``seeds``: mean PSNR (dB, pixels in
+    [0, 1]) of each against the unaccelerated output, for the planner's verified schedules."""
+    from diffaccel.profiler.costs import generate
+    from diffaccel.state import attach, detach
+
+    kwargs = {**call_kwargs, "output_type": "np"}
+
+    def output(prompt, seed):
+        out = generate(pipe, prompt, kwargs, seed)
+        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).double()
+
+    refs = [output(p, s) for p, s in zip(prompts, seeds)]
+    runs = []
+    try:
+        for config in configs:
+            attach(pipe, adapter, [config])
+            psnrs = [-10 * math.log10(max(float((output(p, s) - ref).pow(2).mean()), 1e-30))
+                     for p, s, ref in zip(prompts, seeds, refs)]
+            detach(pipe)
+            runs.append({"mask": [int(c) for c in config.mask], "orders": list(config.forecast_orders or [0] * len(config.mask)),
+                         "psnr": sum(psnrs) / len(psnrs)})
+    finally:
+        detach(pipe)
+    return runs
