@@ -98,3 +98,23 @@ def test_plan_uses_the_measured_graph_when_timesteps_match(monkeypatch):
     assert P.plan_step_cache(profile, other, 1.5).note.startswith("proxy")
     with pytest.raises(ValueError, match="measured step graph"):
         P.plan_for_psnr(profile, other, 20.0)
+
+
+def test_min_psnr_plans_each_call_from_the_shipped_step_graph():
+    from diffaccel.profiler import plan_step_cache as P
+    from diffaccel.profiler.schedule import shipped_profile
+
+    pipe = diffaccel.load_bundled("tiny-dit")
+    pipe.set_progress_bar_config(disable=True)
+    profile = shipped_profile(detect(pipe))
+    times = profile.reuse_error["step_cache"]["times"]
+    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(min_psnr=30.0)])
+    pipe("a red circle in the center on a black background", generator=torch.Generator().manual_seed(0), output_type="latent")
+    stats = diffaccel.stats(pipe)["methods"]
+    plan = P.plan_for_psnr(profile, times, 30.0)
+    assert stats["step_cache_psnr_schedule"]["planned"] and 1.5 < plan.speedup
+    assert stats["step_cache"]["computed_steps"] == [i for i, c in enumerate(plan.config.mask) if c]
+    # Another step count has no graph: the config's own rule runs.
+    pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0), output_type="latent")
+    stats = diffaccel.stats(pipe)["methods"]
+    assert not stats["step_cache_psnr_schedule"]["planned"] and stats["step_cache"]["reused"] > 0
