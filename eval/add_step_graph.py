@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=4, help="training captions (seeds 100..) on which the planned "
                     "schedules are run and kept as verified ones (0: graph only)")
     ap.add_argument("--skip-graph", action="store_true", help="keep the stored graph, only verify")
+    ap.add_argument("--computed", default="", help="verify only plans computing this many steps, e.g. 5-14")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -48,7 +49,10 @@ def main() -> None:
     if args.verify:
         times = profile.reuse_error["step_cache"]["times"]
         profile.calibration.pop("step_cache", None)
-        plans = {p.config.mask + tuple(p.config.forecast_orders or ()): p for p in candidates(profile, times)}
+        lo, _, hi = args.computed.partition("-")
+        keep = (lambda k: int(lo) <= k <= int(hi or lo)) if lo else (lambda k: True)
+        plans = {p.config.mask + tuple(p.config.forecast_orders or ()): p for p in candidates(profile, times)
+                 if keep(sum(p.computed))}
         vseeds = list(range(100, 100 + args.verify))
         runs = verify_step_schedules(pipe, detect(pipe), [captions[s % len(captions)] for s in vseeds], vseeds, {},
                                      [p.config for p in plans.values()])
