@@ -20,7 +20,7 @@ from diffaccel.bundled.loader import bundled_dir
 from diffaccel.evaluation.generation import builtin_prompts
 from diffaccel.pipelines import detect
 from diffaccel.profiler.profile import load_profile
-from diffaccel.profiler.plan_step_cache import candidates
+from diffaccel.profiler.plan_step_cache import candidates, rule_candidates
 from diffaccel.profiler.reuse_error import step_skip_errors, verify_step_schedules
 
 
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--verify", type=int, default=4, help="training captions (seeds 100..) on which the planned "
                     "schedules are run and kept as verified ones (0: graph only)")
     ap.add_argument("--skip-graph", action="store_true", help="keep the stored graph, only verify")
+    ap.add_argument("--rules", action="store_true", help="verify StepCache's rule schedules only and merge them "
+                    "with the verified runs already stored")
     ap.add_argument("--computed", default="", help="verify only plans computing this many steps, e.g. 5-14")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
@@ -48,16 +50,20 @@ def main() -> None:
         print(f"{path}: step graph of {sum(len(r) for r in table['edges'].values())} edges in {time.perf_counter() - started:.0f} s")
     if args.verify:
         times = profile.reuse_error["step_cache"]["times"]
+        previous = profile.calibration.pop("step_cache", None) if args.rules else None
         profile.calibration.pop("step_cache", None)
         lo, _, hi = args.computed.partition("-")
         keep = (lambda k: int(lo) <= k <= int(hi or lo)) if lo else (lambda k: True)
         plans = {p.config.mask + tuple(p.config.forecast_orders or ()): p for p in candidates(profile, times)
                  if keep(sum(p.computed))}
+        if args.rules:
+            plans = {p.config.mask + tuple(p.config.forecast_orders or ()): p for p in rule_candidates(profile, times)}
         vseeds = list(range(100, 100 + args.verify))
         runs = verify_step_schedules(pipe, detect(pipe), [captions[s % len(captions)] for s in vseeds], vseeds, {},
                                      [p.config for p in plans.values()])
         for run, plan in zip(runs, plans.values()):
             run["speedup"] = round(plan.speedup, 4)
+        runs += previous["runs"] if previous else []
         # Keep the Pareto front: no other run both faster (or as fast) and better.
         front = [r for r in runs if not any(o["speedup"] >= r["speedup"] and o["psnr"] > r["psnr"] and o is not r for o in runs)]
         profile.calibration["step_cache"] = {"times": times, "seeds": vseeds, "runs": sorted(front, key=lambda r: r["speedup"]),

@@ -159,7 +159,38 @@ def candidates(profile: Profile, times: list[float], retention: int = RETENTION,
     for coherent in (False, True):
         for k, (err, mask, orders) in shortest_paths(edges, len(times), retention, final_steps, coherent=coherent).items():
             plans.append(_plan(profile, mask, orders, err, note))
+    # Evenly spread schedules too: verification keeps them where real runs beat the paths (the summed
+    # edge errors mispredict long runs of skips), so a verified plan is never worse than uniform.
+    n = len(times)
+    for k in range(2, n):
+        mask = uniform_mask(n, k)
+        computed = [i for i, c in enumerate(mask) if c] + [n]
+        gaps = [(i, j) for i, j in zip(computed, computed[1:]) if j > i + 1]
+        if all(g in edges[0] for g in gaps) and all(i + 1 >= retention and j <= n - final_steps for i, j in gaps):
+            plans.append(_plan(profile, mask, [0] * n, sum(edges[0][g] for g in gaps), note))
     return plans
+
+
+def rule_candidates(profile: Profile, times: list[float]) -> list[Plan]:
+    """StepCache's own rule (MagCache-like: retention, last step computed, capped runs of skips,
+    forecast order 0 / 1 throughout) as candidates for verification: its order-1 runs reuse a
+    forecast from a sparse history, which the measured edges do not cover."""
+    from diffaccel.methods.step_cache import step_schedule
+
+    plans = []
+    for retention in (0.1, 0.2):
+        for cap in (1, 2, 3):
+            for order in (0, 1):
+                config = StepCache(threshold=1e9, retention=retention, final_steps=1, max_consecutive=cap)
+                mask = step_schedule(config, times)
+                plans.append(_plan(profile, mask, [order] * len(times), math.inf, "rule"))
+    return plans
+
+
+def uniform_mask(n: int, computed: int) -> list[bool]:
+    """``computed`` steps spread evenly over ``n`` steps, the first and the last included."""
+    keep = {round(i * (n - 1) / (computed - 1)) for i in range(computed)} if computed > 1 else {0}
+    return [i in keep for i in range(n)]
 
 
 def plan_step_cache(profile: Profile, times: list[float], target: float, retention: int = RETENTION,
