@@ -19,6 +19,7 @@ from diffaccel.methods import (
     MediatorAttention,
     Method,
     SlidingTileAttention,
+    StepCache,
     ToMe,
     instrument,
 )
@@ -28,6 +29,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "accelerate", "disable", "stats", "load_bundled", "METHODS", "Method", "PRESETS", "Family", "instrument",
-    "Instrument", "DeepCache", "ToMe", "AdaptiveCache", "FasterCache", "PAB", "SlidingTileAttention",
+    "Instrument", "DeepCache", "ToMe", "AdaptiveCache", "StepCache", "FasterCache", "PAB", "SlidingTileAttention",
     "MediatorAttention", "__version__",
 ]

@@ -86,14 +86,20 @@ def _choose(pipe, adapter, preset, methods, profile, target_speedup) -> list[Met
     if methods is not None:
         if isinstance(methods, (str, Method)):
             methods = [methods]
-        return _resolve_methods(list(methods), adapter.family)
-    if target_speedup is not None or profile is not None:
+        chosen = _resolve_methods(list(methods), adapter.family)
+    elif target_speedup is not None or profile is not None:
         if target_speedup is None:
             raise ValueError("profile= needs target_speedup= (e.g. accelerate(pipe, profile='p.json', target_speedup=2.0)).")
         from diffaccel.profiler.schedule import methods_for_target
 
-        return _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
-    return _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
+        chosen = _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
+    else:
+        chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
+    if any(getattr(m, "min_psnr", None) is not None for m in chosen):  # StepCache planned for a PSNR per call
+        from diffaccel.profiler.plan_step_cache import with_psnr_schedules
+
+        chosen = with_psnr_schedules(adapter, chosen)
+    return chosen
 
 
 def _restore(pipe, adapter, configs, process_group) -> None:

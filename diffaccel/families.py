@@ -86,12 +86,13 @@ FAMILIES: dict[Family, FamilySpec] = {
         capabilities=frozenset({Capability.TOKEN_MERGING, Capability.BLOCK_CACHING, Capability.ATTENTION_REUSE,
                                 Capability.SPARSE_ATTENTION}),
         presets={
-            # Block-residual caching; "fast" adds FasterCache's CFG-Cache (its attention reuse off:
-            # it compounds with skipped blocks).
-            "quality": (("adaptive_cache", dict(threshold=0.1, warmup=2, max_consecutive=3)),),
-            "balanced": (("adaptive_cache", dict(threshold=0.15, warmup=2, max_consecutive=3)),),
-            "fast": (("adaptive_cache", dict(threshold=0.2, warmup=2, max_consecutive=4)),
-                     ("faster_cache", dict(attention_interval=1, cfg_interval=3))),
+            # Whole-step skipping planned for a PSNR each (35 / 30 / 25 dB, +1 dB margin for captions not
+            # tuned on): with a profile holding a measured step graph (shipped for the bundled models) each
+            # call runs the fastest verified schedule meeting it; elsewhere the MagCache-like rule below
+            # (20% retention, last step computed, capped runs of skips). Measured: eval/results/step_cache.md.
+            "quality": (("step_cache", dict(min_psnr=36.0, forecast_order=0, max_consecutive=1)),),
+            "balanced": (("step_cache", dict(min_psnr=31.0, forecast_order=0, max_consecutive=2, threshold=0.16)),),
+            "fast": (("step_cache", dict(min_psnr=26.0, forecast_order=0, max_consecutive=3, threshold=0.25)),),
         },
         method_defaults={
             # PAB: attention kind -> (interval, (t_low, t_high)); cross attention changes least, and
@@ -106,11 +107,10 @@ FAMILIES: dict[Family, FamilySpec] = {
         capabilities=frozenset({Capability.BLOCK_CACHING, Capability.ATTENTION_REUSE, Capability.SPARSE_ATTENTION,
                                 Capability.VIDEO}),
         presets={
-            # Thresholds alone: CFG-Cache on top of a strong threshold costs prompt-following here.
-            # "quality" never reuses two steps in a row (runs of reuses compound the error).
-            "quality": (("adaptive_cache", dict(threshold=0.3, warmup=2, max_consecutive=1)),),
-            "balanced": (("adaptive_cache", dict(threshold=0.25, warmup=2, max_consecutive=5)),),
-            "fast": (("adaptive_cache", dict(threshold=0.35, warmup=2, max_consecutive=6)),),
+            # As for image DiTs, at 30 / 25 / 20 dB (+1 dB margin); residuals forecast to first order.
+            "quality": (("step_cache", dict(min_psnr=31.0, forecast_order=1, max_consecutive=1)),),
+            "balanced": (("step_cache", dict(min_psnr=26.0, forecast_order=1, max_consecutive=2, threshold=0.16)),),
+            "fast": (("step_cache", dict(min_psnr=21.0, forecast_order=1, max_consecutive=3, threshold=0.25)),),
         },
         method_defaults={
             "pab": dict(spatial=(2, (0.1, 0.8)), temporal=(4, (0.1, 0.85)), cross=(6, (0.1, 0.9))),

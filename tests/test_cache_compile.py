@@ -22,3 +22,20 @@ def test_adaptive_cache_with_compiled_blocks_matches_eager_without_step_recompil
     assert diffaccel.stats(pipe)["methods"]["adaptive_cache"]["reused"] > 0
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     assert torch.isfinite(again).all()
+
+
+def test_step_cache_with_compiled_blocks_matches_eager_without_step_recompiles():
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = tp.build("wan")
+    # The rule (no mask), so the 5- and 7-step calls both skip: planned steps come from time only.
+    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(threshold=0.5, retention=0.2, final_steps=1, forecast_order=1)])
+    eager = tp.run("wan", pipe, steps=5)
+    pipe.transformer.compile_repeated_blocks(fullgraph=False)
+    compiled = tp.run("wan", pipe, steps=5)  # compiles every variant (run / skip) once
+    graphs = counters["stats"]["unique_graphs"]
+    again = tp.run("wan", pipe, steps=7)  # more steps, same shapes: nothing new to compile
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    assert diffaccel.stats(pipe)["methods"]["step_cache"]["reused"] > 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(again).all()

@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calibration-prompts", type=int, default=2,
                         help="prompts on which probe schedules are compared with the unaccelerated output, to map "
                              "predicted error to PSNR for `diffaccel schedule --min-psnr` (0 skips)")
+    parser.add_argument("--step-graph", type=int, default=0, metavar="N",
+                        help="DiTs: also measure StepCache's step graph on the first N prompts (every skip edge run "
+                             "as a generation: about steps x 8 generations per prompt); its planner needs it for "
+                             "measured errors and PSNR targets (0 skips)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -133,7 +137,7 @@ def main(args) -> int:
                   f"{_count(len(prompts), 'prompt')} x {args.steps} steps"
                   + (f" on {ranks.world} ranks" if ranks.world > 1 else ""), flush=True)
         profile = measure(pipe, prompts, call, model=args.model, seeds=seeds, partial_path=partial,
-                          progress=not args.no_progress and ranks.main, ranks=ranks if ranks.world > 1 else None,
+                          progress=not args.no_progress and ranks.main, ranks=ranks if ranks.world > 1 else None, step_graph=args.step_graph,
                           describe={"device": device, "dtype": str(pipe.dtype).replace("torch.", "")})
         if not ranks.main:  # nothing else needs the other ranks: no collective follows
             partial.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from diffaccel.methods.instrument import Instrument, Recording, record
 from diffaccel.methods.deepcache import DeepCache
 from diffaccel.methods.tome import ToMe
 from diffaccel.methods.adaptive_cache import AdaptiveCache
+from diffaccel.methods.step_cache import StepCache
 from diffaccel.methods.pab import PAB
 from diffaccel.methods.faster_cache import FasterCache
 from diffaccel.methods.sliding_tile import SlidingTileAttention
@@ -11,5 +12,5 @@ from diffaccel.methods.mediator import MediatorAttention
 
 __all__ = [
     "METHODS", "Installed", "Method", "register", "Instrument", "Recording", "record", "DeepCache", "ToMe",
-    "AdaptiveCache", "PAB", "FasterCache", "SlidingTileAttention", "MediatorAttention",
+    "AdaptiveCache", "StepCache", "PAB", "FasterCache", "SlidingTileAttention", "MediatorAttention",
 ]

@@ -41,6 +41,7 @@ from diffaccel.distributed import consensus_sum
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.methods.cache_common import ArgReader, cat_rows, cfg_half_rows, num_rows, run_rows, take_rows, tree_map
+from diffaccel.methods.forecast import ORDERS, History
 from diffaccel.validate import at_least, non_negative_int, one_of, positive_int
 
 REFERENCES = ("previous", "last_computed")
@@ -66,6 +67,9 @@ class AdaptiveCache(Method):
             reusing; measure it once per model and quantization (eval/quantized_noise_floor.py:
             median excess of ``d`` over the unquantized run) and pass it here, so a threshold
             means the same with and without quantization. 0 = no correction.
+        forecast_order: 0 adds the cached residual as it is; 1 / 2 extrapolate the residuals of the
+            last 2 / 3 full steps to the step's normalised time (:mod:`diffaccel.methods.forecast`).
+        guard: bound on the forecast's change, in multiples of the last observed change (0: none).
     """
 
     name: ClassVar[str] = "adaptive_cache"
@@ -78,6 +82,8 @@ class AdaptiveCache(Method):
     tail_blocks: int = 0
     reference: str = "previous"
     noise_floor: float = 0.0
+    forecast_order: int = 0
+    guard: float = 2.0
 
     def validate(self) -> None:
         at_least(self.threshold, "AdaptiveCache(threshold=...)", 0.0,
@@ -89,6 +95,9 @@ class AdaptiveCache(Method):
         one_of(self.reference, REFERENCES, "AdaptiveCache(reference=...)")
         at_least(self.noise_floor, "AdaptiveCache(noise_floor=...)", 0.0,
                  "It is the relative change that quantization noise alone adds per step (0 = none).")
+        if isinstance(self.forecast_order, bool) or self.forecast_order not in ORDERS:
+            raise ValueError(f"AdaptiveCache(forecast_order={self.forecast_order!r}) must be 0, 1 or 2 (0: plain reuse).")
+        at_least(self.guard, "AdaptiveCache(guard=...)", 0.0, "0 leaves the forecast unbounded; 2 is a safe bound.")
 
     def apply(self, session) -> Installed:
         self.validate()
@@ -113,6 +122,7 @@ class _HalfState:
     entry: Any = None  # inputs of the first cached block, this step (aggregate mode)
     residual: Any = None  # output - entry of the cached span (aggregate mode)
     block_residuals: dict = field(default_factory=dict)  # block index -> residual (per-block mode)
+    history: dict = field(default_factory=dict)  # block index -> History of residuals (forecast_order > 0)
 
 
 class AdaptiveCacheInstalled(Installed):
@@ -229,12 +239,29 @@ class AdaptiveCacheInstalled(Installed):
         out_rows = tree_map(lambda o: o[sl], out)
         if self.per_block:
             state.block_residuals[index] = tree_map(torch.sub, out_rows, self._inputs(reader, args, kwargs, rows, sl))
+            self._remember(state, index, state.block_residuals[index])
             return
         if index == self.first:
             state.entry = self._inputs(reader, args, kwargs, rows, sl)
         if index == self.last:
             state.residual = tree_map(torch.sub, out_rows, state.entry)
             state.entry = None
+            self._remember(state, index, state.residual)
+
+    def _remember(self, state, index, residual) -> None:
+        order = self.call_config().forecast_order
+        if order:
+            state.history.setdefault(index, History(order + 1)).push(self._time(), residual)
+
+    def _time(self) -> float:
+        ctx = self.session.ctx
+        return float(ctx.t_norm) if ctx.t_norm is not None else -float(ctx.step)
+
+    def _residual(self, state, index, cached):
+        config = self.call_config()
+        if not config.forecast_order:
+            return cached
+        return state.history[index].forecast(self._time(), config.forecast_order, config.guard)
 
     def _reused_rows(self, index, reader, args, kwargs, rows, half, sl):
         state = self.halves[half]
@@ -243,9 +270,9 @@ class AdaptiveCacheInstalled(Installed):
         if nones is not None:  # e.g. SD3's last block returns no text stream
             identity = tuple(None if none else v for v, none in zip(identity, nones))
         if self.per_block:
-            return tree_map(torch.add, identity, state.block_residuals[index])
+            return tree_map(torch.add, identity, self._residual(state, index, state.block_residuals[index]))
         if index == self.last:
-            return tree_map(torch.add, identity, state.residual)
+            return tree_map(torch.add, identity, self._residual(state, index, state.residual))
         return identity
 
     @torch.compiler.disable

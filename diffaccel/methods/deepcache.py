@@ -30,7 +30,8 @@ import torch
 
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.validate import fraction, non_negative_int, one_of, positive_int
+from diffaccel.methods.forecast import ORDERS, History
+from diffaccel.validate import at_least, fraction, non_negative_int, one_of, positive_int
 
 HOOK_NAME = "diffaccel_deepcache"
 SCHEDULES = ("uniform", "non-uniform")
@@ -63,6 +64,10 @@ class DeepCache(Method):
             the middle).
         power: non-uniform only: how strongly they crowd (1 = uniform spacing; lowered
             automatically until the sampled steps are distinct).
+        forecast_order: 0 reuses the deep features of the last full step as they are (DeepCache);
+            1 / 2 extrapolate those of the last 2 / 3 full steps to the step's normalised time
+            (:mod:`diffaccel.methods.forecast`).
+        guard: bound on the forecast's change, in multiples of the last observed change (0: none).
     """
 
     name: ClassVar[str] = "deepcache"
@@ -73,6 +78,8 @@ class DeepCache(Method):
     schedule: str | Sequence[int] | Sequence[float] = "uniform"
     center: float = 0.5
     power: float = 1.4
+    forecast_order: int = 0
+    guard: float = 2.0
     branch: InitVar[int | None] = None
 
     def __post_init__(self, branch: int | None) -> None:
@@ -87,6 +94,9 @@ class DeepCache(Method):
         fraction(self.center, "DeepCache center", hint="0.5 crowds the non-uniform full steps mid-trajectory.")
         fraction(self.power, "DeepCache power", 1.0, MAX_POWER,
                  hint="1 spaces the non-uniform full steps evenly; 1.4 (the default) crowds them around center.")
+        if isinstance(self.forecast_order, bool) or self.forecast_order not in ORDERS:
+            raise ValueError(f"DeepCache forecast_order={self.forecast_order!r} must be 0, 1 or 2 (0: plain reuse).")
+        at_least(self.guard, "DeepCache guard", 0.0, "0 leaves the forecast unbounded; 2 is a safe bound.")
         if isinstance(self.schedule, str):
             one_of(self.schedule, SCHEDULES, "DeepCache schedule", "Or give a list of full steps.")
             return
@@ -186,6 +196,10 @@ def cached_modules(unet, skip_branch: int) -> list[str]:
     return paths
 
 
+def _time(ctx) -> float:
+    return float(ctx.t_norm) if ctx.t_norm is not None else -float(ctx.step)
+
+
 class DeepCacheInstalled(Installed):
     """Hooks on the cached modules plus a per-call decision: pass / store / reuse."""
 
@@ -203,6 +217,7 @@ class DeepCacheInstalled(Installed):
 
     def reset_cache(self) -> None:
         self.cache: dict[tuple[int, str], object] = {}  # (call index, module path) -> output
+        self.history: dict[tuple[int, str], History] = {}  # the same keys -> outputs of the last full steps (forecast)
         self.cached_input: dict[int, tuple] = {}  # call index -> sample shape/dtype the cache belongs to
         self.step_full: dict[int, bool] = {}  # step -> decision, so every call of a step agrees
         self.pending_times: list[float] | None = None
@@ -212,11 +227,18 @@ class DeepCacheInstalled(Installed):
         def forward(original, *args, **kwargs):
             if not self.session.ctx.active:  # outside the call, or another thread: plain
                 return original(*args, **kwargs)
+            ctx = self.session.ctx
+            key = (ctx.call_index, path)
+            order = self.call_config().forecast_order if self.mode != "pass" else 0
             if self.mode == "reuse":
-                return self.cache[(self.session.ctx.call_index, path)]
+                if order:
+                    return self.history[key].forecast(_time(ctx), order, self.call_config().guard)
+                return self.cache[key]
             out = original(*args, **kwargs)
             if self.mode == "store":
-                self.cache[(self.session.ctx.call_index, path)] = out
+                self.cache[key] = out
+                if order:
+                    self.history.setdefault(key, History(order + 1)).push(_time(ctx), out)
             return out
 
         return forward

@@ -85,7 +85,8 @@ def aggregate(runs: list[dict]) -> tuple[list[float], list[dict], dict]:
 
 
 def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = "", seeds: list[int] | None = None,
-            partial_path=None, progress: bool = True, describe: dict | None = None, ranks=None) -> Profile:
+            partial_path=None, progress: bool = True, describe: dict | None = None, ranks=None,
+            step_graph: int = 0) -> Profile:
     """Profile ``pipe`` over ``prompts`` (one generation each, seed ``seeds[i]``, default i).
 
     ``call_kwargs`` are the pipeline call arguments (num_inference_steps, height, ...);
@@ -93,7 +94,8 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
     object with ``rank``, ``world``, ``gather(list) -> list`` and ``broadcast(value)``, e.g. the
     evaluation's ``Ranks``) spreads the prompts over processes: prompt i runs on rank i mod world,
     rank 0 times the modules, and every rank returns the same profile (the 1-process one, timings
-    aside).
+    aside). ``step_graph`` > 0 measures StepCache's step graph on that many of the prompts (image
+    and video DiTs).
     """
     if not prompts:
         raise ValueError("No prompts to profile with: give at least one prompt (the prompts file is empty?).")
@@ -143,6 +145,11 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
     profile = Profile(model=model, pipeline=adapter.name, family=str(adapter.family), fingerprint=_plain(adapter.fingerprint()),
                       times=[float(t) for t in times], modules=modules, stats=stats, costs=partial["costs"], measured=measured,
                       reuse_error=_reuse_tables(pipe, runs, planners))
+    if step_graph > 0 and any(p.name == "step_cache" for p in planners):
+        from diffaccel.profiler.reuse_error import step_skip_errors
+
+        k = min(step_graph, len(prompts))
+        profile.reuse_error["step_cache"] = step_skip_errors(pipe, adapter, prompts[:k], seeds[:k], call_kwargs)
     return profile
 
 

@@ -167,3 +167,105 @@ def sigma_curve(scheduler, points: int = 101) -> list[list[float]] | None:
         a = float(alphas[index])
         out.append([index / n, math.sqrt(max(1.0 - a, 0.0) / max(a, 1e-12))])
     return out
+
+
+# ---- whole steps (StepCache) ---------------------------------------------------------------------
+def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, max_gap: int = 4,
+                     orders: tuple[int, ...] = (0, 1)) -> dict:
+    """Measured error of every edge of the step graph (LeMiCa's view), for StepCache's planner.
+
+    Edge (i, j): steps i and j compute, the ``j - i - 1`` steps between are skipped (j = n: every
+    step after i), every other step computes. Each edge is run as a real generation per prompt,
+    so the number is the whole effect of those skips on the output, scheduler and compounding
+    included; recorded is the mean over prompts of the output's mean squared error against the
+    unaccelerated output of the same seed (pixels in [0, 1] where the pipeline decodes them).
+    A schedule's error is predicted as the sum of its edges' errors (errors of distant skips add
+    like independent noise; checked against real runs in tests/test_plan_step_cache.py).
+    """
+    from diffaccel.methods.step_cache import StepCache
+    from diffaccel.profiler.costs import generate
+    from diffaccel.state import attach, detach, session_of
+
+    if session_of(pipe) is not None:
+        raise ValueError("step_skip_errors needs a pipeline without diffaccel: call diffaccel.disable(pipe) first.")
+    kwargs = {**call_kwargs, "output_type": "np"}
+    denoiser = adapter.denoiser
+    own = vars(denoiser).get("forward")
+    original, recorded, replay = denoiser.forward, [], {"upto": 0, "calls": 0}
+
+    def forward(*args, **kw):
+        # Up to the branching point an edge's run equals the reference one: hand back its outputs.
+        k = replay["calls"]
+        replay["calls"] += 1
+        if k < replay["upto"]:
+            return recorded[k]
+        out = original(*args, **kw)
+        if replay["upto"] < 0:
+            recorded.append(out)
+        return out
+
+    def output(prompt, seed, upto=0, record=False):
+        replay.update(upto=-1 if record else upto, calls=0)
+        out = generate(pipe, prompt, kwargs, seed)
+        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).double()
+
+    denoiser.forward = forward
+    try:
+        prepared = []
+        for p, s in zip(prompts, seeds):
+            ref = output(p, s, record=True)
+            prepared.append((p, s, ref, list(recorded)))
+            recorded.clear()
+        times = [adapter.normalised_time(float(t)) for t in pipe.scheduler.timesteps]
+        n = len(times)
+        table = {}
+        for order in orders:
+            rows = []
+            for i in range(n - 1):
+                for j in range(i + 2, min(n, i + max_gap + 1) + 1):
+                    mask = tuple(not (i < s < j) for s in range(n))
+                    attach(pipe, adapter, [StepCache(mask=mask, forecast_order=order, final_steps=0)])
+                    errs = []
+                    for p, s, ref, calls in prepared:
+                        recorded[:] = calls
+                        # Steps before i - 1 replay; i - 1 and i run, so the cache holds their residuals.
+                        upto = max(0, i - 1) * len(calls) // n
+                        errs.append(float((output(p, s, upto) - ref).pow(2).mean()))
+                    detach(pipe)
+                    rows.append([i, j, sum(errs) / len(errs)])
+            table[str(order)] = rows
+    finally:
+        detach(pipe)
+        if own is None:
+            del denoiser.forward
+        else:
+            denoiser.forward = own
+    return {"times": times, "max_gap": max_gap, "edges": table, "prompts": len(prompts),
+            "statistic": "edge (i, j): mean over prompts of the output MSE with steps i+1..j-1 skipped"}
+
+
+def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, configs: list) -> list[dict]:
+    """Run StepCache ``configs`` (explicit masks) on ``prompts`` / ``seeds``: mean PSNR (dB, pixels in
+    [0, 1]) of each against the unaccelerated output, for the planner's verified schedules."""
+    from diffaccel.profiler.costs import generate
+    from diffaccel.state import attach, detach
+
+    kwargs = {**call_kwargs, "output_type": "np"}
+
+    def output(prompt, seed):
+        out = generate(pipe, prompt, kwargs, seed)
+        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).double()
+
+    refs = [output(p, s) for p, s in zip(prompts, seeds)]
+    runs = []
+    try:
+        for config in configs:
+            attach(pipe, adapter, [config])
+            psnrs = [-10 * math.log10(max(float((output(p, s) - ref).pow(2).mean()), 1e-30))
+                     for p, s, ref in zip(prompts, seeds, refs)]
+            detach(pipe)
+            runs.append({"mask": [int(c) for c in config.mask], "orders": list(config.forecast_orders or [0] * len(config.mask)),
+                         "psnr": sum(psnrs) / len(psnrs)})
+    finally:
+        detach(pipe)
+    return runs

@@ -1,0 +1,307 @@
+"""StepCache planner: the skip schedule as a shortest path over the graph of steps (LeMiCa's view).
+
+Nodes are the steps 0..n-1 plus an end node n; edge (i, j) means "compute step i, skip the steps
+between, compute j next" and weighs the error those skips cost. With the profile's measured table
+(``profile.reuse_error["step_cache"]``, :func:`~diffaccel.profiler.reuse_error.step_skip_errors`:
+every edge run as a real generation, output MSE against the unaccelerated one) a schedule's error
+is predicted as the sum of its edges' errors; the number of edges on a path is the number of
+computed steps, so dynamic programming over (node, edges used) gives, for every count of computed
+steps at once, the schedule with the least predicted error. The measured forecast orders are all
+planned and the lower error wins (the planner picks the order).
+
+Without a measured table for the call's timesteps (old profiles, another step count) the edge
+weight is a proxy from the profile's change curves: the squared staleness of the block stack,
+summed over the skipped steps, order 0.
+
+The plan is a per-step mask (re-planned per call for the call's timesteps), so StepCache's
+decisions are data-independent. Example::
+
+    plan = planner_for("step_cache").plan(profile, times, target=2.5)
+    plan.config.mask          # (True, True, False, True, ...)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from diffaccel.hooks import Installed
+from diffaccel.methods.base import Method
+
+from diffaccel.methods.step_cache import StepCache
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
+from diffaccel.profiler.planner import Planner, register_planner
+from diffaccel.profiler.profile import Cumulative, Profile
+
+MAX_GAP = 4  # most steps skipped in a row that plans consider (the measured table's reach)
+RETENTION = 1  # first steps always computed (the cache needs one computed step)
+
+
+def _blocks(profile: Profile) -> list[str]:
+    return profile.costs.get("blocks") or [m["name"] for m in profile.modules if m["kind"] == "block"]
+
+
+def measured_edges(profile: Profile, times: list[float]) -> dict[int, dict[tuple[int, int], float]] | None:
+    """{order: {(i, j): error}} from the profile's measured table, when it was measured at ``times``."""
+    table = (profile.reuse_error or {}).get("step_cache")
+    if not table or len(table["times"]) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(table["times"], times)):
+        return None
+    return {int(order): {(int(i), int(j)): float(e) for i, j, e in rows} for order, rows in table["edges"].items()}
+
+
+def proxy_edges(profile: Profile, times: list[float], max_gap: int = MAX_GAP) -> dict[int, dict[tuple[int, int], float]]:
+    """{0: {(i, j): error}} from the change curve of the blocks' residuals (no measured table)."""
+    blocks = _blocks(profile)
+    metric = "residual_rel_l1" if "residual_rel_l1" in profile.stats else "rel_l1"
+    idx = [profile.module_index(b) for b in blocks]
+    rows = profile.stats[metric]["mean"]
+    curve = Cumulative(profile.times, [None if s == 0 else sum(r[j] or 0.0 for j in idx) / len(idx) for s, r in enumerate(rows)])
+    stale = curve.on(times)
+    n = len(times)
+    edges = {}
+    for i in range(n - 1):
+        for j in range(i + 2, min(n, i + max_gap + 1) + 1):
+            edges[(i, j)] = sum((stale[s] - stale[i]) ** 2 for s in range(i + 1, j))
+    return {0: edges}
+
+
+def shortest_paths(edges: dict, n: int, retention: int = RETENTION, final_steps: int = 0, max_gap: int = MAX_GAP,
+                   coherent: bool = False) -> dict[int, tuple[float, list[bool], list[int]]]:
+    """{computed steps K: (least error, mask, forecast order per step)} over every schedule the edges allow.
+
+    ``edges`` is ``{order: {(i, j): error}}`` or, for one order, ``{(i, j): error}``. Skipped steps lie in
+    [retention, n - final_steps), at most ``max_gap`` in a row; an edge between neighbours costs
+    nothing. Each skip takes its cheapest order, but an order >= 1 only right after two computed
+    steps in a row (or from step 0): the measured edges were run with every earlier step computed,
+    so that is where their numbers hold (a forecast from an earlier skip's sparse history is not
+    what was measured, and was measured to go badly wrong). Errors add as independent noise (MSE
+    sums) or, with ``coherent``, as aligned errors (RMS sums) -- real runs lie between the two.
+    O(n^2 * max_gap) per order.
+    """
+    if edges and not isinstance(next(iter(edges)), int):
+        edges = {0: edges}
+    inf = math.inf
+    cost = (lambda e: math.sqrt(e)) if coherent else (lambda e: e)
+    # best[k][j][u]: least error reaching node j with k edges; u = 1 when j - 1 was computed too.
+    best = [[[inf, inf] for _ in range(n + 1)] for _ in range(n + 1)]
+    back: dict = {}
+    best[0][0][1] = 0.0
+    for k in range(1, n + 1):
+        for j in range(1, n + 1):
+            for i in range(max(0, j - max_gap - 1), j):
+                for u in (0, 1):
+                    prev = best[k - 1][i][u]
+                    if prev == inf:
+                        continue
+                    if j == i + 1:
+                        options = [(0.0, 0)]
+                    elif i + 1 < retention or j > n - final_steps:
+                        continue
+                    else:
+                        options = [(cost(table[(i, j)]), order) for order, table in edges.items()
+                                   if (i, j) in table and (order == 0 or u == 1)]
+                    for w, order in options:
+                        v = 1 if j == i + 1 else 0
+                        if prev + w < best[k][j][v]:
+                            best[k][j][v] = prev + w
+                            back[(k, j, v)] = (i, u, order)
+    out = {}
+    for k in range(1, n + 1):
+        v = min((0, 1), key=lambda x: best[k][n][x])
+        if best[k][n][v] == inf:
+            continue
+        err = best[k][n][v] ** 2 if coherent else best[k][n][v]
+        mask, orders, j, kk = [False] * n, [0] * n, n, k
+        while j > 0:
+            i, u, order = back[(kk, j, v)]
+            mask[i] = True
+            for s_ in range(i + 1, j):
+                orders[s_] = order
+            j, kk, v = i, kk - 1, u
+        out[k] = (err, mask, orders)
+    return out
+
+
+def _speedup(profile: Profile, mask: list[bool]) -> float:
+    full = float(profile.costs["call"])
+    saved = sum(profile.costs["modules"].get(b, 0) for b in _blocks(profile))
+    return full * len(mask) / sum(full if c else full - saved for c in mask)
+
+
+def _plan(profile: Profile, mask, orders, err: float, note: str) -> Plan:
+    config = StepCache(mask=tuple(bool(c) for c in mask), forecast_order=max(orders or [0]),
+                       forecast_orders=tuple(int(o) for o in orders) if orders else None, final_steps=0, retention=0.0)
+    speed = _speedup(profile, list(mask))
+    return Plan("step_cache", config, speed, wall_speedup(profile, speed, _blocks(profile)), err, list(mask), note)
+
+
+def verified(profile: Profile, times: list[float]) -> list[Plan]:
+    """Schedules run on training captions (``profile.calibration["step_cache"]``), with their measured
+    MSE as the error, when they were run at ``times``."""
+    cal = (profile.calibration or {}).get("step_cache")
+    if not cal or len(cal["times"]) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(cal["times"], times)):
+        return []
+    return [_plan(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified on training captions")
+            for r in cal["runs"]]
+
+
+def candidates(profile: Profile, times: list[float], retention: int = RETENTION, final_steps: int = 0) -> list[Plan]:
+    """Schedules to choose from: the verified ones where the profile has them for ``times``, else every
+    count of computed steps' shortest path (both error models) over the step graph."""
+    runs = verified(profile, times)
+    if runs:
+        return runs
+    edges = measured_edges(profile, times)
+    measured = edges is not None
+    edges = edges or proxy_edges(profile, times)
+    note = "measured step graph" if measured else "proxy error (no measured step graph for these timesteps)"
+    plans = []
+    for coherent in (False, True):
+        for k, (err, mask, orders) in shortest_paths(edges, len(times), retention, final_steps, coherent=coherent).items():
+            plans.append(_plan(profile, mask, orders, err, note))
+    # Evenly spread schedules too: verification keeps them where real runs beat the paths (the summed
+    # edge errors mispredict long runs of skips), so a verified plan is never worse than uniform.
+    n = len(times)
+    for k in range(2, n):
+        mask = uniform_mask(n, k)
+        computed = [i for i, c in enumerate(mask) if c] + [n]
+        gaps = [(i, j) for i, j in zip(computed, computed[1:]) if j > i + 1]
+        if all(g in edges[0] for g in gaps) and all(i + 1 >= retention and j <= n - final_steps for i, j in gaps):
+            plans.append(_plan(profile, mask, [0] * n, sum(edges[0][g] for g in gaps), note))
+    return plans
+
+
+def rule_candidates(profile: Profile, times: list[float]) -> list[Plan]:
+    """StepCache's own rule (MagCache-like: retention, last step computed, capped runs of skips,
+    forecast order 0 / 1 throughout) as candidates for verification: its order-1 runs reuse a
+    forecast from a sparse history, which the measured edges do not cover."""
+    from diffaccel.methods.step_cache import step_schedule
+
+    plans = []
+    for retention in (0.1, 0.2):
+        for cap in (1, 2, 3):
+            for order in (0, 1):
+                config = StepCache(threshold=1e9, retention=retention, final_steps=1, max_consecutive=cap)
+                mask = step_schedule(config, times)
+                plans.append(_plan(profile, mask, [order] * len(times), math.inf, "rule"))
+    return plans
+
+
+def uniform_mask(n: int, computed: int) -> list[bool]:
+    """``computed`` steps spread evenly over ``n`` steps, the first and the last included."""
+    keep = {round(i * (n - 1) / (computed - 1)) for i in range(computed)} if computed > 1 else {0}
+    return [i in keep for i in range(n)]
+
+
+def plan_step_cache(profile: Profile, times: list[float], target: float, retention: int = RETENTION,
+                    final_steps: int = 0) -> Plan:
+    """The least-error schedule whose FLOPs speed-up is at least ``target``."""
+    plans = candidates(profile, times, retention, final_steps)
+    ok = [p for p in plans if p.speedup >= target - 1e-9]
+    if not ok:
+        best = max((p.speedup for p in plans), default=1.0)
+        raise UnreachableTarget(f"StepCache reaches at most {best:.2f}x here (at most {MAX_GAP} steps skipped in a row)")
+    return min(ok, key=lambda p: (p.error, -p.speedup))
+
+
+def plan_for_psnr(profile: Profile, times: list[float], min_psnr: float, retention: int = RETENTION,
+                  final_steps: int = 0) -> Plan:
+    """The fastest schedule whose PSNR (verified, else predicted from the measured MSE) is at least ``min_psnr``."""
+    if measured_edges(profile, times) is None and not verified(profile, times):
+        raise ValueError("A PSNR target needs the measured step graph for these timesteps; profile with "
+                         "`diffaccel profile` at this step count (it records profile.reuse_error['step_cache']).")
+    budget = 10.0 ** (-min_psnr / 10.0)
+    ok = [p for p in candidates(profile, times, retention, final_steps) if p.error <= budget]
+    if not ok:  # nothing verified reaches it: every step computes
+        return _plan(profile, [True] * len(times), [0] * len(times), 0.0, "no schedule meets the PSNR target")
+    return max(ok, key=lambda p: (p.speedup, -p.error))
+
+
+@register_planner
+class StepCachePlanner(Planner):
+    """Whole-step skip mask and forecast order from the step graph, re-planned per call's timesteps."""
+
+    method = StepCache
+    replans_per_call = True
+
+    def plan(self, profile, times, target, like=None) -> Plan:
+        return plan_step_cache(profile, times, target)
+
+    def simulate(self, profile, times, config) -> Plan:
+        from diffaccel.methods.step_cache import step_schedule
+
+        mask = step_schedule(config, times)
+        edges = measured_edges(profile, times) or proxy_edges(profile, times)
+        weights = edges.get(config.forecast_order) or edges[min(edges)]
+        err, last = 0.0, 0
+        for j in list(range(1, len(mask))) + [len(mask)]:
+            if j == len(mask) or mask[j]:
+                err += weights.get((last, j), math.inf) if j > last + 1 else 0.0
+                last = j
+        speed = _speedup(profile, mask)
+        return Plan("step_cache", config, speed, wall_speedup(profile, speed, _blocks(profile)), err, mask)
+
+    def call_config(self, config, plan) -> StepCache:
+        return replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order,
+                       forecast_orders=plan.config.forecast_orders)
+
+    def summary(self, plan) -> str:
+        skipped = [i for i, c in enumerate(plan.config.mask or ()) if not c]
+        return f"skip steps {skipped}, forecast order {plan.config.forecast_order}"
+
+
+# ---- PSNR-targeted schedules at call time (StepCache(min_psnr=...)) --------------------------------
+@dataclass(frozen=True)
+class StepCachePsnrSchedule(Method):
+    """Schedule provider for ``StepCache(min_psnr=...)``: at every call, the fastest mask whose
+    predicted PSNR on ``profile``'s measured step graph meets ``min_psnr``, for the call's
+    timesteps; the StepCache config's own rule where the graph was measured at other timesteps."""
+
+    name: ClassVar[str] = "step_cache_psnr_schedule"
+    profile: Profile | None = None
+
+    def apply(self, session) -> Installed:
+        return _PsnrScheduleInstalled(self, session)
+
+
+class _PsnrScheduleInstalled(Installed):
+    def __init__(self, config: StepCachePsnrSchedule, session):
+        super().__init__(config, session)
+        self.plans: dict[tuple, StepCache] = {}
+        self.info: dict = {}
+        session.providers[StepCache.name] = self
+        self.on_remove(lambda: session.providers.pop(StepCache.name, None))
+
+    def config_for_call(self, config: StepCache, session) -> StepCache:
+        timesteps = [float(t) for t in getattr(session.pipe.scheduler, "timesteps", [])]
+        n = int(session.ctx.num_steps or len(timesteps))
+        times = [session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]]
+        key = (config.min_psnr, tuple(round(t, 6) for t in times))
+        if key not in self.plans:
+            profile = self.config.profile
+            if config.min_psnr is None or measured_edges(profile, times) is None:
+                self.plans[key], self.info = config, {"planned": False}
+            else:
+                plan = plan_for_psnr(profile, times, config.min_psnr)
+                self.plans[key] = replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order,
+                                          forecast_orders=plan.config.forecast_orders)
+                self.info = {"planned": True, "predicted_psnr": round(-10 * math.log10(max(plan.error, 1e-30)), 2),
+                             "predicted_speedup": round(plan.speedup, 3)}
+        return self.plans[key]
+
+    def stats(self) -> dict:
+        return dict(self.info)
+
+
+def with_psnr_schedules(adapter, methods: list[Method], profile: Profile | None = None) -> list[Method]:
+    """``methods`` plus the schedule provider a ``StepCache(min_psnr=...)`` among them needs, planned
+    from ``profile`` or the profile shipped for the model (nothing added without a step graph)."""
+    if not any(isinstance(m, StepCache) and m.min_psnr is not None for m in methods):
+        return methods
+    if profile is None:
+        from diffaccel.profiler.schedule import shipped_profile
+
+        profile = shipped_profile(adapter)
+    if profile is None or not (profile.reuse_error or {}).get("step_cache"):
+        return methods
+    return [*methods, StepCachePsnrSchedule(profile=profile)]

@@ -1,0 +1,120 @@
+"""StepCache's planner: shortest paths over the step graph, and the measured graph behind it."""
+import itertools
+import random
+
+import pytest
+import torch
+
+import diffaccel
+import tiny_pipes as tp
+from diffaccel.pipelines import detect
+from diffaccel.profiler.plan_step_cache import shortest_paths
+from diffaccel.profiler.planner import planner_for, planners_for
+from diffaccel.profiler.reuse_error import step_skip_errors
+
+
+def _brute_force(edges, n, retention, final_steps, max_gap):
+    best = {}
+    for tail in itertools.product((True, False), repeat=n - 1):
+        mask = (True, *tail)
+        computed = [i for i, c in enumerate(mask) if c] + [n]
+        err, ok = 0.0, True
+        for i, j in zip(computed, computed[1:]):
+            if j == i + 1:
+                continue
+            if j - i - 1 > max_gap or i + 1 < retention or j > n - final_steps:
+                ok = False
+                break
+            err += edges[(i, j)]
+        k = sum(mask)
+        if ok and err < best.get(k, (float("inf"),))[0]:
+            best[k] = (err, list(mask))
+    return best
+
+
+@pytest.mark.parametrize("retention, final_steps, max_gap", [(1, 0, 3), (2, 1, 2), (1, 2, 4)])
+def test_shortest_paths_are_the_best_schedules_for_every_step_count(retention, final_steps, max_gap):
+    rng = random.Random(retention * 10 + max_gap)
+    n = 8
+    edges = {(i, j): rng.random() for i in range(n) for j in range(i + 2, n + 1)}
+    paths = shortest_paths(edges, n, retention, final_steps, max_gap)
+    brute = _brute_force(edges, n, retention, final_steps, max_gap)
+    assert sorted(paths) == sorted(brute)
+    for k, (err, mask, orders) in paths.items():
+        assert err == pytest.approx(brute[k][0]) and sum(mask) == k and mask[0] and set(orders) == {0}
+
+
+def test_forecast_orders_are_chosen_per_skip_only_where_their_measurement_holds():
+    n = 6
+    order0 = {(i, j): 1.0 for i in range(n) for j in range(i + 2, n + 1)}
+    order1 = {(i, j): 0.1 for i in range(n) for j in range(i + 2, n + 1)}
+    paths = shortest_paths({0: order0, 1: order1}, n, max_gap=1)
+    err, mask, orders = paths[3]  # compute 0, 2, 4: skips 1, 3, 5
+    assert mask == [True, False, True, False, True, False]
+    # 1 follows step 0 (order 1 measured there); 3 and 5 follow a skip, so only order 0 is trusted.
+    assert [orders[s] for s in (1, 3, 5)] == [1, 0, 0] and err == pytest.approx(2.1)
+    err, mask, orders = paths[4]  # two skips, each after two computed steps (or step 0): order 1 twice
+    assert err == pytest.approx(0.2) and sorted(orders[s] for s in range(n) if not mask[s]) == [1, 1]
+    # Coherent errors add as amplitudes.
+    assert shortest_paths({0: order0}, n, max_gap=1, coherent=True)[3][0] == pytest.approx(9.0)
+
+
+def test_measured_step_graph_matches_real_runs_and_plans_from_it():
+    pipe = tp.build("wan")
+    kwargs = tp.call_kwargs("wan", steps=4)
+    kwargs.pop("generator"), kwargs.pop("output_type")
+    adapter = detect(pipe)
+    table = step_skip_errors(pipe, adapter, [None], [3], kwargs, max_gap=2, orders=(0, 1))
+    assert [row[:2] for row in table["edges"]["1"]] == [[0, 2], [0, 3], [1, 3], [1, 4], [2, 4]]
+    assert all(e > 0 for _, _, e in table["edges"]["0"])
+    # An edge's number is the real run of its schedule (the replayed prefix changes nothing).
+    ref = pipe(generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).frames
+    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(mask=(True, True, False, True), forecast_order=1)])
+    out = pipe(generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).frames
+    diffaccel.disable(pipe)
+    edge = dict(((i, j), e) for i, j, e in table["edges"]["1"])[(1, 3)]
+    assert edge == pytest.approx(float((torch.as_tensor(out).double() - torch.as_tensor(ref).double()).pow(2).mean()), rel=1e-9)
+    assert "step_cache" in [p.name for p in planners_for("video_dit")]
+    assert planner_for("step_cache").replans_per_call
+
+
+def test_plan_uses_the_measured_graph_when_timesteps_match(monkeypatch):
+    from diffaccel.profiler import plan_step_cache as P
+    from diffaccel.profiler.schedule import shipped_profile
+
+    profile = shipped_profile(detect(diffaccel.load_bundled("tiny-video")))
+    n = 6
+    times = [1 - i / n for i in range(n)]
+    rows = [[i, j, 0.001 * (j - i) ** 2 * (3 if i < 2 else 1)] for i in range(n - 1) for j in range(i + 2, min(n, i + 5) + 1)]
+    profile.reuse_error = {**profile.reuse_error, "step_cache": {"times": times, "edges": {"0": rows, "1": [[i, j, e / 2] for i, j, e in rows]}}}
+    profile.calibration = {k: v for k, v in profile.calibration.items() if k != "step_cache"}
+    plan = P.plan_step_cache(profile, times, 1.4)
+    assert plan.config.forecast_order == 1 and plan.speedup >= 1.4 and plan.note == "measured step graph"
+    assert plan.config.mask[0] and not all(plan.config.mask)
+    fast = P.plan_for_psnr(profile, times, 20.0)
+    assert fast.error <= 0.01 and fast.speedup >= plan.speedup
+    # Other timesteps: the proxy from the change curves plans (order 0), PSNR targets refuse clearly.
+    other = [1 - i / 10 for i in range(10)]
+    assert P.plan_step_cache(profile, other, 1.5).note.startswith("proxy")
+    with pytest.raises(ValueError, match="measured step graph"):
+        P.plan_for_psnr(profile, other, 20.0)
+
+
+def test_min_psnr_plans_each_call_from_the_shipped_step_graph():
+    from diffaccel.profiler import plan_step_cache as P
+    from diffaccel.profiler.schedule import shipped_profile
+
+    pipe = diffaccel.load_bundled("tiny-dit")
+    pipe.set_progress_bar_config(disable=True)
+    profile = shipped_profile(detect(pipe))
+    times = profile.reuse_error["step_cache"]["times"]
+    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(min_psnr=30.0)])
+    pipe("a red circle in the center on a black background", generator=torch.Generator().manual_seed(0), output_type="latent")
+    stats = diffaccel.stats(pipe)["methods"]
+    plan = P.plan_for_psnr(profile, times, 30.0)
+    assert stats["step_cache_psnr_schedule"]["planned"] and 1.5 < plan.speedup
+    assert stats["step_cache"]["computed_steps"] == [i for i, c in enumerate(plan.config.mask) if c]
+    # Another step count has no graph: the config's own rule runs.
+    pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0), output_type="latent")
+    stats = diffaccel.stats(pipe)["methods"]
+    assert not stats["step_cache_psnr_schedule"]["planned"] and stats["step_cache"]["reused"] > 0
