@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffaccel.distributed import consensus_mean
+from diffaccel.distributed import consensus_sum
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.methods.cache_common import ArgReader, cat_rows, cfg_half_rows, num_rows, run_rows, take_rows, tree_map
@@ -231,11 +231,14 @@ class StepCacheInstalled(Installed):
         planned = self._planned(ctx.step)
         ready = [bool(s.blocks) if self.per_block else bool(s.history.items) for s in states]
         if not planned and config.veto > 0 and all(ready) and isinstance(x, torch.Tensor):
-            change = [((x[sl].float() - s.anchor).abs().mean() / s.anchor.abs().mean().clamp_min(1e-12)).double()
-                      if s.anchor is not None else torch.zeros((), dtype=torch.float64, device=x.device)
-                      for (_, sl), s in zip(groups, states)]
-            # One collective per planned skip, the same on every rank: ranks agree on the veto.
-            if float(consensus_mean(torch.stack(change)).mean()) > config.veto:
+            sums = [torch.stack([(x[sl].float() - s.anchor).abs().sum(), s.anchor.abs().sum()]).double()
+                    if s.anchor is not None else torch.zeros(2, dtype=torch.float64, device=x.device)
+                    for (_, sl), s in zip(groups, states)]
+            # At most one collective per planned skip (only when ranks must agree, see
+            # diffaccel.distributed): sums, so under context parallelism it is the whole-sequence change.
+            totals = consensus_sum(torch.stack(sums), self.session).tolist()
+            change = [num / max(den, 1e-12) for num, den in totals]
+            if sum(change) / len(change) > config.veto:
                 planned = True
                 self.vetoed += 1
         plan = []
