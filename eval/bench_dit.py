@@ -10,7 +10,7 @@ out. Every method runs in the same process: one FLOP-counted call (torch FlopCou
 the whole call, CPU SDPA counted), then ``--repeats`` timed calls interleaved with the other
 methods; the speed-up is the ratio of medians to the baseline. Fidelity is PSNR / SSIM of the
 output latents against the baseline's (same seed), after scaling both by the baseline's range.
-On random weights fidelity is indicative only; eval/fidelity_dit.py uses trained models.
+On random weights fidelity is indicative only; `python eval/bench.py --suite frontier` uses the trained models.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluate profile-chosen schedules on the bundled models (issue 7's "must show").
+"""Evaluate profile-chosen schedules on the bundled models against uniform schedules of equal cost.
 
 For each model: profile it (8 prompts x 25 steps, timed), then at the model's default call
 (20 steps):
