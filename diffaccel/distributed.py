@@ -65,7 +65,7 @@ def decision_group(session) -> tuple[bool, Any]:
     group = model_parallel_group(session.adapter.denoiser)
     if group is not None:
         return True, group
-    chosen = getattr(session, "process_group", None)
+    chosen = session.process_group
     if chosen is None or not is_distributed():
         return False, None
     return True, None if chosen == WORLD else chosen

@@ -152,6 +152,8 @@ class Session:
         self._cfg_guess: bool | None = None  # per pipeline call, see _batched_cfg
         self._costs: dict[tuple, dict[str, int]] = {}  # input signature -> FLOPs per module path
         self._hook = None
+        # Ranks whose decisions must agree (accelerate(process_group=...)); see diffaccel.distributed
+        self.process_group = None
         # One call at a time: the handles keep the running call's caches (RLock: stats() may be
         # asked from a step callback inside the call).
         self.lock = threading.RLock()

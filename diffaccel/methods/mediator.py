@@ -47,7 +47,9 @@ class MediatorAttention(Method):
 
     name: ClassVar[str] = "mediator"
     requires: ClassVar[Capability] = Capability.SPARSE_ATTENTION
-    context_parallel: ClassVar[str] = "ulysses"
+    # routed at the attention module (diffaccel.compat.route_attention), above diffusers' all-to-all:
+    # under context parallelism it would see one rank's shard of the sequence
+    context_parallel: ClassVar[str] = "none"
 
     mediator_ratio: tuple[float, float] = (1 / 16, 1 / 4)
     full_attention_fraction: float = 0.0

@@ -66,7 +66,9 @@ class SlidingTileAttention(Method):
 
     name: ClassVar[str] = "sliding_tile"
     requires: ClassVar[Capability] = Capability.SPARSE_ATTENTION
-    context_parallel: ClassVar[str] = "ulysses"
+    # routed at the attention module (diffaccel.compat.route_attention), above diffusers' all-to-all:
+    # under context parallelism it would see one rank's shard of the sequence
+    context_parallel: ClassVar[str] = "none"
     family_defaults: ClassVar[tuple[str, ...]] = ("tile", "window")
 
     tile: tuple[int, int, int] | None = None
