@@ -130,7 +130,7 @@ def test_dit_family_gets_a_method_choice(tmp_path):
     pipe = tp.build("pixart")
     profile = measure(pipe, [None], _kwargs("pixart"), model="pixart-test", progress=False)
     chosen, plans = plan_all(profile, 1.3)
-    assert {p.method for p in plans} == {"adaptive_cache", "pab"} and chosen in plans
+    assert {p.method for p in plans} == {"adaptive_cache", "pab", "step_cache"} and chosen in plans
     assert all(p.speedup >= 1.3 - 1e-6 for p in plans)
 
 

@@ -259,7 +259,8 @@ def test_diffusers_cache_after_accelerate_is_refused_at_the_call_and_either_can_
     with pytest.raises(ValueError, match=r"does not stack.*FirstBlockCacheConfig"):
         run("wan", pipe, steps=STEPS)
     stats = diffaccel.stats(pipe)  # no extra forward through diffusers' hooks, no crash
-    assert stats["denoiser_calls"] == 2 * STEPS and stats["flops_saved_fraction"] is None
+    # None: counting skipped because of the foreign hooks; 0.0: the preset skipped nothing in this short call
+    assert stats["denoiser_calls"] == 2 * STEPS and stats["flops_saved_fraction"] in (None, 0.0)
     if removed_first == "diffaccel":
         diffaccel.disable(pipe)
         assert torch.equal(run("wan", pipe, steps=STEPS), with_fbc)  # diffusers' cache still runs, alone
