@@ -32,7 +32,7 @@ EXTRA=${EXTRA:-}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$SITE" .whl/*.whl || exit 1
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__, torch.cuda.is_available())"
+(cd /tmp && python3 -c "import torch, transformers, diffusers; print(torch.__version__, transformers.__version__, diffusers.__version__, torch.cuda.is_available())")  # not from the repo root: its kernels/ shadows the HF `kernels` package
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>/dev/null || true
 
 train() {  # name minutes vae-minutes
