@@ -29,7 +29,12 @@ function                       private surface it relies on                     
                                names from ``_AttentionBackendRegistry``
 :func:`register_attention_    ``AttentionBackendName`` (an Enum: a member is added),  diffusers 0.42.1
 backend`                       ``_AttentionBackendRegistry.register`` / ``_backends``
-                               / ``_constraints`` / ``_supported_arg_names``
+                               / ``_constraints`` / ``_supported_arg_names`` /
+                               ``_supports_context_parallel``
+:func:`route_attention` under  ``attention_dispatch._templated_context_parallel_      diffusers 0.42.1
+Ulysses                        attention`` (the all-to-alls every CP backend calls,
+                               with a ``forward_op(ctx, q, k, v, ...)``), the CP
+                               config's ``ring_degree`` / ``ulysses_degree``
 :func:`register_cpu_sdpa_      ``torch.ops.aten._scaled_dot_product_flash_attention_  torch 2.13
 flop_formula`                  for_cpu`` (counted as 0 FLOPs by ``FlopCounterMode``),
                                ``torch.utils.flop_counter.register_flop_formula`` and
@@ -376,13 +381,62 @@ def _routed_dispatch(handler: Callable[[AttentionCall], torch.Tensor | None]) ->
             return real(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=s,
                         backend=backend).transpose(1, 2)
 
+        parallel = a.get("parallel_config")
+        if parallel is not None and _ulysses_only(parallel) and not extra and _backend_supports_cp(backend):
+            return _ulysses(handler, real, a, backend, parallel)
         call = AttentionCall(a["query"].transpose(1, 2), a["key"].transpose(1, 2), a["value"].transpose(1, 2),
                              a.get("attn_mask"), a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale"),
-                             dispatch_backend_name(backend), attend, extra, a.get("parallel_config") is not None)
+                             dispatch_backend_name(backend), attend, extra, parallel is not None)
         out = handler(call)
         return real(*args, **kwargs) if out is None else out.transpose(1, 2)
 
     return dispatch_attention_fn
+
+
+def _ulysses_only(parallel_config) -> bool:
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    return cp is not None and (cp.ring_degree or 1) == 1 and (cp.ulysses_degree or 1) > 1
+
+
+def _backend_supports_cp(backend) -> bool:
+    dispatch = _dispatch_module()
+    registry = dispatch._AttentionBackendRegistry
+    member = registry.get_active_backend()[0] if backend is None else dispatch.AttentionBackendName(backend)
+    return registry._is_context_parallel_available(member)
+
+
+def _ulysses(handler, real, a: dict, backend, parallel_config) -> torch.Tensor:
+    """One attention call under diffusers' Ulysses, with the handler between the all-to-alls.
+
+    Ulysses trades the sequence shard for a head shard before attention, so after diffusers' own
+    all-to-all (``_templated_context_parallel_attention``, what every CP-capable backend calls)
+    each rank holds the whole sequence for its heads: there a sparse method is exact. The handler
+    sees that call (``parallel`` False); a dense call runs on the user's backend without the
+    parallel config, as the backend's own forward op would."""
+    dispatch = _dispatch_module()
+
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        if return_lse:
+            raise ValueError("diffaccel's routed attention returns no log-sum-exp (ring attention needs it)")
+
+        def attend(q, k, v, s):  # (B, H, S, D) in and out
+            return real(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=s, backend=backend).transpose(1, 2)
+
+        call = AttentionCall(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, dropout_p,
+                             is_causal, scale, dispatch_backend_name(backend), attend)
+        out = handler(call)
+        if out is None:
+            return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        backend=backend)
+        return out.transpose(1, 2)
+
+    def backward_op(*args, **kwargs):
+        raise RuntimeError("diffaccel's sparse attention is for inference; it has no backward under context parallelism")
+
+    return dispatch._templated_context_parallel_attention(
+        a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("dropout_p", 0.0), a.get("is_causal", False),
+        a.get("scale"), False, False, forward_op=forward_op, backward_op=backward_op, _parallel_config=parallel_config)
 
 
 class _Functional(types.ModuleType):
@@ -438,9 +492,7 @@ def attention_route_problem(processor) -> str | None:
         return (f"its processor {type(processor).__name__} reaches attention neither through torch's "
                 f"scaled_dot_product_attention nor through diffusers' dispatch_attention_fn (xformers processors, "
                 f"the classic AttnProcessor and custom kernels compute it themselves)")
-    if getattr(processor, "_parallel_config", None) is not None:
-        return "diffusers' context parallelism shards its sequence across ranks"
-    return None
+    return None  # context parallelism: each method's own ``context_parallel`` support decides
 
 
 class RoutedProcessor:
@@ -524,11 +576,13 @@ def attention_backend_of(module: torch.nn.Module) -> str:
     return type(processor).__name__
 
 
-def register_attention_backend(name: str, fn: Callable, constraints: list[Callable] | None = None) -> Callable[[], None]:
+def register_attention_backend(name: str, fn: Callable, constraints: list[Callable] | None = None,
+                               supports_context_parallel: bool = False) -> Callable[[], None]:
     """Add an attention backend ``name`` to diffusers' dispatch (for tests and quantization
     studies): afterwards ``model.set_attention_backend(name)`` selects ``fn``, which is called with
     the dispatch keyword arguments its signature names (query, key, value as (batch, seq, heads,
-    dim), attn_mask, dropout_p, is_causal, scale, ...). Returns the function that removes it."""
+    dim), attn_mask, dropout_p, is_causal, scale, ..., ``_parallel_config`` under context
+    parallelism when ``supports_context_parallel``). Returns the function that removes it."""
     dispatch = _dispatch_module()
     if dispatch is None:
         raise RuntimeError("this diffusers has no attention dispatch (diffusers.models.attention_dispatch)")
@@ -539,11 +593,13 @@ def register_attention_backend(name: str, fn: Callable, constraints: list[Callab
     member._name_, member._value_ = name.upper(), name
     enum._member_map_[member._name_] = member
     enum._value2member_map_[name] = member
-    registry.register(member, constraints)(fn)
+    extra = {"supports_context_parallel": True} if supports_context_parallel else {}  # absent before 0.36
+    registry.register(member, constraints, **extra)(fn)
 
     def remove() -> None:
         for table in (registry._backends, registry._constraints, registry._supported_arg_names):
             table.pop(member, None)
+        getattr(registry, "_supports_context_parallel", set()).discard(name)
         enum._member_map_.pop(member._name_, None)
         enum._value2member_map_.pop(name, None)
         if registry._active_backend is member:

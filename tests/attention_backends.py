@@ -66,3 +66,44 @@ def select(denoiser, backend: str) -> None:
 def restore_default(denoiser) -> None:
     select(denoiser, "native")
     denoiser.reset_attention_backend()
+
+
+LSE = "diffaccel_test_cpu_lse"
+
+
+@contextlib.contextmanager
+def cpu_lse_backend():
+    """Register backend LSE: torch's CPU flash-attention kernel, which also returns the log-sum-exp
+    that diffusers' ring attention merges the ranks' partial results with (its native backend
+    returns none, so ring context parallelism cannot run on a CPU otherwise)."""
+    from diffusers.models import attention_dispatch as ad
+
+    def attend(query, key, value, scale):  # (B, S, H, D) -> out (B, S, H, D), lse (B, S, H)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), 0.0, False, scale=scale)
+        return out.transpose(1, 2), lse.transpose(1, 2)
+
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        out, lse = attend(query, key, value, scale)
+        return (out, lse) if return_lse else out
+
+    def backward_op(*args, **kwargs):
+        raise NotImplementedError("inference only")
+
+    def backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                return_lse=False, _parallel_config=None):
+        if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+            raise ValueError("the test LSE backend computes plain attention only")
+        if _parallel_config is None:
+            out, lse = attend(query, key, value, scale)
+            return (out, lse) if return_lse else out
+        return ad._templated_context_parallel_attention(query, key, value, None, 0.0, False, scale, False, return_lse,
+                                                        forward_op=forward_op, backward_op=backward_op,
+                                                        _parallel_config=_parallel_config)
+
+    remove = compat.register_attention_backend(LSE, backend, supports_context_parallel=True)
+    try:
+        yield LSE
+    finally:
+        remove()

@@ -66,9 +66,9 @@ class SlidingTileAttention(Method):
 
     name: ClassVar[str] = "sliding_tile"
     requires: ClassVar[Capability] = Capability.SPARSE_ATTENTION
-    # routed at the attention module (diffaccel.compat.route_attention), above diffusers' all-to-all:
-    # under context parallelism it would see one rank's shard of the sequence
-    context_parallel: ClassVar[str] = "none"
+    # under Ulysses the routed call runs between diffusers' all-to-alls (whole sequence, a shard of
+    # the heads: exact); ring splits the keys, so no rank could see a whole window
+    context_parallel: ClassVar[str] = "ulysses"
     family_defaults: ClassVar[tuple[str, ...]] = ("tile", "window")
 
     tile: tuple[int, int, int] | None = None
