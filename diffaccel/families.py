@@ -86,13 +86,14 @@ FAMILIES: dict[Family, FamilySpec] = {
         capabilities=frozenset({Capability.TOKEN_MERGING, Capability.BLOCK_CACHING, Capability.ATTENTION_REUSE,
                                 Capability.SPARSE_ATTENTION}),
         presets={
-            # Whole-step skipping planned for a PSNR each (35 / 30 / 25 dB, +1 dB margin for captions not
-            # tuned on): with a profile holding a measured step graph (shipped for the bundled models) each
-            # call runs the fastest verified schedule meeting it; elsewhere the MagCache-like rule below
-            # (20% retention, last step computed, capped runs of skips). Measured: eval/results/step_cache.md.
-            "quality": (("step_cache", dict(min_psnr=36.0, forecast_order=0, max_consecutive=1)),),
-            "balanced": (("step_cache", dict(min_psnr=31.0, forecast_order=0, max_consecutive=2, threshold=0.16)),),
-            "fast": (("step_cache", dict(min_psnr=26.0, forecast_order=0, max_consecutive=3, threshold=0.25)),),
+            # Whole-step skipping planned for a PSNR each (35 / 30 / 25 dB, pooled over seeds as
+            # eval/evaluate.py checks it, +1.5 dB margin for captions not tuned on): with a profile holding
+            # a measured step graph (shipped for the bundled models) each call runs the fastest verified
+            # schedule meeting it; elsewhere the MagCache-like rule below (20% retention, last step
+            # computed, capped runs of skips). Measured: eval/results/step_cache.md.
+            "quality": (("step_cache", dict(min_psnr=36.5, forecast_order=0, max_consecutive=1)),),
+            "balanced": (("step_cache", dict(min_psnr=31.5, forecast_order=0, max_consecutive=2, threshold=0.16)),),
+            "fast": (("step_cache", dict(min_psnr=26.5, forecast_order=0, max_consecutive=3, threshold=0.25)),),
         },
         method_defaults={
             # PAB: attention kind -> (interval, (t_low, t_high)); cross attention changes least, and
@@ -107,10 +108,10 @@ FAMILIES: dict[Family, FamilySpec] = {
         capabilities=frozenset({Capability.BLOCK_CACHING, Capability.ATTENTION_REUSE, Capability.SPARSE_ATTENTION,
                                 Capability.VIDEO}),
         presets={
-            # As for image DiTs, at 30 / 25 / 20 dB (+1 dB margin); residuals forecast to first order.
-            "quality": (("step_cache", dict(min_psnr=31.0, forecast_order=1, max_consecutive=1)),),
-            "balanced": (("step_cache", dict(min_psnr=26.0, forecast_order=1, max_consecutive=2, threshold=0.16)),),
-            "fast": (("step_cache", dict(min_psnr=21.0, forecast_order=1, max_consecutive=3, threshold=0.25)),),
+            # As for image DiTs, at 30 / 25 / 20 dB (+1.5 dB margin); residuals forecast to first order.
+            "quality": (("step_cache", dict(min_psnr=31.5, forecast_order=1, max_consecutive=1)),),
+            "balanced": (("step_cache", dict(min_psnr=26.5, forecast_order=1, max_consecutive=2, threshold=0.16)),),
+            "fast": (("step_cache", dict(min_psnr=21.5, forecast_order=1, max_consecutive=3, threshold=0.25)),),
         },
         method_defaults={
             "pab": dict(spatial=(2, (0.1, 0.8)), temporal=(4, (0.1, 0.85)), cross=(6, (0.1, 0.9))),

@@ -91,8 +91,12 @@ def _source_hash() -> str:
     for root in roots:
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-        for path in sorted(root.rglob("*.json")):  # shipped profiles / schedules
+        for path in sorted(root.rglob("*.json")):  # shipped schedules
             digest.update(path.read_bytes())
+    from diffaccel.bundled.loader import bundled_dir
+
+    for path in sorted(bundled_dir().glob("*/profile.json")):  # the bundled models' profiles plan our schedules
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 
 
