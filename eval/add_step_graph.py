@@ -10,6 +10,7 @@ same table while profiling from scratch.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
@@ -20,7 +21,7 @@ from diffaccel.bundled.loader import bundled_dir
 from diffaccel.evaluation.generation import builtin_prompts
 from diffaccel.pipelines import detect
 from diffaccel.profiler.profile import load_profile
-from diffaccel.profiler.plan_step_cache import candidates, rule_candidates
+from diffaccel.profiler.plan_step_cache import candidates, one_more_skip, plan_of_mask, rule_candidates
 from diffaccel.profiler.reuse_error import step_skip_errors, verify_step_schedules
 
 
@@ -35,6 +36,9 @@ def main() -> None:
     ap.add_argument("--rules", action="store_true", help="verify StepCache's rule schedules only and merge them "
                     "with the verified runs already stored")
     ap.add_argument("--computed", default="", help="verify only plans computing this many steps, e.g. 5-14")
+    ap.add_argument("--refine", type=int, default=0, help="rounds of local search: verify every schedule that skips "
+                    "one more step than a verified front schedule (FLOPs speed-up in --refine-range), keep the front")
+    ap.add_argument("--refine-range", default="1.2-3.0")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -48,6 +52,9 @@ def main() -> None:
         profile.reuse_error["step_cache"] = table
         profile.save(path)
         print(f"{path}: step graph of {sum(len(r) for r in table['edges'].values())} edges in {time.perf_counter() - started:.0f} s")
+    if args.refine:
+        refine(pipe, profile, path, captions, args)
+        return
     if args.verify:
         times = profile.reuse_error["step_cache"]["times"]
         previous = profile.calibration.pop("step_cache", None) if args.rules else None
@@ -65,12 +72,47 @@ def main() -> None:
             run["speedup"] = round(plan.speedup, 4)
         runs += previous["runs"] if previous else []
         # Keep the Pareto front: no other run both faster (or as fast) and better.
-        front = [r for r in runs if not any(o["speedup"] >= r["speedup"] and o["psnr"] > r["psnr"] and o is not r for o in runs)]
-        profile.calibration["step_cache"] = {"times": times, "seeds": vseeds, "runs": sorted(front, key=lambda r: r["speedup"]),
-                                             "statistic": "pooled PSNR (dB, of the mean MSE) over training captions vs the unaccelerated output"}
-        profile.save(path)
-        for r in sorted(front, key=lambda r: r["speedup"]):
-            print(f"  {r['speedup']:.2f}x  {r['psnr']:.2f} dB  skip {[i for i, c in enumerate(r['mask']) if not c]}")
+        save_front(profile, path, times, vseeds, runs)
+
+
+def pareto(runs: list[dict]) -> list[dict]:
+    """The runs no other run beats in both FLOPs speed-up (or ties) and PSNR."""
+    return sorted((r for r in runs if not any(o["speedup"] >= r["speedup"] and o["psnr"] > r["psnr"] and o is not r
+                                              for o in runs)), key=lambda r: r["speedup"])
+
+
+def save_front(profile, path, times, seeds, runs) -> None:
+    front = pareto(runs)
+    profile.calibration["step_cache"] = {"times": times, "seeds": seeds, "runs": front,
+                                         "statistic": "pooled PSNR (dB, of the mean MSE) over training captions vs the unaccelerated output"}
+    profile.save(path)
+    for r in front:
+        print(f"  {r['speedup']:.2f}x  {r['psnr']:.2f} dB  skip {[i for i, c in enumerate(r['mask']) if not c]}")
+
+
+def refine(pipe, profile, path, captions, args) -> None:
+    """Local search from the verified front, on the same training captions and seeds."""
+    cal = profile.calibration["step_cache"]
+    times, vseeds, runs = cal["times"], cal["seeds"], list(cal["runs"])
+    lo, _, hi = args.refine_range.partition("-")
+    for round_ in range(args.refine):
+        seen = {tuple(r["mask"]) + tuple(r["orders"]) for r in runs}
+        todo = {}
+        for r in pareto(runs):
+            if float(lo) <= r["speedup"] <= float(hi):
+                for mask, orders in one_more_skip(r["mask"], r["orders"]):
+                    key = tuple(int(c) for c in mask) + tuple(orders)
+                    if key not in seen:
+                        todo[key] = plan_of_mask(profile, mask, orders, math.inf, "local search")
+        print(f"refine round {round_ + 1}: {len(todo)} schedules")
+        if not todo:
+            break
+        new = verify_step_schedules(pipe, detect(pipe), [captions[s % len(captions)] for s in vseeds], vseeds, {},
+                                    [p.config for p in todo.values()])
+        for run, plan in zip(new, todo.values()):
+            run["speedup"] = round(plan.speedup, 4)
+        runs = pareto(runs + new)
+        save_front(profile, path, times, vseeds, runs)
 
 
 if __name__ == "__main__":

@@ -118,3 +118,18 @@ def test_min_psnr_plans_each_call_from_the_shipped_step_graph():
     pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0), output_type="latent")
     stats = diffaccel.stats(pipe)["methods"]
     assert not stats["step_cache_psnr_schedule"]["planned"] and stats["step_cache"]["reused"] > 0
+
+
+def test_one_more_skip_respects_retention_and_the_longest_run():
+    from diffaccel.profiler import plan_step_cache as P
+
+    mask = [True, True, False, False, True, True, True]
+    orders = [0, 0, 1, 1, 0, 0, 0]
+    out = P.one_more_skip(mask, orders, max_gap=3, retention=1)
+    skipped = sorted(next(i for i, (a, b) in enumerate(zip(mask, m)) if a != b) for m, _ in out)
+    assert skipped == [1, 4, 5, 6]  # step 0 is retention; 1 or 4 make a run of 3, still allowed
+    assert [sum(not c for c in m) for m, _ in out] == [3] * 4
+    for m, o in out:  # computed steps carry order 0, skipped ones the schedule's order
+        assert all(o[i] == (0 if c else 1) for i, c in enumerate(m))
+    two = {next(i for i, (a, b) in enumerate(zip(mask, m)) if a != b) for m, _ in P.one_more_skip(mask, orders, max_gap=2)}
+    assert two == {5, 6}  # skipping 1 or 4 would make 3 in a row

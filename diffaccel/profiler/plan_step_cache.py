@@ -128,7 +128,7 @@ def _speedup(profile: Profile, mask: list[bool]) -> float:
     return full * len(mask) / sum(full if c else full - saved for c in mask)
 
 
-def _plan(profile: Profile, mask, orders, err: float, note: str) -> Plan:
+def plan_of_mask(profile: Profile, mask, orders, err: float, note: str) -> Plan:
     config = StepCache(mask=tuple(bool(c) for c in mask), forecast_order=max(orders or [0]),
                        forecast_orders=tuple(int(o) for o in orders) if orders else None, final_steps=0, retention=0.0)
     speed = _speedup(profile, list(mask))
@@ -141,7 +141,7 @@ def verified(profile: Profile, times: list[float]) -> list[Plan]:
     cal = (profile.calibration or {}).get("step_cache")
     if not cal or len(cal["times"]) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(cal["times"], times)):
         return []
-    return [_plan(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified on training captions")
+    return [plan_of_mask(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified on training captions")
             for r in cal["runs"]]
 
 
@@ -158,7 +158,7 @@ def candidates(profile: Profile, times: list[float], retention: int = RETENTION,
     plans = []
     for coherent in (False, True):
         for k, (err, mask, orders) in shortest_paths(edges, len(times), retention, final_steps, coherent=coherent).items():
-            plans.append(_plan(profile, mask, orders, err, note))
+            plans.append(plan_of_mask(profile, mask, orders, err, note))
     # Evenly spread schedules too: verification keeps them where real runs beat the paths (the summed
     # edge errors mispredict long runs of skips), so a verified plan is never worse than uniform.
     n = len(times)
@@ -167,7 +167,7 @@ def candidates(profile: Profile, times: list[float], retention: int = RETENTION,
         computed = [i for i, c in enumerate(mask) if c] + [n]
         gaps = [(i, j) for i, j in zip(computed, computed[1:]) if j > i + 1]
         if all(g in edges[0] for g in gaps) and all(i + 1 >= retention and j <= n - final_steps for i, j in gaps):
-            plans.append(_plan(profile, mask, [0] * n, sum(edges[0][g] for g in gaps), note))
+            plans.append(plan_of_mask(profile, mask, [0] * n, sum(edges[0][g] for g in gaps), note))
     return plans
 
 
@@ -183,8 +183,29 @@ def rule_candidates(profile: Profile, times: list[float]) -> list[Plan]:
             for order in (0, 1):
                 config = StepCache(threshold=1e9, retention=retention, final_steps=1, max_consecutive=cap)
                 mask = step_schedule(config, times)
-                plans.append(_plan(profile, mask, [order] * len(times), math.inf, "rule"))
+                plans.append(plan_of_mask(profile, mask, [order] * len(times), math.inf, "rule"))
     return plans
+
+
+def one_more_skip(mask, orders, max_gap: int = MAX_GAP, retention: int = RETENTION) -> list[tuple[list[bool], list[int]]]:
+    """Every schedule that skips one more step than ``mask`` (past the retention steps, at most
+    ``max_gap`` skips in a row), the new skip forecast to the order the schedule uses elsewhere: the
+    neighbours a local search over verified schedules tries next (the summed-edge error model
+    mispredicts long runs of skips, so real runs decide)."""
+    order = max(orders or [0])
+    out = []
+    for i in range(retention, len(mask)):
+        if not mask[i]:
+            continue
+        new = [bool(c) for c in mask]
+        new[i] = False
+        run = longest = 0
+        for c in new:
+            run = 0 if c else run + 1
+            longest = max(longest, run)
+        if longest <= max_gap:
+            out.append((new, [0 if c else (orders[k] if not mask[k] else order) for k, c in enumerate(new)]))
+    return out
 
 
 def uniform_mask(n: int, computed: int) -> list[bool]:
@@ -213,7 +234,7 @@ def plan_for_psnr(profile: Profile, times: list[float], min_psnr: float, retenti
     budget = 10.0 ** (-min_psnr / 10.0)
     ok = [p for p in candidates(profile, times, retention, final_steps) if p.error <= budget]
     if not ok:  # nothing verified reaches it: every step computes
-        return _plan(profile, [True] * len(times), [0] * len(times), 0.0, "no schedule meets the PSNR target")
+        return plan_of_mask(profile, [True] * len(times), [0] * len(times), 0.0, "no schedule meets the PSNR target")
     return max(ok, key=lambda p: (p.speedup, -p.error))
 
 
