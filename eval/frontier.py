@@ -37,7 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
 
-OURS = ["quality", "balanced", "fast", "target@1.2", "target@1.5", "target@1.75", "target@2", "target@2.5", "target@3"]
+OURS = ["quality", "balanced", "fast", "target@1.2", "target@1.3", "target@1.5", "target@1.7", "target@1.75", "target@2", "target@2.5",
+        "target@3"]
 _DIT_PEERS = (  # three settings each around the documented default, most telling first
     [f"diffusers.mag:threshold={t}" for t in (0.03, 0.06, 0.12, 0.24)]
     + [f"diffusers.taylorseer:cache_interval={n}" for n in (2, 3, 5)]
