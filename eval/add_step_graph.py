@@ -37,7 +37,9 @@ def main() -> None:
                     "with the verified runs already stored")
     ap.add_argument("--computed", default="", help="verify only plans computing this many steps, e.g. 5-14")
     ap.add_argument("--refine", type=int, default=0, help="rounds of local search: verify every schedule that skips "
-                    "one more step than a verified front schedule (FLOPs speed-up in --refine-range), keep the front")
+                    "one more step than a verified front schedule (FLOPs speed-up in --refine-range), keep the front. "
+                    "Many rounds overfit the verification captions (eval/results/step_cache.md): check the presets "
+                    "on other captions (eval/presets_table.py) after refining")
     ap.add_argument("--refine-range", default="1.2-3.0")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
