@@ -34,32 +34,39 @@ def _args(case):
     return case
 
 
-def _cp_worker(rank, world, name, cases):
+def _cp_worker(rank, world, name, cases, mode="ulysses", size=SIZE, lse_backend=False):
+    """1-process and ``mode``-sharded runs of every case; with ``lse_backend`` both pipelines attend
+    through the test backend that returns the log-sum-exp (ring needs it; tests/attention_backends.py)."""
+    import contextlib
+
     import diffaccel
     import tiny_pipes
+    from attention_backends import cpu_lse_backend, select
     from diffusers import ContextParallelConfig
 
     def run(pipe):
-        kw = {**tiny_pipes.call_kwargs(name, steps=STEPS), **SIZE}
-        out = pipe(**kw)
+        out = pipe(**{**tiny_pipes.call_kwargs(name, steps=STEPS), **size})
         return (out.frames if hasattr(out, "frames") else out.images).clone()
 
-    plain = tiny_pipes.build(name)  # one process's model, no collectives (nothing asked for them)
-    sharded = tiny_pipes.build(name)
-    sharded.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    out = {"plain": run(plain), "sharded": run(sharded), "cases": {}}
-    for label, case in cases.items():
-        row = {}
-        for key, pipe in (("one", plain), ("cp", sharded)):
-            try:
-                diffaccel.accelerate(pipe, **_args(case))
-            except ValueError as err:
-                row[key] = str(err)
-                continue
-            row[key] = (run(pipe), diffaccel.stats(pipe)["methods"])
-            diffaccel.disable(pipe)
-        out["cases"][label] = row
-    out["disabled"] = run(sharded)  # disable under CP restores the plain sharded output exactly
+    with cpu_lse_backend() if lse_backend else contextlib.nullcontext() as backend:
+        plain = tiny_pipes.build(name)  # one process's model, no collectives (nothing asked for them)
+        sharded = tiny_pipes.build(name)
+        for pipe in (plain, sharded) if backend else ():
+            select(pipe.transformer, backend)
+        sharded.transformer.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": world}))
+        out = {"plain": run(plain), "sharded": run(sharded), "cases": {}}
+        for label, case in cases.items():
+            row = {}
+            for key, pipe in (("one", plain), ("cp", sharded)):
+                try:
+                    diffaccel.accelerate(pipe, **_args(case))
+                except ValueError as err:
+                    row[key] = str(err)
+                    continue
+                row[key] = (run(pipe), diffaccel.stats(pipe)["methods"])
+                diffaccel.disable(pipe)
+            out["cases"][label] = row
+        out["disabled"] = run(sharded)  # disable under CP restores the plain sharded output exactly
     return out
 
 
@@ -68,15 +75,13 @@ def _decisions(methods: dict) -> dict:
     return {m: {k: v for k, v in s.items() if k != "flops_saved"} for m, s in methods.items()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["wan", "flux"])
-def test_ulysses_every_preset_and_method_equals_one_process(name):
-    cases = CASES
-    r0, r1 = run_ranks(_cp_worker, 2, name, cases)
+def _check_equals_one_process(r0, r1, cases) -> dict:
+    """Both ranks' results against 1 process; returns {label: (one, one_stats, cp0, stats0)}."""
     assert torch.equal(r0["sharded"], r1["sharded"])
     cp_error = (r0["sharded"] - r0["plain"]).abs().max().item()  # context parallelism's own error
     tol = max(8 * cp_error, 1e-5)
     assert torch.equal(r0["disabled"], r0["sharded"])
+    rows = {}
     for label in cases:
         a, b = r0["cases"][label], r1["cases"][label]
         (one, one_stats), (cp0, stats0), (cp1, stats1) = a["one"], a["cp"], b["cp"]
@@ -86,36 +91,20 @@ def test_ulysses_every_preset_and_method_equals_one_process(name):
         assert (cp0 - one).abs().max().item() <= tol, (label, (cp0 - one).abs().max().item(), tol)
         if label not in ("quality", "balanced", "fast"):  # a preset may compute everything in 4 steps
             assert not torch.equal(one, r0["plain"]), f"{label} changed nothing: the test would prove nothing"
+        rows[label] = (one, one_stats, cp0, stats0)
+    return rows
 
 
-SPARSE_SIZE = dict(height=64, width=64)  # a grid larger than one tile, so the windows leave tokens out
-SPARSE_CASES = {
-    "sliding_tile": ("sliding_tile", dict(tile=(1, 2, 2), window=(1, 1, 1), **SPARSE)),
-    "mediator": ("mediator", dict(min_tokens=0)),
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_ulysses_every_preset_and_method_equals_one_process(name):
+    _check_equals_one_process(*run_ranks(_cp_worker, 2, name, CASES), CASES)
+
+
+SPARSE_CASES = {  # a 64 px grid is larger than one tile, so the windows leave tokens out
+    "sliding_tile": dict(methods=[("sliding_tile", dict(tile=(1, 2, 2), window=(1, 1, 1), **SPARSE))]),
+    "mediator": dict(methods=[("mediator", dict(min_tokens=0))]),
 }
-
-
-def _sparse_worker(rank, world, name):
-    import diffaccel
-    import tiny_pipes
-    from diffusers import ContextParallelConfig
-
-    def run(pipe):
-        out = pipe(**{**tiny_pipes.call_kwargs(name, steps=STEPS), **SPARSE_SIZE})
-        return (out.frames if hasattr(out, "frames") else out.images).clone()
-
-    plain, sharded = tiny_pipes.build(name), tiny_pipes.build(name)
-    sharded.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    out = {"plain": run(plain), "sharded": run(sharded), "cases": {}}
-    for label, (method, params) in SPARSE_CASES.items():
-        row = {}
-        for key, pipe in (("one", plain), ("cp", sharded)):
-            diffaccel.accelerate(pipe, methods=[diffaccel.METHODS[method](**params)])
-            row[key] = (run(pipe), diffaccel.stats(pipe)["methods"][method])
-            diffaccel.disable(pipe)
-        out["cases"][label] = row
-    out["disabled"] = run(sharded)
-    return out
 
 
 @pytest.mark.slow
@@ -123,44 +112,11 @@ def _sparse_worker(rank, world, name):
 def test_sparse_attention_under_ulysses_equals_one_process(name):
     # Ulysses hands each rank the whole sequence for a shard of the heads between its all-to-alls;
     # the sparse kernel runs there, on the global token order (Flux's rank-stacked text is reordered).
-    r0, r1 = run_ranks(_sparse_worker, 2, name)
-    tol = max(8 * (r0["sharded"] - r0["plain"]).abs().max().item(), 1e-5)
-    assert torch.equal(r0["disabled"], r0["sharded"])
-    for label in SPARSE_CASES:
-        (one, one_stats), (cp0, stats0), (cp1, stats1) = (r0["cases"][label]["one"], r0["cases"][label]["cp"],
-                                                          r1["cases"][label]["cp"])
+    r0, r1 = run_ranks(_cp_worker, 2, name, SPARSE_CASES, "ulysses", dict(height=64, width=64))
+    for label, (one, one_stats, cp0, stats0) in _check_equals_one_process(r0, r1, SPARSE_CASES).items():
+        one_stats, stats0 = one_stats[label], stats0[label]
         assert stats0["sparse_calls"] > 0 and "dense_fallback_calls" not in stats0, (label, stats0)
         assert stats0["sparse_calls"] == one_stats["sparse_calls"], label  # every call, not one rank's shard
-        assert torch.equal(cp0, cp1), label
-        assert not torch.equal(one, r0["plain"]), f"{label} changed nothing: the test would prove nothing"
-        assert (cp0 - one).abs().max().item() <= tol, (label, (cp0 - one).abs().max().item(), tol)
-
-
-def _ring_worker(rank, world, name, cases):
-    import diffaccel
-    import tiny_pipes
-    from attention_backends import cpu_lse_backend, select
-    from diffusers import ContextParallelConfig
-
-    def run(pipe):
-        out = pipe(**{**tiny_pipes.call_kwargs(name, steps=STEPS), **SIZE})
-        return (out.frames if hasattr(out, "frames") else out.images).clone()
-
-    with cpu_lse_backend() as backend:
-        plain, sharded = tiny_pipes.build(name), tiny_pipes.build(name)
-        for pipe in (plain, sharded):
-            select(pipe.transformer, backend)
-        sharded.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
-        out = {"plain": run(plain), "sharded": run(sharded), "cases": {}}
-        for label, case in cases.items():
-            row = {}
-            for key, pipe in (("one", plain), ("cp", sharded)):
-                diffaccel.accelerate(pipe, **_args(case))
-                row[key] = (run(pipe), diffaccel.stats(pipe)["methods"])
-                diffaccel.disable(pipe)
-            out["cases"][label] = row
-        out["disabled"] = run(sharded)
-    return out
 
 
 @pytest.mark.slow
@@ -168,18 +124,8 @@ def _ring_worker(rank, world, name, cases):
 def test_ring_every_preset_and_method_equals_one_process(name):
     # Ring attention merges the ranks' partial attentions by their log-sum-exp; the test backend
     # (torch's CPU flash kernel, tests/attention_backends.py) returns it, so ring runs on gloo here.
-    r0, r1 = run_ranks(_ring_worker, 2, name, CASES)
-    assert torch.equal(r0["sharded"], r1["sharded"])
-    cp_error = (r0["sharded"] - r0["plain"]).abs().max().item()
-    tol = max(8 * cp_error, 1e-5)
-    assert torch.equal(r0["disabled"], r0["sharded"])
-    for label in CASES:
-        (one, one_stats), (cp0, stats0), (cp1, stats1) = (r0["cases"][label]["one"], r0["cases"][label]["cp"],
-                                                          r1["cases"][label]["cp"])
-        assert torch.equal(cp0, cp1), label
-        assert stats0 == stats1, label
-        assert _decisions(stats0) == _decisions(one_stats), label
-        assert (cp0 - one).abs().max().item() <= tol, (label, (cp0 - one).abs().max().item(), tol)
+    r0, r1 = run_ranks(_cp_worker, 2, name, CASES, "ring", SIZE, True)
+    _check_equals_one_process(r0, r1, CASES)
 
 
 def _refusal_worker(rank, world):
