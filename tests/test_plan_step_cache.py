@@ -133,3 +133,18 @@ def test_one_more_skip_respects_retention_and_the_longest_run():
         assert all(o[i] == (0 if c else 1) for i, c in enumerate(m))
     two = {next(i for i, (a, b) in enumerate(zip(mask, m)) if a != b) for m, _ in P.one_more_skip(mask, orders, max_gap=2)}
     assert two == {5, 6}  # skipping 1 or 4 would make 3 in a row
+
+
+def test_noise_sensitivity_perturbs_only_the_initial_noise_and_restores_the_pipeline():
+    from diffaccel.profiler.reuse_error import noise_sensitivity
+
+    pipe = tp.build("wan")
+    kwargs = tp.call_kwargs("wan", steps=4)
+    kwargs.pop("generator"), kwargs.pop("output_type")
+    none, small, large = (noise_sensitivity(pipe, [None, None], [3, 4], kwargs, eps=eps) for eps in (0.0, 1e-4, 1e-1))
+    assert none == [300.0, 300.0]  # no perturbation: the same output, bit for bit
+    assert all(40 < s < 300 for s in small) and all(lg < s for lg, s in zip(large, small))
+    assert "prepare_latents" not in pipe.__dict__
+    ref = pipe(generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).frames
+    again = pipe(generator=torch.Generator().manual_seed(3), output_type="np", **kwargs).frames
+    assert (ref == again).all()
