@@ -284,12 +284,17 @@ class StepCacheInstalled(Installed):
         config = self.call_config()
         return max(config.forecast_order, *(config.forecast_orders or (0,))) + 1
 
-    def _reused_rows(self, index, reader, args, kwargs, rows, half, sl):
-        config, state = self.call_config(), self.halves[half]
+    def _identity(self, index, reader, args, kwargs, rows, sl):
+        """What a skipped block returns before any forecast: its inputs, rows ``sl``."""
         identity = self._inputs(reader, args, kwargs, rows, sl)
         nones = self.none_outputs.get(index)
         if nones is not None:  # e.g. SD3's last block returns no text stream
             identity = tuple(None if none else v for v, none in zip(identity, nones))
+        return identity
+
+    def _reused_rows(self, index, reader, args, kwargs, rows, half, sl):
+        config, state = self.call_config(), self.halves[half]
+        identity = self._identity(index, reader, args, kwargs, rows, sl)
         if self.per_block:
             history = state.blocks[index]
         elif index == self.last:
@@ -305,6 +310,8 @@ class StepCacheInstalled(Installed):
     @torch.compiler.disable
     def _reuse(self, index, reader, args, kwargs):
         rows = num_rows(args, kwargs)
+        if not self.per_block and index != self.last:  # the forecast is added once, at the last block
+            return self._identity(index, reader, args, kwargs, rows, slice(0, rows))
         groups = cfg_half_rows(self.session.ctx, rows)
         return cat_rows([self._reused_rows(index, reader, args, kwargs, rows, half, sl)
                          for (half, _), (_, sl) in zip(self.plan, groups)])
