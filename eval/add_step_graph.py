@@ -1,6 +1,7 @@
 """Measure StepCache's step graph on a bundled DiT and store it in its shipped profile.
 
     python eval/add_step_graph.py tiny-video --prompts 3     # writes assets/tiny-video/profile.json
+    python eval/add_step_graph.py tiny-dit --skip-graph --refine 3 --validate 300-323,0-15   # validated search
 
 The graph (diffaccel.profiler.reuse_error.step_skip_errors) is measured at the model's default
 call (20 steps) on training captions, seeds 0..prompts-1: every skip edge of up to 4 steps, forecast
@@ -38,8 +39,7 @@ def main() -> None:
     ap.add_argument("--computed", default="", help="verify only plans computing this many steps, e.g. 5-14")
     ap.add_argument("--refine", type=int, default=0, help="rounds of local search: verify every schedule that skips "
                     "one more step than a verified front schedule (FLOPs speed-up in --refine-range), keep the front. "
-                    "Many rounds overfit the verification captions (eval/results/step_cache.md): check the presets "
-                    "on other captions (eval/presets_table.py) after refining")
+                    "Without --validate many rounds overfit the verification captions (eval/results/step_cache.md)")
     ap.add_argument("--refine-range", default="1.2-3.0")
     ap.add_argument("--validate", default="", help="training-caption seeds, e.g. 300-323, on which every schedule "
                     "on the front (and every one entering it during --refine) is re-run: its PSNR becomes the lowest "
