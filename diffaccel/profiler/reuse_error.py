@@ -183,7 +183,6 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
     like independent noise; checked against real runs in tests/test_plan_step_cache.py).
     """
     from diffaccel.methods.step_cache import StepCache
-    from diffaccel.profiler.costs import generate
     from diffaccel.state import attach, detach, session_of
 
     if session_of(pipe) is not None:
@@ -206,8 +205,7 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
 
     def output(prompt, seed, upto=0, record=False):
         replay.update(upto=-1 if record else upto, calls=0)
-        out = generate(pipe, prompt, kwargs, seed)
-        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).double()
+        return _pixels(pipe, prompt, kwargs, seed)
 
     denoiser.forward = forward
     try:
@@ -249,14 +247,12 @@ def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_k
     of each against the unaccelerated output, for the planner's verified schedules. ``psnr`` is the
     pooled one (of the mean MSE over the seeds), the statistic eval/evaluate.py checks the presets'
     promises with: it is dominated by the worst seeds, where a mean of per-seed PSNRs hides them."""
-    from diffaccel.profiler.costs import generate
     from diffaccel.state import attach, detach
 
     kwargs = {**call_kwargs, "output_type": "np"}
 
     def output(prompt, seed):
-        out = generate(pipe, prompt, kwargs, seed)
-        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).double()
+        return _pixels(pipe, prompt, kwargs, seed)
 
     refs = [output(p, s) for p, s in zip(prompts, seeds)]
     runs = []
@@ -280,8 +276,6 @@ def noise_sensitivity(pipe, prompts: list, seeds: list[int], call_kwargs: dict, 
     far above 60 dB; a seed near a bifurcation of the sampler (the output flips under any perturbation,
     an accelerated one included) falls to ~30 dB. Such a seed says nothing about a method but sets a pooled
     PSNR on its own, so schedule selection leaves it out (and says so)."""
-    from diffaccel.profiler.costs import generate
-
     kwargs = {**call_kwargs, "output_type": "np"}
     own = pipe.__dict__.get("prepare_latents")
     noise = {"gen": None}
@@ -295,8 +289,7 @@ def noise_sensitivity(pipe, prompts: list, seeds: list[int], call_kwargs: dict, 
 
     def output(prompt, seed, shift):
         noise["gen"] = torch.Generator().manual_seed(seed + 1) if shift else None
-        out = generate(pipe, prompt, kwargs, seed)
-        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).double()
+        return _pixels(pipe, prompt, kwargs, seed)
 
     pipe.prepare_latents = perturbed
     try:
@@ -310,3 +303,11 @@ def noise_sensitivity(pipe, prompts: list, seeds: list[int], call_kwargs: dict, 
             del pipe.prepare_latents
         else:
             pipe.prepare_latents = own
+
+
+def _pixels(pipe, prompt, kwargs: dict, seed: int) -> torch.Tensor:
+    """One seeded generation (``kwargs`` asking for numpy output) as a float64 tensor of images or frames."""
+    from diffaccel.profiler.costs import generate
+
+    out = generate(pipe, prompt, kwargs, seed)
+    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images).double()
