@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,6 +47,8 @@ def main() -> None:
                     "over the seed sets it was run on (seeds whose baseline flips under a 1e-4 noise perturbation "
                     "are left out and listed); several sets: 300-323,0-15")
     args = ap.parse_args()
+    if args.validate and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", args.validate):
+        ap.error(f"--validate {args.validate!r}: give seed ranges such as 300-323 (several: 300-323,0-15)")
     pipe = diffaccel.load_bundled(args.model)
     pipe.set_progress_bar_config(disable=True)
     captions = builtin_prompts("bundled", args.model == "tiny-video")
@@ -156,6 +159,8 @@ def validation(pipe, profile, captions, spec: str):
     print(f"validation seeds {spec}: left out {chaotic} (baseline under a 1e-4 noise perturbation: "
           f"{[round(db, 1) for s, db in zip(seeds, sensitivity) if s in chaotic]} dB)")
     kept = [(p, s) for p, s in zip(prompts, seeds) if s not in chaotic]
+    if not kept:
+        raise SystemExit(f"--validate {spec}: every seed is chaotic (see above); give other seeds")
 
     def check(runs: list[dict]) -> None:
         if not runs:
