@@ -87,8 +87,8 @@ FAMILIES: dict[Family, FamilySpec] = {
                                 Capability.SPARSE_ATTENTION}),
         presets={
             # Whole-step skipping planned for a PSNR each (35 / 30 / 25 dB, pooled over seeds as
-            # eval/evaluate.py checks it; the shipped fronts' PSNR is the worst of three training seed sets,
-            # so the margin is ~1 dB): with a profile holding
+            # eval/evaluate.py checks it; the shipped front's PSNR is already that of its worst of three
+            # training seed sets, so the targets sit only 0.5-1 dB above): with a profile holding
             # a measured step graph (shipped for the bundled models) each call runs the fastest verified
             # schedule meeting it; elsewhere the MagCache-like rule below (20% retention, last step
             # computed, capped runs of skips). Measured: eval/results/step_cache.md.

@@ -137,8 +137,8 @@ def plan_of_mask(profile: Profile, mask, orders, err: float, note: str) -> Plan:
 
 def verified(profile: Profile, times: list[float]) -> list[Plan]:
     """Schedules run on training captions (``profile.calibration["step_cache"]``), with their measured
-    pooled MSE as the error (the worse of two seed sets where eval/add_step_graph.py --validate re-ran
-    them), when they were run at ``times``."""
+    pooled MSE as the error (of their worst seed set where eval/add_step_graph.py --validate re-ran
+    them on more), when they were run at ``times``."""
     cal = (profile.calibration or {}).get("step_cache")
     if not cal or len(cal["times"]) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(cal["times"], times)):
         return []
