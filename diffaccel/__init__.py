@@ -20,6 +20,7 @@ from diffaccel.methods import (
     Method,
     SlidingTileAttention,
     StepCache,
+    TextCache,
     ToMe,
     instrument,
 )
@@ -29,6 +30,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "accelerate", "disable", "stats", "load_bundled", "METHODS", "Method", "PRESETS", "Family", "instrument",
-    "Instrument", "DeepCache", "ToMe", "AdaptiveCache", "StepCache", "FasterCache", "PAB", "SlidingTileAttention",
+    "Instrument", "DeepCache", "ToMe", "AdaptiveCache", "StepCache", "TextCache", "FasterCache", "PAB", "SlidingTileAttention",
     "MediatorAttention", "__version__",
 ]

@@ -62,6 +62,10 @@ class FamilySpec:
     method_defaults: Mapping[str, Mapping[str, Any]]
 
 
+# Every preset first computes what depends on the text alone once per call (TextCache: lossless,
+# bit-identical outputs; it installs nothing on a denoiser without such modules).
+_TEXT = ("text_cache", {"required": False})
+
 # Preset parameters are measured, not guessed: PSNR against the unaccelerated output and
 # prompt-following on the bundled models (eval/results/presets.md, fidelity_unet.md, fidelity_dit.md).
 FAMILIES: dict[Family, FamilySpec] = {
@@ -72,9 +76,10 @@ FAMILIES: dict[Family, FamilySpec] = {
         presets={
             # DeepCache on its shallowest skip every 2 / 3 / 5 steps; "fast" adds ToMe, gated: it merges
             # only blocks with enough tokens for merging to pay (a fixed per-device rule, see tome.py).
-            "quality": (("deepcache", dict(interval=2, skip_branch=0)),),
-            "balanced": (("deepcache", dict(interval=3, skip_branch=0)),),
-            "fast": (("deepcache", dict(interval=5, skip_branch=0)), ("tome", dict(ratio=0.5, max_downsample=None, gate=True))),
+            "quality": (_TEXT, ("deepcache", dict(interval=2, skip_branch=0))),
+            "balanced": (_TEXT, ("deepcache", dict(interval=3, skip_branch=0))),
+            "fast": (_TEXT, ("deepcache", dict(interval=5, skip_branch=0)),
+                     ("tome", dict(ratio=0.5, max_downsample=None, gate=True))),
         },
         method_defaults={
             "sliding_tile": dict(tile=(1, 8, 8), window=(1, 3, 3)),
@@ -92,9 +97,9 @@ FAMILIES: dict[Family, FamilySpec] = {
             # a measured step graph (shipped for the bundled models) each call runs the fastest verified
             # schedule meeting it; elsewhere the MagCache-like rule below (20% retention, last step
             # computed, capped runs of skips). Measured: eval/results/step_cache.md.
-            "quality": (("step_cache", dict(min_psnr=36.0, forecast_order=0, max_consecutive=1)),),
-            "balanced": (("step_cache", dict(min_psnr=30.5, forecast_order=0, max_consecutive=2, threshold=0.16)),),
-            "fast": (("step_cache", dict(min_psnr=26.0, forecast_order=0, max_consecutive=3, threshold=0.25)),),
+            "quality": (_TEXT, ("step_cache", dict(min_psnr=36.0, forecast_order=0, max_consecutive=1)),),
+            "balanced": (_TEXT, ("step_cache", dict(min_psnr=30.5, forecast_order=0, max_consecutive=2, threshold=0.16)),),
+            "fast": (_TEXT, ("step_cache", dict(min_psnr=26.0, forecast_order=0, max_consecutive=3, threshold=0.25)),),
         },
         method_defaults={
             # PAB: attention kind -> (interval, (t_low, t_high)); cross attention changes least, and
@@ -112,9 +117,9 @@ FAMILIES: dict[Family, FamilySpec] = {
             # As for image DiTs, at 30 / 25 / 20 dB (+1.5 dB margin), residuals forecast to first order;
             # quality and balanced one schedule more careful than their PSNR needs: the 2.62x and 3.49x
             # schedules of the bundled Wan lose prompt-following (3.1 points on training captions).
-            "quality": (("step_cache", dict(min_psnr=35.0, forecast_order=1, max_consecutive=1)),),
-            "balanced": (("step_cache", dict(min_psnr=31.5, forecast_order=1, max_consecutive=2, threshold=0.16)),),
-            "fast": (("step_cache", dict(min_psnr=21.5, forecast_order=1, max_consecutive=3, threshold=0.25)),),
+            "quality": (_TEXT, ("step_cache", dict(min_psnr=35.0, forecast_order=1, max_consecutive=1)),),
+            "balanced": (_TEXT, ("step_cache", dict(min_psnr=31.5, forecast_order=1, max_consecutive=2, threshold=0.16)),),
+            "fast": (_TEXT, ("step_cache", dict(min_psnr=21.5, forecast_order=1, max_consecutive=3, threshold=0.25)),),
         },
         method_defaults={
             "pab": dict(spatial=(2, (0.1, 0.8)), temporal=(4, (0.1, 0.85)), cross=(6, (0.1, 0.9))),

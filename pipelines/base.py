@@ -170,6 +170,25 @@ class Adapter:
             out.append(AttentionInfo(name, module, kind, index))
         return out
 
+    # Modules whose output depends on the call's text (or image) conditioning alone, the same at
+    # every step: projections of the prompt embeddings into the model width (TextCache).
+    text_projections: ClassVar[tuple[str, ...]] = ()
+    # Whether cross-attention receives the call's text tensor itself at every step (so its key /
+    # value projections see the same input); False where the model rebuilds it per call.
+    cross_text_stable: ClassVar[bool] = True
+
+    def text_modules(self) -> list[str]:
+        """Paths of the denoiser's modules that are a function of the text alone: the text
+        projections and the key / value projections of every cross-attention."""
+        names = dict(self.denoiser.named_modules())
+        paths = [p for p in self.text_projections if names.get(p) is not None]
+        if self.cross_text_stable:
+            for info in self.attention_modules():
+                if info.kind == "cross":
+                    paths += [f"{info.name}.{proj}" for proj in ("to_k", "to_v", "add_k_proj", "add_v_proj")
+                              if isinstance(getattr(info.module, proj, None), torch.nn.Module)]
+        return paths
+
     def token_sequence(self) -> TokenSequence:
         """Where the visual tokens can be reordered once per call; raises ``ValueError`` saying
         why not where they cannot."""

@@ -33,6 +33,7 @@ class _PatchDiT(Adapter):
 @dataclass
 class PixArtAdapter(_PatchDiT):
     pipelines = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    text_projections = ("caption_projection",)
     attention_rules = ((r"transformer_blocks\.\d+\.attn1", "spatial"), (r"transformer_blocks\.\d+\.attn2", "cross"))
 
 
@@ -55,6 +56,7 @@ class SD3Adapter(_PatchDiT):
     attention_rules = ((r"transformer_blocks\.\d+\.attn", "joint"), (r"transformer_blocks\.\d+\.attn2", "spatial"))
     text_position = "last"
     block_outputs = ("encoder_hidden_states", "hidden_states")
+    text_projections = ("context_embedder",)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class FluxAdapter(Adapter):
     cfg_mode: str = "separate"  # true CFG runs the negative prompt as a second call
     timestep_scale = 1.0  # the pipeline passes sigma (t / 1000) as the timestep
     block_outputs = ("encoder_hidden_states", "hidden_states")
+    text_projections = ("context_embedder",)
     attention_rules = (
         (r"transformer_blocks\.\d+\.attn", "joint"),
         (r"single_transformer_blocks\.\d+\.attn", "joint"),

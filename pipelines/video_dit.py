@@ -22,6 +22,7 @@ class CogVideoXAdapter(Adapter):
     # CogVideoX concatenates [text, video] before each full 3D attention.
     attention_rules = ((r"transformer_blocks\.\d+\.attn1", "joint"),)
     block_outputs = ("hidden_states", "encoder_hidden_states")
+    text_projections = ("patch_embed.text_proj",)
 
     def blocks(self):
         return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.denoiser.transformer_blocks)]
@@ -58,6 +59,8 @@ class _ChannelsFirstVideo(Adapter):
 class LatteAdapter(_ChannelsFirstVideo):
     pipelines = ("LattePipeline",)
     blocks_keep_layout = False  # (b f) n d for spatial blocks, (b n) f d for temporal ones
+    text_projections = ("caption_projection",)
+    cross_text_stable = False  # the text is repeated per frame inside every forward
     attention_rules = (
         (r"transformer_blocks\.\d+\.attn1", "spatial"),
         (r"transformer_blocks\.\d+\.attn2", "cross"),
@@ -121,6 +124,7 @@ class HunyuanVideoAdapter(_ChannelsFirstVideo):
 @dataclass
 class WanAdapter(_ChannelsFirstVideo):
     pipelines = ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline")
+    text_projections = ("condition_embedder.text_embedder", "condition_embedder.image_embedder")
     cfg_mode: str = "separate"  # the pipeline calls the transformer once per branch
     attention_rules = ((r"blocks\.\d+\.attn1", "spatial"), (r"blocks\.\d+\.attn2", "cross"))
 
@@ -142,6 +146,7 @@ class WanAdapter(_ChannelsFirstVideo):
 class LTXVideoAdapter(Adapter):
     family = Family.VIDEO_DIT
     pipelines = ("LTXPipeline", "LTXImageToVideoPipeline")
+    text_projections = ("caption_projection",)
     attention_rules = ((r"transformer_blocks\.\d+\.attn1", "spatial"), (r"transformer_blocks\.\d+\.attn2", "cross"))
 
     def blocks(self):

@@ -40,7 +40,7 @@ def test_info_prints_readable_text_with_preset_settings(capsys):
     out = capsys.readouterr().out
     assert out.startswith("StableDiffusionPipeline: U-Net family")
     assert "{" not in out and "['" not in out  # no dict or list reprs
-    assert "balanced  DeepCache(interval=3" in out and "+ ToMe(ratio=0.5" in out
+    assert "balanced  TextCache(" in out and "+ DeepCache(interval=3" in out and "+ ToMe(ratio=0.5" in out
 
 
 def test_library_noise_is_dropped_only_while_a_command_runs():

@@ -5,6 +5,7 @@ from diffaccel.methods.deepcache import DeepCache
 from diffaccel.methods.tome import ToMe
 from diffaccel.methods.adaptive_cache import AdaptiveCache
 from diffaccel.methods.step_cache import StepCache
+from diffaccel.methods.text_cache import TextCache
 from diffaccel.methods.pab import PAB
 from diffaccel.methods.faster_cache import FasterCache
 from diffaccel.methods.sliding_tile import SlidingTileAttention
@@ -12,5 +13,5 @@ from diffaccel.methods.mediator import MediatorAttention
 
 __all__ = [
     "METHODS", "Installed", "Method", "register", "Instrument", "Recording", "record", "DeepCache", "ToMe",
-    "AdaptiveCache", "StepCache", "PAB", "FasterCache", "SlidingTileAttention", "MediatorAttention",
+    "AdaptiveCache", "StepCache", "TextCache", "PAB", "FasterCache", "SlidingTileAttention", "MediatorAttention",
 ]
