@@ -63,8 +63,10 @@ class FamilySpec:
 
 
 # Every preset first computes what depends on the text alone once per call (TextCache: lossless,
-# bit-identical outputs; it installs nothing on a denoiser without such modules).
-_TEXT = ("text_cache", {"required": False})
+# bit-identical outputs; it installs nothing on a denoiser without such modules) where the text is
+# long against the visual tokens (>= 1/8: small images and short clips; at 512-1024 px it would
+# save under 0.5% of a step and hold memory).
+_TEXT = ("text_cache", {"required": False, "min_text_ratio": 0.125})
 
 # Preset parameters are measured, not guessed: PSNR against the unaccelerated output and
 # prompt-following on the bundled models (eval/results/presets.md, fidelity_unet.md, fidelity_dit.md).

@@ -37,7 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval"))
 
-OURS = ["quality", "balanced", "fast", "target@1.2", "target@1.3", "target@1.5", "target@1.7", "target@1.75", "target@2", "target@2.5",
+# The presets include TextCache (lossless); target@X points are the planned step schedules alone, and
+# text_cache alone is the lossless point.
+OURS = ["text_cache", "quality", "balanced", "fast", "target@1.2", "target@1.3", "target@1.5", "target@1.7", "target@1.75", "target@2", "target@2.5",
         "target@3"]
 _DIT_PEERS = (  # three settings each around the documented default, most telling first
     [f"diffusers.mag:threshold={t}" for t in (0.03, 0.06, 0.12, 0.24)]

@@ -133,3 +133,15 @@ def test_presets_include_it_and_keep_their_outputs():
     diffaccel.accelerate(pipe, preset="balanced")
     assert torch.equal(tp.run("pixart", pipe, steps=6), expected)
     assert set(diffaccel.stats(pipe)["methods"]) == {"text_cache", "step_cache"}
+
+
+def test_min_text_ratio_caches_only_calls_with_long_text():
+    pipe = tp.build("pixart")
+    base = tp.run("pixart", pipe, steps=3)
+    for ratio, caches in ((0.01, True), (1000.0, False)):  # tiny pixart: TXT text tokens, a few visual ones
+        diffaccel.accelerate(pipe, methods=[TextCache(min_text_ratio=ratio)])
+        assert torch.equal(tp.run("pixart", pipe, steps=3), base)
+        stats = diffaccel.stats(pipe)["methods"]["text_cache"]
+        assert (stats.get("reused", 0) > 0) == caches and (stats.get("computed", 0) > 0) == caches
+    with pytest.raises(ValueError, match="min_text_ratio"):
+        TextCache(min_text_ratio=-1).validate()

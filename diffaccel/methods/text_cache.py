@@ -15,10 +15,13 @@ are compared (a device sync). With gradients enabled nothing is cached (each ste
 graph). Entries live for one pipeline call and at most ``max_entries`` per module (CFG halves and
 batch slices are separate entries; the oldest goes first).
 
-What it saves is set by the text length against the visual tokens: on the bundled 32-pixel
-models the text keys/values are 20-60% of a step; at 1024 px or 81 frames they are a few percent.
-Where the text changes inside the model every step (joint attention in Flux / SD3 / HunyuanVideo
-blocks) only the entry projection can be cached.
+What it saves is set by the text length against the visual tokens: 4-41% of the bundled 32-pixel
+models' FLOPs, 0.05-0.4% at real sizes (SD1.5 512 px, PixArt 1024 px, Wan 81 frames:
+eval/results/text_cache.md), where the entries would still cost memory (Wan2.1-14B in bf16:
+~0.8 GB for both CFG halves). ``min_text_ratio`` caches only in calls whose text is long against
+the visual tokens (a rule on the call's shapes; outputs are the same either way). Where the text
+changes inside the model every step (joint attention in Flux / SD3 / HunyuanVideo blocks) only
+the entry projection can be cached.
 
 Example::
 
@@ -34,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.validate import positive_int
+from diffaccel.validate import at_least, boolean, positive_int
 
 
 @register
@@ -44,6 +47,9 @@ class TextCache(Method):
 
     Attributes:
         max_entries: most inputs remembered per module in one call (CFG halves, batch slices).
+        min_text_ratio: cache only in denoiser calls with at least this many text tokens per
+            visual token (0: always). The presets use 0.125: the text keys / values are then a few
+            percent of a step or more.
         required: False installs nothing, instead of refusing, on a denoiser without such modules
             (the presets use it; a class-conditional DiT has no text).
     """
@@ -52,12 +58,13 @@ class TextCache(Method):
     requires: ClassVar = None
 
     max_entries: int = 4
+    min_text_ratio: float = 0.0
     required: bool = True
 
     def validate(self) -> None:
         positive_int(self.max_entries, "TextCache(max_entries=...)", "4 holds both CFG halves and their slices.")
-        if not isinstance(self.required, bool):
-            raise ValueError(f"TextCache(required={self.required!r}) must be True or False.")
+        at_least(self.min_text_ratio, "TextCache(min_text_ratio=...)", 0.0, "0 caches in every call.")
+        boolean(self.required, "TextCache(required=...)")
 
     def apply(self, session) -> Installed:
         self.validate()
@@ -148,7 +155,7 @@ class TextCacheInstalled(Installed):
     @torch.compiler.disable
     def _forward(self, path, original, *args, **kwargs):
         ctx = self.session.ctx
-        if not ctx.active or torch.is_grad_enabled():
+        if not ctx.active or torch.is_grad_enabled() or not self._pays(ctx.grid):
             return original(*args, **kwargs)
         inputs = list(_tensors((args, kwargs)))
         entries = self.entries.setdefault(path, [])
@@ -172,6 +179,12 @@ class TextCacheInstalled(Installed):
             if any(k is None for k in entries[-1].output_keys):
                 return _tree_clone(out)
         return out
+
+    def _pays(self, grid) -> bool:
+        ratio = self.config.min_text_ratio
+        if ratio <= 0:
+            return True
+        return grid is not None and grid.num_visual > 0 and grid.text_tokens >= ratio * grid.num_visual
 
     def stats(self) -> dict:
         return {**self.counters, "modules": len(self.paths)}
