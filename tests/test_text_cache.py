@@ -89,6 +89,8 @@ def test_an_entry_is_stale_once_its_input_or_output_changes_in_place():
         assert entry.matches([x]) and entry.matches([x.view(2, 5, 4)]) and entry.result() is entry.output
         assert not entry.matches([x.clone()])  # same values, another tensor: not judged without reading
         assert not entry.matches([x[:1]])
+        assert _Entry([x], lin(x), others=((None,), (("scale", 1.0),))).matches([x], ((None,), (("scale", 1.0),)))
+        assert not _Entry([x], lin(x), others=((None,), (("scale", 1.0),))).matches([x], ((None,), (("scale", 2.0),)))
         x.add_(1)
         assert not entry.matches([x])
         y = torch.randn(2, 4)

@@ -88,6 +88,17 @@ def _tensors(value: Any):
             yield from _tensors(v)
 
 
+def _others(value: Any):
+    """The call's arguments with every tensor blanked: what else must be equal for a reuse."""
+    if isinstance(value, torch.Tensor):
+        return None
+    if isinstance(value, (tuple, list)):
+        return tuple(_others(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _others(v)) for k, v in value.items())
+    return value
+
+
 def _fingerprint(t: torch.Tensor):
     """What makes two tensors hold the same data without reading it (None: it must be read)."""
     if t.is_inference():
@@ -106,7 +117,8 @@ def _tree_clone(value: Any):
 class _Entry:
     """One remembered call of a module: its inputs (kept alive, or copied) and its output."""
 
-    def __init__(self, inputs: list[torch.Tensor], output):
+    def __init__(self, inputs: list[torch.Tensor], output, others=None):
+        self.others = others
         self.keys = [_fingerprint(t) for t in inputs]
         # Holding the inputs keeps their storage from being reused for another tensor; inference
         # tensors have no version counter, so a copy is what they are compared with.
@@ -124,8 +136,8 @@ class _Entry:
             return _tree_clone(self.output)
         return self.output
 
-    def matches(self, inputs: list[torch.Tensor]) -> bool:
-        if len(inputs) != len(self.inputs):
+    def matches(self, inputs: list[torch.Tensor], others=None) -> bool:
+        if len(inputs) != len(self.inputs) or not _same(others, self.others):
             return False
         for t, kept, key in zip(inputs, self.inputs, self.keys):
             if key is not None:
@@ -135,6 +147,13 @@ class _Entry:
                   or not torch.equal(t, kept)):
                 return False
         return True
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an argument that cannot be compared is never "the same"
+        return False
 
 
 class TextCacheInstalled(Installed):
@@ -157,10 +176,10 @@ class TextCacheInstalled(Installed):
         ctx = self.session.ctx
         if not ctx.active or torch.is_grad_enabled() or not self._pays(ctx.grid):
             return original(*args, **kwargs)
-        inputs = list(_tensors((args, kwargs)))
+        inputs, others = list(_tensors((args, kwargs))), _others((args, kwargs))
         entries = self.entries.setdefault(path, [])
         for entry in entries:
-            if entry.matches(inputs):
+            if entry.matches(inputs, others):
                 out = entry.result()
                 if out is None:
                     entries.remove(entry)
@@ -173,15 +192,15 @@ class TextCacheInstalled(Installed):
         out = original(*args, **kwargs)
         self.count("computed")
         if inputs:
-            entries.append(_Entry(inputs, out))
-            if len(entries) > self.config.max_entries:
+            entries.append(_Entry(inputs, out, others))
+            if len(entries) > self.call_config().max_entries:
                 entries.pop(0)
             if any(k is None for k in entries[-1].output_keys):
                 return _tree_clone(out)
         return out
 
     def _pays(self, grid) -> bool:
-        ratio = self.config.min_text_ratio
+        ratio = self.call_config().min_text_ratio
         if ratio <= 0:
             return True
         return grid is not None and grid.num_visual > 0 and grid.text_tokens >= ratio * grid.num_visual
