@@ -41,6 +41,9 @@ sys.path.insert(0, str(REPO / "eval"))
 # text_cache alone is the lossless point.
 OURS = ["text_cache", "quality", "balanced", "fast", "target@1.2", "target@1.3", "target@1.5", "target@1.7", "target@1.75", "target@2", "target@2.5",
         "target@3"]
+# On the DiTs, TextCache composed with the verified step schedules at high PSNR (what a user gets
+# from methods=[TextCache(), StepCache(min_psnr=X)]): the points between text_cache alone and "quality".
+OURS_DIT = [f"text_cache+step_cache:min_psnr={p}" for p in (50, 45, 40)]
 _DIT_PEERS = (  # three settings each around the documented default, most telling first
     [f"diffusers.mag:threshold={t}" for t in (0.03, 0.06, 0.12, 0.24)]
     + [f"diffusers.taylorseer:cache_interval={n}" for n in (2, 3, 5)]
@@ -67,7 +70,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seeds", default="2000-2015", help="e.g. 2000-2015 (seed s captions prompt s mod the number of captions)")
     p.add_argument("--captions", choices=("heldout", "train"), default="heldout")
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
-    p.add_argument("--ours", default=";".join(OURS), help="our config specs, ';'-separated (eval/evaluate.py syntax)")
+    p.add_argument("--ours", default=None, help="our config specs, ';'-separated (eval/evaluate.py syntax; default: "
+                   "OURS, and OURS_DIT on the DiTs)")
     p.add_argument("--configs", default="", help="more config specs, ours or peers, ';'-separated")
     p.add_argument("--peers", default=None, help="peer specs, ';'-separated (default: every peer at its settings; '' for none)")
     p.add_argument("--only", default="", help="comma-separated substrings: run only configs whose spec holds one")
@@ -361,7 +365,8 @@ def main(args) -> int:
 
     t0 = time.monotonic()
     peers = DEFAULT_PEERS[args.model] if args.peers is None else parse_specs(args.peers)
-    specs = ["baseline"] + parse_specs(args.ours) + parse_specs(args.configs) + peers
+    ours = args.ours if args.ours is not None else ";".join(OURS + (OURS_DIT if args.model != "tiny-sd" else []))
+    specs = ["baseline"] + parse_specs(ours) + parse_specs(args.configs) + peers
     wanted = [w for w in args.only.split(",") if w]
     specs = [s for s in dict.fromkeys(specs) if s == "baseline" or not wanted or any(w in s for w in wanted)]
     try:

@@ -122,6 +122,11 @@ class SkipBranch:
     up_layer: int
 
 
+# Submodules of a cross-attention that see the text alone (diffusers' Attention and the newer
+# AttentionModuleMixin classes; add_* are Wan I2V's image-context projections).
+_CROSS_TEXT_MODULES = ("to_k", "to_v", "norm_k", "add_k_proj", "add_v_proj", "norm_added_k")
+
+
 @dataclass
 class Adapter:
     """Base adapter. Subclasses set ``family``/``pipelines`` and implement the queries."""
@@ -179,13 +184,14 @@ class Adapter:
 
     def text_modules(self) -> list[str]:
         """Paths of the denoiser's modules that are a function of the text alone: the text
-        projections and the key / value projections of every cross-attention."""
+        projections and, in every cross-attention, the key / value projections and the key norm
+        (Wan, LTX), in the order they run."""
         names = dict(self.denoiser.named_modules())
         paths = [p for p in self.text_projections if names.get(p) is not None]
         if self.cross_text_stable:
             for info in self.attention_modules():
                 if info.kind == "cross":
-                    paths += [f"{info.name}.{proj}" for proj in ("to_k", "to_v", "add_k_proj", "add_v_proj")
+                    paths += [f"{info.name}.{proj}" for proj in _CROSS_TEXT_MODULES
                               if isinstance(getattr(info.module, proj, None), torch.nn.Module)]
         return paths
 
