@@ -31,7 +31,6 @@ Example::
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,8 +38,8 @@ import torch
 
 from diffaccel.distributed import consensus_sum
 from diffaccel.families import Capability
-from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.methods.cache_common import ArgReader, cat_rows, cfg_half_rows, num_rows, run_rows, take_rows, tree_map
+from diffaccel.methods.base import Installed, Method, register
+from diffaccel.methods.cache_common import BlockStackCache, cfg_half_rows, num_rows, tree_map
 from diffaccel.methods.forecast import ORDERS, History
 from diffaccel.validate import at_least, non_negative_int, one_of, positive_int
 
@@ -125,23 +124,14 @@ class _HalfState:
     history: dict = field(default_factory=dict)  # block index -> History of residuals (forecast_order > 0)
 
 
-class AdaptiveCacheInstalled(Installed):
+class AdaptiveCacheInstalled(BlockStackCache):
     """Hooks on every block; the head decides per CFG half whether the cached span runs."""
 
     def __init__(self, config: AdaptiveCache, session):
         super().__init__(config, session)
-        adapter = session.adapter
-        blocks = adapter.blocks()
         self.first = config.head_blocks
-        self.last = len(blocks) - config.tail_blocks - 1
-        self.outputs = adapter.block_outputs
-        # Latte reshapes between blocks: keep one residual per block instead of one for the span.
-        self.per_block = not adapter.blocks_keep_layout
-        self.names = [name for name, _ in blocks]
-        self.reset_cache()
-        for index, (name, block) in enumerate(blocks):
-            reader = ArgReader(block.forward)
-            hook_forward(self, block, functools.partial(self._forward, index, reader), f"diffaccel_adaptive_cache_{index}")
+        self.last = len(session.adapter.blocks()) - config.tail_blocks - 1
+        self._hook_blocks(session, "diffaccel_adaptive_cache")
 
     def reset_cache(self) -> None:
         self.halves: dict[str, _HalfState] = {}
@@ -149,17 +139,7 @@ class AdaptiveCacheInstalled(Installed):
         self.head_input: torch.Tensor | None = None
         self.none_outputs: dict[int, tuple[bool, ...]] = {}
 
-    # ---- the hook: only "mode" reaches compiled code -----------------------------------
-    def _forward(self, index, reader, original, *args, **kwargs):
-        mode = self._mode(index, reader, args, kwargs)
-        if mode == "run":
-            out = original(*args, **kwargs)
-            self._after_run(index, reader, args, kwargs, out)
-            return out
-        if mode == "reuse":
-            return self._reuse(index, reader, args, kwargs)
-        return self._mixed(index, reader, original, args, kwargs)
-
+    # ---- the hook: only "mode" reaches compiled code (BlockStackCache dispatches) -----
     @torch.compiler.disable
     def _mode(self, index, reader, args, kwargs) -> str:
         if not self.session.ctx.active:
@@ -226,16 +206,9 @@ class AdaptiveCacheInstalled(Installed):
         return plan
 
     # ---- residual bookkeeping ----------------------------------------------------------
-    def _inputs(self, reader, args, kwargs, rows, sl):
-        """The block's inputs in its output format (identity of a skipped block), rows ``sl``."""
-        vals = [reader.get(args, kwargs, n) for n in self.outputs]
-        vals = [v[sl] if isinstance(v, torch.Tensor) and v.shape[0] == rows else v for v in vals]
-        return vals[0] if len(vals) == 1 else tuple(vals)
-
     def _record(self, index, reader, args, kwargs, out, rows, half, sl) -> None:
         state = self.halves[half]
-        if isinstance(out, tuple):
-            self.none_outputs[index] = tuple(o is None for o in out)
+        self._note_outputs(index, out)
         out_rows = tree_map(lambda o: o[sl], out)
         if self.per_block:
             state.block_residuals[index] = tree_map(torch.sub, out_rows, self._inputs(reader, args, kwargs, rows, sl))
@@ -253,10 +226,6 @@ class AdaptiveCacheInstalled(Installed):
         if order:
             state.history.setdefault(index, History(order + 1)).push(self._time(), residual)
 
-    def _time(self) -> float:
-        ctx = self.session.ctx
-        return float(ctx.t_norm) if ctx.t_norm is not None else -float(ctx.step)
-
     def _residual(self, state, index, cached):
         config = self.call_config()
         if not config.forecast_order:
@@ -265,36 +234,9 @@ class AdaptiveCacheInstalled(Installed):
 
     def _reused_rows(self, index, reader, args, kwargs, rows, half, sl):
         state = self.halves[half]
-        identity = self._inputs(reader, args, kwargs, rows, sl)
-        nones = self.none_outputs.get(index)
-        if nones is not None:  # e.g. SD3's last block returns no text stream
-            identity = tuple(None if none else v for v, none in zip(identity, nones))
+        identity = self._identity(index, reader, args, kwargs, rows, sl)
         if self.per_block:
             return tree_map(torch.add, identity, self._residual(state, index, state.block_residuals[index]))
         if index == self.last:
             return tree_map(torch.add, identity, self._residual(state, index, state.residual))
         return identity
-
-    @torch.compiler.disable
-    def _reuse(self, index, reader, args, kwargs):
-        # Rows are cut per block: Latte's temporal blocks hold more rows than its spatial ones.
-        rows = num_rows(args, kwargs)
-        groups = cfg_half_rows(self.session.ctx, rows)
-        parts = [self._reused_rows(index, reader, args, kwargs, rows, half, sl) for (half, _), (_, sl) in zip(self.plan, groups)]
-        return cat_rows(parts)
-
-    @torch.compiler.disable
-    def _mixed(self, index, reader, original, args, kwargs):
-        # One half computes, the other reuses: run the block on the computing rows only.
-        rows = num_rows(args, kwargs)
-        parts = []
-        for (half, compute), (_, sl) in zip(self.plan, cfg_half_rows(self.session.ctx, rows)):
-            if compute:
-                out = run_rows(original, args, kwargs, rows, sl)
-                whole = slice(0, sl.stop - sl.start)
-                self._record(index, reader, take_rows(args, rows, sl), take_rows(kwargs, rows, sl), out, whole.stop, half, whole)
-                parts.append(out)
-            else:
-                parts.append(self._reused_rows(index, reader, args, kwargs, rows, half, sl))
-        return cat_rows(parts)
-

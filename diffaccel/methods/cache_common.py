@@ -11,6 +11,7 @@ the batch, sample-major), so a half is a contiguous share of the rows, not a cou
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -180,4 +181,83 @@ class AttentionReuse:
                 parts.append(out)
             else:
                 parts.append(self._approximation(half))
+        return cat_rows(parts)
+
+
+class BlockStackCache(Installed):
+    """Hooks on every block of the denoiser's stack, for methods that reuse the stack's residual
+    (AdaptiveCache, StepCache). Each block call takes one of three ways, decided by ``_mode``:
+    "run" (every CFG half computes; ``_after_run`` records), "reuse" (no half computes: ``_reuse``)
+    or "mixed" (one half computes on its rows, the other reuses). Subclasses keep ``self.plan``,
+    the (CFG half, compute) pairs of the running step in row order, and implement ``_mode``,
+    ``_after_run``, ``_record`` and ``_reused_rows``."""
+
+    def _hook_blocks(self, session, hook_prefix: str) -> None:
+        adapter = session.adapter
+        blocks = adapter.blocks()
+        self.outputs = adapter.block_outputs
+        # Latte reshapes between blocks: keep one residual per block instead of one for the stack.
+        self.per_block = not adapter.blocks_keep_layout
+        self.names = [name for name, _ in blocks]
+        self.none_outputs: dict[int, tuple[bool, ...]] = {}
+        self.reset_cache()
+        for index, (_, block) in enumerate(blocks):
+            reader = ArgReader(block.forward)
+            hook_forward(self, block, functools.partial(self._forward, index, reader), f"{hook_prefix}_{index}")
+
+    # ---- the hook: only "mode" reaches compiled code -----------------------------------
+    def _forward(self, index, reader, original, *args, **kwargs):
+        mode = self._mode(index, reader, args, kwargs)
+        if mode == "run":
+            out = original(*args, **kwargs)
+            self._after_run(index, reader, args, kwargs, out)
+            return out
+        if mode == "reuse":
+            return self._reuse(index, reader, args, kwargs)
+        return self._mixed(index, reader, original, args, kwargs)
+
+    def _time(self) -> float:
+        """Where the running step is, for forecasts: normalised time (or minus the step index)."""
+        ctx = self.session.ctx
+        return float(ctx.t_norm) if ctx.t_norm is not None else -float(ctx.step)
+
+    def _inputs(self, reader, args, kwargs, rows, sl):
+        """The block's inputs in its output format (identity of a skipped block), rows ``sl``."""
+        vals = [reader.get(args, kwargs, n) for n in self.outputs]
+        vals = [v[sl] if isinstance(v, torch.Tensor) and v.shape[0] == rows else v for v in vals]
+        return vals[0] if len(vals) == 1 else tuple(vals)
+
+    def _identity(self, index, reader, args, kwargs, rows, sl):
+        """What a skipped block returns before any residual: its inputs, rows ``sl``."""
+        identity = self._inputs(reader, args, kwargs, rows, sl)
+        nones = self.none_outputs.get(index)
+        if nones is not None:  # e.g. SD3's last block returns no text stream
+            identity = tuple(None if none else v for v, none in zip(identity, nones))
+        return identity
+
+    def _note_outputs(self, index, out) -> None:
+        if isinstance(out, tuple):
+            self.none_outputs[index] = tuple(o is None for o in out)
+
+    @torch.compiler.disable
+    def _reuse(self, index, reader, args, kwargs):
+        # Rows are cut per block: Latte's temporal blocks hold more rows than its spatial ones.
+        rows = num_rows(args, kwargs)
+        groups = cfg_half_rows(self.session.ctx, rows)
+        return cat_rows([self._reused_rows(index, reader, args, kwargs, rows, half, sl)
+                         for (half, _), (_, sl) in zip(self.plan, groups)])
+
+    @torch.compiler.disable
+    def _mixed(self, index, reader, original, args, kwargs):
+        # One half computes, the other reuses: run the block on the computing rows only.
+        rows = num_rows(args, kwargs)
+        parts = []
+        for (half, compute), (_, sl) in zip(self.plan, cfg_half_rows(self.session.ctx, rows)):
+            if compute:
+                out = run_rows(original, args, kwargs, rows, sl)
+                n = sl.stop - sl.start
+                self._record(index, reader, take_rows(args, rows, sl), take_rows(kwargs, rows, sl), out, n, half, slice(0, n))
+                parts.append(out)
+            else:
+                parts.append(self._reused_rows(index, reader, args, kwargs, rows, half, sl))
         return cat_rows(parts)

@@ -36,7 +36,6 @@ Example::
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -45,8 +44,8 @@ import torch
 
 from diffaccel.distributed import consensus_sum
 from diffaccel.families import Capability
-from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.methods.cache_common import ArgReader, cat_rows, cfg_half_rows, num_rows, run_rows, take_rows, tree_map
+from diffaccel.methods.base import Installed, Method, register
+from diffaccel.methods.cache_common import BlockStackCache, cfg_half_rows, num_rows, tree_map
 from diffaccel.methods.forecast import ORDERS, History
 from diffaccel.validate import at_least, non_negative_int, positive_int
 
@@ -161,22 +160,13 @@ class _HalfState:
     anchor: torch.Tensor | None = None  # stack input of the last computed step (veto)
 
 
-class StepCacheInstalled(Installed):
+class StepCacheInstalled(BlockStackCache):
     """Hooks on every block; block 0 takes the step's decision, the last block adds the forecast."""
 
     def __init__(self, config: StepCache, session):
         super().__init__(config, session)
-        adapter = session.adapter
-        blocks = adapter.blocks()
-        self.last = len(blocks) - 1
-        self.outputs = adapter.block_outputs
-        # Latte reshapes between blocks: keep one residual per block instead of one for the stack.
-        self.per_block = not adapter.blocks_keep_layout
-        self.names = [name for name, _ in blocks]
-        self.reset_cache()
-        for index, (_, block) in enumerate(blocks):
-            reader = ArgReader(block.forward)
-            hook_forward(self, block, functools.partial(self._forward, index, reader), f"diffaccel_step_cache_{index}")
+        self.last = len(session.adapter.blocks()) - 1
+        self._hook_blocks(session, "diffaccel_step_cache")
 
     def reset_cache(self) -> None:
         self.halves: dict[str, _HalfState] = {}
@@ -185,17 +175,7 @@ class StepCacheInstalled(Installed):
         self.none_outputs: dict[int, tuple[bool, ...]] = {}
         self.vetoed = 0
 
-    # ---- the hook: only "mode" reaches compiled code -----------------------------------
-    def _forward(self, index, reader, original, *args, **kwargs):
-        mode = self._mode(index, reader, args, kwargs)
-        if mode == "run":
-            out = original(*args, **kwargs)
-            self._after_run(index, reader, args, kwargs, out)
-            return out
-        if mode == "reuse":
-            return self._reuse(index, reader, args, kwargs)
-        return self._mixed(index, reader, original, args, kwargs)
-
+    # ---- the hook: only "mode" reaches compiled code (BlockStackCache dispatches) -----
     @torch.compiler.disable
     def _mode(self, index, reader, args, kwargs) -> str:
         if not self.session.ctx.active:
@@ -254,20 +234,9 @@ class StepCacheInstalled(Installed):
         return plan
 
     # ---- residual bookkeeping ----------------------------------------------------------
-    def _time(self) -> float:
-        ctx = self.session.ctx
-        return float(ctx.t_norm) if ctx.t_norm is not None else -float(ctx.step)
-
-    def _inputs(self, reader, args, kwargs, rows, sl):
-        """The block's inputs in its output format (identity of a skipped block), rows ``sl``."""
-        vals = [reader.get(args, kwargs, n) for n in self.outputs]
-        vals = [v[sl] if isinstance(v, torch.Tensor) and v.shape[0] == rows else v for v in vals]
-        return vals[0] if len(vals) == 1 else tuple(vals)
-
     def _record(self, index, reader, args, kwargs, out, rows, half, sl) -> None:
         state = self.halves[half]
-        if isinstance(out, tuple):
-            self.none_outputs[index] = tuple(o is None for o in out)
+        self._note_outputs(index, out)
         out_rows = tree_map(lambda o: o[sl].detach(), out)
         if self.per_block:
             residual = tree_map(torch.sub, out_rows, self._inputs(reader, args, kwargs, rows, sl))
@@ -283,14 +252,6 @@ class StepCacheInstalled(Installed):
     def _keep(self) -> int:
         config = self.call_config()
         return max(config.forecast_order, *(config.forecast_orders or (0,))) + 1
-
-    def _identity(self, index, reader, args, kwargs, rows, sl):
-        """What a skipped block returns before any forecast: its inputs, rows ``sl``."""
-        identity = self._inputs(reader, args, kwargs, rows, sl)
-        nones = self.none_outputs.get(index)
-        if nones is not None:  # e.g. SD3's last block returns no text stream
-            identity = tuple(None if none else v for v, none in zip(identity, nones))
-        return identity
 
     def _reused_rows(self, index, reader, args, kwargs, rows, half, sl):
         config, state = self.call_config(), self.halves[half]
@@ -309,27 +270,10 @@ class StepCacheInstalled(Installed):
 
     @torch.compiler.disable
     def _reuse(self, index, reader, args, kwargs):
-        rows = num_rows(args, kwargs)
         if not self.per_block and index != self.last:  # the forecast is added once, at the last block
+            rows = num_rows(args, kwargs)
             return self._identity(index, reader, args, kwargs, rows, slice(0, rows))
-        groups = cfg_half_rows(self.session.ctx, rows)
-        return cat_rows([self._reused_rows(index, reader, args, kwargs, rows, half, sl)
-                         for (half, _), (_, sl) in zip(self.plan, groups)])
-
-    @torch.compiler.disable
-    def _mixed(self, index, reader, original, args, kwargs):
-        # A half without a cache yet computes while the other reuses: run the block on its rows only.
-        rows = num_rows(args, kwargs)
-        parts = []
-        for (half, compute), (_, sl) in zip(self.plan, cfg_half_rows(self.session.ctx, rows)):
-            if compute:
-                out = run_rows(original, args, kwargs, rows, sl)
-                n = sl.stop - sl.start
-                self._record(index, reader, take_rows(args, rows, sl), take_rows(kwargs, rows, sl), out, n, half, slice(0, n))
-                parts.append(out)
-            else:
-                parts.append(self._reused_rows(index, reader, args, kwargs, rows, half, sl))
-        return cat_rows(parts)
+        return super()._reuse(index, reader, args, kwargs)
 
     def stats(self) -> dict:
         out = dict(self.counters)
