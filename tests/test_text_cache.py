@@ -75,7 +75,7 @@ def test_inference_mode_and_grad_mode_stay_exact():
         try:
             lin = torch.nn.Linear(4, 4)
             x = torch.randn(2, 4)
-            assert installed._forward("x", lin, x) is not installed._forward("x", lin, x)
+            assert installed._lookup("x", lin, x) is not installed._lookup("x", lin, x)
         finally:
             session.ctx.running = False
         assert installed.entries == {}
@@ -121,7 +121,7 @@ def test_entries_per_module_are_capped_and_the_bad_settings_refused():
         with torch.no_grad():
             inputs = [torch.randn(1, 4) for _ in range(3)]
             for x in inputs:
-                installed._forward("p", lin, x)
+                installed._lookup("p", lin, x)
         assert [e.inputs[0] is x for e, x in zip(installed.entries["p"], inputs[1:])] == [True, True]
     finally:
         session.ctx.running = False

@@ -205,7 +205,8 @@ class BlockStackCache(Installed):
             reader = ArgReader(block.forward)
             hook_forward(self, block, functools.partial(self._forward, index, reader), f"{hook_prefix}_{index}")
 
-    # ---- the hook: only "mode" reaches compiled code -----------------------------------
+    # ---- the hook runs eagerly; the block it calls is compiled as one graph for all blocks ----
+    @functools.partial(torch.compiler.disable, recursive=False)
     def _forward(self, index, reader, original, *args, **kwargs):
         mode = self._mode(index, reader, args, kwargs)
         if mode == "run":

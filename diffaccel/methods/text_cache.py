@@ -21,7 +21,9 @@ eval/results/text_cache.md), where the entries would still cost memory (Wan2.1-1
 ~0.8 GB for both CFG halves). ``min_text_ratio`` caches only in calls whose text is long against
 the visual tokens (a rule on the call's shapes; outputs are the same either way). Where the text
 changes inside the model every step (joint attention in Flux / SD3 / HunyuanVideo blocks) only
-the entry projection can be cached.
+the entry projection can be cached. Under torch.compile, modules inside a compiled graph are left
+to it (the lookup would split the graph); those outside (e.g. the text projection when only the
+blocks are compiled) are still reused.
 
 Example::
 
@@ -30,13 +32,13 @@ Example::
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from diffaccel.methods.base import Installed, Method, hook_forward, register
+from diffaccel import compat
+from diffaccel.methods.base import Installed, Method, register
 from diffaccel.validate import at_least, boolean, positive_int
 
 
@@ -156,25 +158,71 @@ def _same(a, b) -> bool:
         return False
 
 
+class _Hook:
+    """The hook of one module. Inside a compiled graph (the whole denoiser compiled) it leaves the
+    module to the graph: a lookup there would split the graph around every hooked module."""
+
+    def __init__(self, installed: "TextCacheInstalled", path: str):
+        self.installed, self.path = installed, path
+
+    def __call__(self, original, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        return self.installed._lookup(self.path, original, *args, **kwargs)
+
+
 class TextCacheInstalled(Installed):
-    """A hook on every text-only module; per module, the entries of the running call."""
+    """Per module, the entries of the running call. Which modules are hooked is settled at each
+    denoiser call: none where the call fails ``min_text_ratio``, and none inside a block compiled
+    with ``compile_repeated_blocks`` (a module hook there makes torch.compile specialise the block's
+    graph per block: a recompile each, eager beyond its limit; inside the graph the projection
+    runs anyway)."""
 
     def __init__(self, config: TextCache, session, paths: list[str]):
         super().__init__(config, session)
         self.paths = list(paths)
+        self.blocks = session.adapter.blocks()
         self.reset_cache()
-        denoiser = session.adapter.denoiser
-        for path in self.paths:
-            hook_forward(self, denoiser.get_submodule(path), functools.partial(self._forward, path),
-                         "diffaccel_text_cache")
+        self.hooked: tuple[str, ...] = ()
+        self._unhook: list = []
+        handle = session.adapter.denoiser.register_forward_pre_hook(self._on_denoiser_call)
+        self.on_remove(handle.remove)
+        self.on_remove(self._remove_hooks)
 
     def reset_cache(self) -> None:
         self.entries: dict[str, list[_Entry]] = {}
 
     @torch.compiler.disable
-    def _forward(self, path, original, *args, **kwargs):
+    def _on_denoiser_call(self, module, args) -> None:
         ctx = self.session.ctx
-        if not ctx.active or torch.is_grad_enabled() or not self._pays(ctx.grid):
+        if not ctx.active:
+            return
+        wanted = self._wanted(ctx.grid)
+        if wanted == self.hooked:
+            return
+        self._remove_hooks()
+        denoiser = self.session.adapter.denoiser
+        for path in wanted:
+            self._unhook.append(compat.hook_forward(denoiser.get_submodule(path), _Hook(self, path), "diffaccel_text_cache"))
+        self.hooked = wanted
+        compat.invalidate_hook_caches(denoiser)
+
+    def _wanted(self, grid) -> tuple[str, ...]:
+        if not self._pays(grid):
+            return ()
+        compiled = [name + "." for name, block in self.blocks if getattr(block, "_compiled_call_impl", None) is not None]
+        return tuple(p for p in self.paths if not p.startswith(tuple(compiled)))
+
+    def _remove_hooks(self) -> None:
+        while self._unhook:
+            self._unhook.pop()()
+        self.hooked = ()
+        compat.invalidate_hook_caches(self.session.adapter.denoiser)
+
+    @torch.compiler.disable
+    def _lookup(self, path, original, *args, **kwargs):
+        ctx = self.session.ctx
+        if not ctx.active or torch.is_grad_enabled():
             return original(*args, **kwargs)
         inputs, others = list(_tensors((args, kwargs))), _others((args, kwargs))
         entries = self.entries.setdefault(path, [])
@@ -206,4 +254,4 @@ class TextCacheInstalled(Installed):
         return grid is not None and grid.num_visual > 0 and grid.text_tokens >= ratio * grid.num_visual
 
     def stats(self) -> dict:
-        return {**self.counters, "modules": len(self.paths)}
+        return {**self.counters, "modules": len(self.paths), "hooked": len(self.hooked)}
