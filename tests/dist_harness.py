@@ -38,6 +38,9 @@ def _entry(rank, fn, world, port, out_dir, args):
         result = ("error", traceback.format_exc())
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    # Tear down together: a rank leaving while the other still talks to it once aborted gloo
+    # ("terminate called without an active exception") after both had written their results.
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
