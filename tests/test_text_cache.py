@@ -41,7 +41,8 @@ def test_denoisers_without_text_only_modules_are_refused_or_left_alone(name):
 
 @pytest.mark.parametrize("name, other", [("pixart", diffaccel.StepCache(mask=(True, False, True, False, True))),
                                          ("wan", diffaccel.StepCache(mask=(True, True, False, True, True))),
-                                         ("sd", diffaccel.DeepCache(interval=2))])
+                                         ("sd", diffaccel.DeepCache(interval=2)),
+                                         ("sd", diffaccel.ToMe(ratio=0.5))])
 def test_composed_with_a_cache_it_changes_nothing_but_the_work(name, other):
     alone = tp.build(name)
     diffaccel.accelerate(alone, methods=[other])
@@ -127,14 +128,19 @@ def test_entries_per_module_are_capped_and_the_bad_settings_refused():
         session.ctx.running = False
 
 
-def test_presets_include_it_and_keep_their_outputs():
-    pipe = tp.build("pixart")
-    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(min_psnr=30.0, forecast_order=0, max_consecutive=2,
-                                                            threshold=0.16)])
-    expected = tp.run("pixart", pipe, steps=6)
-    diffaccel.accelerate(pipe, preset="balanced")
-    assert torch.equal(tp.run("pixart", pipe, steps=6), expected)
-    assert set(diffaccel.stats(pipe)["methods"]) == {"text_cache", "step_cache"}
+# The tiny sd's 16x16 latent holds 256 visual tokens for 8 text ones: under the presets' ratio, off.
+@pytest.mark.parametrize("name, preset, caches", [("pixart", "balanced", True), ("sd", "fast", False),
+                                                  ("wan", "quality", True)])
+def test_presets_include_it_and_keep_their_outputs(name, preset, caches):
+    pipe = tp.build(name)
+    family = session_of(diffaccel.accelerate(pipe, preset=preset)).adapter.family
+    rest = [m for m in diffaccel.presets.preset_methods(preset, family) if m.name != "text_cache"]
+    assert len(rest) == len(diffaccel.presets.preset_methods(preset, family)) - 1
+    with_cache = tp.run(name, pipe, steps=6)
+    stats = diffaccel.stats(pipe)["methods"]["text_cache"]
+    assert (stats.get("reused", 0) > 0) == caches and (stats["hooked"] > 0) == caches
+    diffaccel.accelerate(pipe, methods=rest)  # the same preset without TextCache (ToMe included on sd)
+    assert torch.equal(tp.run(name, pipe, steps=6), with_cache)
 
 
 def test_min_text_ratio_caches_only_calls_with_long_text():
