@@ -176,7 +176,7 @@ class Adapter:
         return out
 
     # Modules whose output depends on the call's text (or image) conditioning alone, the same at
-    # every step: projections of the prompt embeddings into the model width (TextCache).
+    # every step: projections of the prompt embeddings into the model width.
     text_projections: ClassVar[tuple[str, ...]] = ()
     # Whether cross-attention receives the call's text tensor itself at every step (so its key /
     # value projections see the same input); False where the model rebuilds it per call.
