@@ -22,7 +22,9 @@ CASES = {  # label -> accelerate(...) arguments (methods as (name, parameters))
     "adaptive_cache": dict(methods=[("adaptive_cache", dict(threshold=0.3, warmup=1, max_consecutive=2))]),
     "pab": dict(methods=[("pab", {})]),
     "faster_cache": dict(methods=[("faster_cache", dict(attention_interval=2, cfg_interval=2, cfg_range=(0.0, 1.0)))]),
+    "text_cache": dict(methods=[("text_cache", {})]),  # lossless: must equal the plain sharded output
 }
+LOSSLESS = {"text_cache"}
 
 
 def _args(case):
@@ -89,7 +91,10 @@ def _check_equals_one_process(r0, r1, cases) -> dict:
         assert stats0 == stats1, label
         assert _decisions(stats0) == _decisions(one_stats), label  # the 1-process decisions
         assert (cp0 - one).abs().max().item() <= tol, (label, (cp0 - one).abs().max().item(), tol)
-        if label not in ("quality", "balanced", "fast"):  # a preset may compute everything in 4 steps
+        if label in LOSSLESS:  # bit for bit the unaccelerated output, on one process and on the ranks
+            assert torch.equal(one, r0["plain"]) and torch.equal(cp0, r0["sharded"]), label
+            assert stats0[label]["reused"] > 0, f"{label} reused nothing: the test would prove nothing"
+        elif label not in ("quality", "balanced", "fast"):  # a preset may compute everything in 4 steps
             assert not torch.equal(one, r0["plain"]), f"{label} changed nothing: the test would prove nothing"
         rows[label] = (one, one_stats, cp0, stats0)
     return rows

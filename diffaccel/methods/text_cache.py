@@ -210,6 +210,8 @@ class TextCacheInstalled(Installed):
     def _wanted(self, grid) -> tuple[str, ...]:
         if not self._pays(grid):
             return ()
+        # nn.Module.compile() (what compile_repeated_blocks calls) leaves the compiled call here; a torch
+        # without the attribute only costs the recompiles, never a wrong output.
         compiled = [name + "." for name, block in self.blocks if getattr(block, "_compiled_call_impl", None) is not None]
         return tuple(p for p in self.paths if not p.startswith(tuple(compiled)))
 
