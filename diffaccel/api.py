@@ -47,7 +47,9 @@ def accelerate(pipe, preset: str | None = None, methods: Iterable | None = None,
         methods: explicit method configs (e.g. ``[diffaccel.DeepCache(interval=3)]``) or names,
             at least one; instead of ``preset``.
         profile: a redundancy profile (path or ``Profile``) from ``diffaccel profile``; with
-            ``target_speedup`` the schedule is picked from it.
+            ``target_speedup`` the schedule is picked from it; with a preset or methods that hold
+            ``StepCache(min_psnr=...)`` (the DiT presets do), its step graph and verified schedules
+            (``--step-graph N --verify M``) plan that PSNR at every call instead of a shipped profile.
         target_speedup: wanted speed-up; uses ``profile`` or the profile shipped for the model.
         process_group: a ``torch.distributed`` process group (or ``"world"``) whose ranks must take
             the same data-dependent decisions (one all-reduce per decision). Not needed under
@@ -87,19 +89,32 @@ def _choose(pipe, adapter, preset, methods, profile, target_speedup) -> list[Met
         if isinstance(methods, (str, Method)):
             methods = [methods]
         chosen = _resolve_methods(list(methods), adapter.family)
-    elif target_speedup is not None or profile is not None:
-        if target_speedup is None:
-            raise ValueError("profile= needs target_speedup= (e.g. accelerate(pipe, profile='p.json', target_speedup=2.0)).")
+    elif target_speedup is not None:
         from diffaccel.profiler.schedule import methods_for_target
 
-        chosen = _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
+        return _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
     else:
         chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
-    if any(getattr(m, "min_psnr", None) is not None for m in chosen):  # StepCache planned for a PSNR per call
+    psnr_planned = any(getattr(m, "min_psnr", None) is not None for m in chosen)  # StepCache planned per call
+    if profile is not None and not psnr_planned:
+        raise ValueError(
+            "profile= plans target_speedup= or StepCache(min_psnr=...) schedules, and none of the chosen methods "
+            "has one: add target_speedup= (e.g. accelerate(pipe, profile='p.json', target_speedup=2.0)) or use "
+            "methods=[diffaccel.StepCache(min_psnr=30)].")
+    if psnr_planned:
         from diffaccel.profiler.plan_step_cache import with_psnr_schedules
 
-        chosen = with_psnr_schedules(adapter, chosen)
+        chosen = with_psnr_schedules(adapter, chosen, _load(profile, adapter))
     return chosen
+
+
+def _load(profile, adapter):
+    """A given profile read and checked against the model (None stays None: the shipped one is used)."""
+    if profile is None:
+        return None
+    from diffaccel.profiler.profile import load_profile
+
+    return load_profile(profile, adapter)
 
 
 def _restore(pipe, adapter, configs, process_group) -> None:
@@ -131,8 +146,6 @@ def _check_arguments(preset, methods, profile, target_speedup):
             raise ValueError("methods= is empty, so nothing would be accelerated: give at least one method (e.g. "
                              "[diffaccel.DeepCache()]), a preset=, or call diffaccel.disable(pipe) to run it plain.")
     if profile is not None:
-        if methods is not None:
-            raise ValueError("profile= is used with target_speedup= to plan the methods; it cannot go with methods=.")
         import os
 
         from diffaccel.profiler.profile import Profile

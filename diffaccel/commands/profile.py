@@ -30,6 +30,16 @@ def add_arguments(parser) -> None:
                         help="DiTs: also measure StepCache's step graph on the first N prompts (every skip edge run "
                              "as a generation: about steps x 8 generations per prompt); its planner needs it for "
                              "measured errors and PSNR targets (0 skips)")
+    parser.add_argument("--verify", type=int, default=0, metavar="M",
+                        help="with --step-graph: run the step graph's candidate schedules (about 3 x steps) as real "
+                             "generations on M prompts (seeds SEED+1000..) and keep the fastest ones per measured PSNR; "
+                             "StepCache(min_psnr=...) and the DiT presets then choose among them (0 skips)")
+    parser.add_argument("--validate", type=int, default=0, metavar="K",
+                        help="with --verify: re-run every kept schedule on K more prompts (seeds SEED+2000..) and keep "
+                             "its lower PSNR, so a schedule tuned to the verification seeds loses its place (0 skips)")
+    parser.add_argument("--refine", type=int, default=0, metavar="R",
+                        help="with --verify: R rounds of local search, each trying every schedule that skips one more "
+                             "step than a kept one (use with --validate, or it overfits the verification seeds)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -108,6 +118,13 @@ def main(args) -> int:
     if args.guidance_scale is not None:
         at_least(args.guidance_scale, "--guidance-scale", 0.0, "Leave it out for the model's default.")
     non_negative_int(args.calibration_prompts, "--calibration-prompts", "0 skips the PSNR calibration.")
+    for flag, value in (("--step-graph", args.step_graph), ("--verify", args.verify), ("--validate", args.validate),
+                        ("--refine", args.refine)):
+        non_negative_int(value, flag, "0 skips it.")
+    if args.verify and not args.step_graph:
+        raise ValueError("--verify runs schedules planned from the step graph: add --step-graph N (e.g. 2).")
+    if (args.validate or args.refine) and not args.verify:
+        raise ValueError("--validate and --refine work on the verified schedules: add --verify M (e.g. 4).")
     from diffaccel.bundled.loader import BUNDLED_MODELS
 
     if args.frames is not None and args.model in BUNDLED_MODELS and BUNDLED_MODELS[args.model].num_frames is None:
@@ -125,6 +142,8 @@ def main(args) -> int:
         device = ranks.device(resolve_device(args.device))
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
         set_scheduler(pipe, args.scheduler)
+        if args.step_graph:
+            _check_step_cache_applies(pipe, args.model)
         out = Path(args.out)
         if ranks.main:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,13 +172,46 @@ def main(args) -> int:
         calibration_start = time.perf_counter()
         profile.calibration = calibrate_psnr(pipe, profile, prompts[:count], call, seeds[:count])
         calibration_s = time.perf_counter() - calibration_start
+    verify_s = _verify(pipe, profile, prompts, call, args) if args.verify else 0.0
     profile.save(out)
     partial.unlink(missing_ok=True)
     print(f"wrote {out}: {len(profile.times)} steps x {len(profile.modules)} modules, {_count(len(prompts), 'prompt')}; "
           f"profiling {profile.measured['seconds']:.1f} s, calibration {calibration_s:.1f} s, "
+          + (f"verification {verify_s:.1f} s, " if args.verify else "") +
           f"{time.perf_counter() - started:.1f} s in all")
     if args.plot:
         from diffaccel.profiler.plot import plot_profile
 
         print(f"wrote {plot_profile(profile, args.plot)}")
     return 0
+
+
+def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
+    """Verified (and validated) StepCache schedules into ``profile``; returns the seconds it took."""
+    import time
+
+    from diffaccel.profiler.verify_step_cache import verify_step_cache
+
+    def prompt_set(count: int, first_seed: int):
+        return [prompts[i % len(prompts)] for i in range(count)], [first_seed + i for i in range(count)]
+
+    started = time.perf_counter()
+    print(f"verifying StepCache schedules on {_count(args.verify, 'prompt')}"
+          + (f", validating on {args.validate} more" if args.validate else "")
+          + (f", {_count(args.refine, 'round')} of local search" if args.refine else ""), flush=True)
+    verification = prompt_set(args.verify, args.seed + 1000)
+    entry = verify_step_cache(pipe, profile, *verification, call, validation=[prompt_set(args.validate, args.seed + 2000)] if args.validate else [],
+                              refine=args.refine, progress=not args.no_progress)
+    for run in entry["runs"]:
+        print(f"  {run['speedup']:.2f}x FLOPs  {run['psnr']:.2f} dB  computes {sum(run['mask'])} of {len(run['mask'])} steps")
+    return time.perf_counter() - started
+
+
+def _check_step_cache_applies(pipe, model: str) -> None:
+    from diffaccel.methods.step_cache import StepCache
+    from diffaccel.pipelines import detect
+
+    family = detect(pipe).family
+    if family not in StepCache.supported_families():
+        raise ValueError(f"--step-graph measures StepCache's schedules, which apply to image and video DiTs; {model} "
+                         f"is a {family} model. Leave --step-graph / --verify out.")

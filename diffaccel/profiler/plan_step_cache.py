@@ -34,6 +34,7 @@ from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Cumulative, Profile
 
 MAX_GAP = 4  # most steps skipped in a row that plans consider (the measured table's reach)
+VERIFIED = "step_cache_verified"  # profile.calibration key of the schedules run for real
 RETENTION = 1  # first steps always computed (the cache needs one computed step)
 
 
@@ -136,22 +137,26 @@ def plan_of_mask(profile: Profile, mask, orders, err: float, note: str) -> Plan:
 
 
 def verified(profile: Profile, times: list[float]) -> list[Plan]:
-    """Schedules run on training captions (``profile.calibration["step_cache"]``), with their measured
-    pooled MSE as the error (of their worst seed set where eval/add_step_graph.py --validate re-ran
-    them on more), when they were run at ``times``."""
-    cal = (profile.calibration or {}).get("step_cache")
-    if not cal or len(cal["times"]) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(cal["times"], times)):
+    """Schedules run as real generations (``profile.calibration[VERIFIED]``, see
+    :mod:`~diffaccel.profiler.verify_step_cache`), with their measured pooled MSE as the error (of
+    their worst seed set where they were validated on more), when they were run at ``times``."""
+    cal = (profile.calibration or {}).get(VERIFIED) or {}
+    ran_at = cal.get("times") or []
+    if len(ran_at) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(ran_at, times)):
         return []
-    return [plan_of_mask(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified on training captions")
-            for r in cal["runs"]]
+    return [plan_of_mask(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified by real runs")
+            for r in cal.get("runs", [])]
 
 
 def candidates(profile: Profile, times: list[float], retention: int = RETENTION, final_steps: int = 0) -> list[Plan]:
-    """Schedules to choose from: the verified ones where the profile has them for ``times``, else every
-    count of computed steps' shortest path (both error models) over the step graph."""
-    runs = verified(profile, times)
-    if runs:
-        return runs
+    """Schedules to choose from: the verified ones where the profile has them for ``times``, else
+    :func:`graph_candidates`."""
+    return verified(profile, times) or graph_candidates(profile, times, retention, final_steps)
+
+
+def graph_candidates(profile: Profile, times: list[float], retention: int = RETENTION, final_steps: int = 0) -> list[Plan]:
+    """Every count of computed steps' shortest path (both error models) over the step graph, and the
+    evenly spread schedules."""
     edges = measured_edges(profile, times)
     measured = edges is not None
     edges = edges or proxy_edges(profile, times)
@@ -317,13 +322,18 @@ class _PsnrScheduleInstalled(Installed):
 
 def with_psnr_schedules(adapter, methods: list[Method], profile: Profile | None = None) -> list[Method]:
     """``methods`` plus the schedule provider a ``StepCache(min_psnr=...)`` among them needs, planned
-    from ``profile`` or the profile shipped for the model (nothing added without a step graph)."""
+    from ``profile`` or the profile shipped for the model (without either's step graph, nothing is
+    added: the config's own rule runs)."""
     if not any(isinstance(m, StepCache) and m.min_psnr is not None for m in methods):
         return methods
+    given = profile is not None
     if profile is None:
         from diffaccel.profiler.schedule import shipped_profile
 
         profile = shipped_profile(adapter)
     if profile is None or not (profile.reuse_error or {}).get("step_cache"):
+        if given:
+            raise ValueError("This profile has no measured step graph, so StepCache(min_psnr=...) cannot be planned "
+                             "from it: re-create it with `diffaccel profile MODEL --out p.json --step-graph 2 --verify 4`.")
         return methods
     return [*methods, StepCachePsnrSchedule(profile=profile)]

@@ -242,7 +242,8 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
             "statistic": "edge (i, j): mean over prompts of the output MSE with steps i+1..j-1 skipped"}
 
 
-def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, configs: list) -> list[dict]:
+def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, configs: list,
+                          progress: bool = False) -> list[dict]:
     """Run StepCache ``configs`` (explicit masks) on ``prompts`` / ``seeds``: PSNR (dB, pixels in [0, 1])
     of each against the unaccelerated output, for the planner's verified schedules. ``psnr`` is the
     pooled one (of the mean MSE over the seeds), the statistic eval/evaluate.py checks the presets'
@@ -256,6 +257,10 @@ def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_k
 
     refs = [output(p, s) for p, s in zip(prompts, seeds)]
     runs = []
+    if progress:
+        from tqdm.auto import tqdm
+
+        configs = tqdm(configs, desc="verifying schedules", unit="schedule")
     try:
         for config in configs:
             attach(pipe, adapter, [config])

@@ -1,0 +1,133 @@
+"""Verified StepCache schedules: the planned schedules run for real, their Pareto front kept in the profile.
+
+The step graph predicts a schedule's error as the sum of its edges' errors, which mispredicts long
+runs of skips. So the graph's candidates (every step count's shortest path, both forecast orders,
+the evenly spread schedules) are run as real generations on calibration prompts and scored by the
+pooled PSNR (of the mean MSE over the seeds) against the unaccelerated output; the Pareto front of
+(FLOPs speed-up, PSNR) goes into ``profile.calibration["step_cache_verified"]``, and the planner
+chooses among it (:func:`~diffaccel.profiler.plan_step_cache.verified`): ``StepCache(min_psnr=...)``
+and the presets built on it then run the fastest schedule that *measured* that PSNR.
+
+Validation re-runs every schedule on the front on further seed sets and keeps its lowest PSNR (a
+schedule tuned to one set of seeds loses its place); seeds whose unaccelerated output changes under
+a 1e-4 perturbation of the initial noise (chaotic ones) are left out there, since no schedule can
+match them. ``refine`` rounds of local search try every schedule that skips one more step than one
+on the front; without validation they overfit the verification seeds.
+
+``diffaccel profile MODEL --step-graph N --verify M --validate K`` runs all of this;
+eval/add_step_graph.py does it for the bundled models.
+"""
+from __future__ import annotations
+
+import math
+
+from diffaccel.pipelines import detect
+from diffaccel.profiler.plan_step_cache import VERIFIED, graph_candidates, one_more_skip, plan_of_mask
+from diffaccel.profiler.profile import Profile
+from diffaccel.profiler.reuse_error import noise_sensitivity, verify_step_schedules
+
+CHAOTIC_DB = 60.0  # ordinary seeds measure 87-104 dB under a 1e-4 perturbation, chaotic ones ~33
+STATISTIC = "pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output"
+
+
+def pareto(runs: list[dict]) -> list[dict]:
+    """The runs no other run beats in both FLOPs speed-up (or ties) and PSNR, slowest first."""
+    return sorted((r for r in runs if not any(o["speedup"] >= r["speedup"] and o["psnr"] > r["psnr"] and o is not r
+                                              for o in runs)), key=lambda r: r["speedup"])
+
+
+def run_plans(pipe, profile: Profile, plans: list, prompts: list, seeds: list[int], call_kwargs: dict,
+              progress: bool = False) -> list[dict]:
+    """Each plan run on ``prompts`` / ``seeds``: mask, orders, pooled / mean / worst PSNR and its FLOPs speed-up."""
+    runs = verify_step_schedules(pipe, detect(pipe), prompts, seeds, call_kwargs, [p.config for p in plans], progress=progress)
+    for run, plan in zip(runs, plans):
+        run["speedup"] = round(plan.speedup, 4)
+    return runs
+
+
+class SeedSet:
+    """A validation set: ``check(runs)`` re-runs schedules on it and lowers their PSNR to what holds there."""
+
+    def __init__(self, pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, name: str,
+                 progress: bool = False):
+        sensitivity = noise_sensitivity(pipe, prompts, seeds, call_kwargs)
+        self.chaotic = [s for s, db in zip(seeds, sensitivity) if db < CHAOTIC_DB]
+        self.kept = [(p, s) for p, s in zip(prompts, seeds) if s not in self.chaotic]
+        if not self.kept:
+            raise ValueError(f"Every validation seed of {name} is chaotic (its output changes under a 1e-4 noise "
+                             "perturbation); validate on other seeds.")
+        self.pipe, self.profile, self.call_kwargs, self.spec, self.progress = pipe, profile, call_kwargs, name, progress
+        self.info = {name: {"seeds": [s for _, s in self.kept], "left_out_chaotic": self.chaotic}}
+
+    def __call__(self, runs: list[dict]) -> None:
+        if not runs:
+            return
+        plans = [plan_of_mask(self.profile, r["mask"], r["orders"], math.inf, "validation") for r in runs]
+        measured = run_plans(self.pipe, self.profile, plans, [p for p, _ in self.kept], [s for _, s in self.kept],
+                             self.call_kwargs, self.progress)
+        for r, m in zip(runs, measured):
+            r.setdefault("psnr_sets", {"verification": r["psnr"]})[self.spec] = round(m["psnr"], 3)
+            r["psnr"] = min(r["psnr_sets"].values())
+
+
+def validate_front(checks: list, runs: list[dict]) -> list[dict]:
+    """The front of ``runs`` once every schedule on it is validated on every seed set (only those pay for
+    validation; one that was dominated by a schedule whose PSNR validation lowered may surface, so repeat)."""
+    while True:
+        todo = [(c, [r for r in pareto(runs) if c.spec not in r.get("psnr_sets", {})]) for c in checks]
+        if not any(rs for _, rs in todo):
+            return pareto(runs)
+        for check, rs in todo:
+            check(rs)
+
+
+def store_front(profile: Profile, times: list[float], seeds: list[int], runs: list[dict], validation: dict | None = None) -> dict:
+    """Put the Pareto front of ``runs`` into ``profile.calibration`` (kept validation info included); return it."""
+    old = (profile.calibration or {}).get(VERIFIED, {})
+    validation = {**old.get("validation", {}), **(validation or {})}
+    entry = {"times": list(times), "seeds": list(seeds), "runs": pareto(runs), "statistic": STATISTIC}
+    if validation:
+        entry["validation"] = validation
+        entry["statistic"] += "; psnr = the lowest over psnr_sets (verification and validation seeds)"
+    profile.calibration[VERIFIED] = entry
+    return entry
+
+
+def refine_front(pipe, profile: Profile, runs: list[dict], prompts: list, seeds: list[int], call_kwargs: dict,
+                 checks=(), rounds: int = 0, speedups: tuple[float, float] = (1.2, 3.0), progress: bool = False) -> list[dict]:
+    """``runs`` validated by ``checks`` (:class:`SeedSet`), then ``rounds`` of local search around the front
+    (schedules of FLOPs speed-up within ``speedups``), each new schedule run on ``prompts`` / ``seeds``."""
+    runs = validate_front(list(checks), runs)
+    tried = {tuple(r["mask"]) + tuple(r["orders"]) for r in runs}
+    for _ in range(rounds):
+        todo = {}
+        for r in pareto(runs):
+            if speedups[0] <= r["speedup"] <= speedups[1]:
+                for mask, orders in one_more_skip(r["mask"], r["orders"]):
+                    key = tuple(int(c) for c in mask) + tuple(orders)
+                    if key not in tried:
+                        todo[key] = plan_of_mask(profile, mask, orders, math.inf, "local search")
+        tried |= set(todo)
+        if not todo:
+            break
+        new = run_plans(pipe, profile, list(todo.values()), prompts, seeds, call_kwargs, progress)
+        runs = validate_front(list(checks), runs + new)
+    return runs
+
+
+def verify_step_cache(pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, *,
+                      validation: list[tuple[list, list[int]]] = (), refine: int = 0,
+                      refine_range: tuple[float, float] = (1.2, 3.0), progress: bool = False) -> dict:
+    """Verify the step graph's candidate schedules on ``prompts`` / ``seeds``, validate the front on each
+    (prompts, seeds) set of ``validation``, refine it ``refine`` rounds; store the front in ``profile``
+    and return its entry."""
+    graph = (profile.reuse_error or {}).get("step_cache")
+    if not graph:
+        raise ValueError("Verifying StepCache schedules needs the profile's measured step graph: profile with "
+                         "--step-graph N (N prompts, e.g. 2).")
+    times = graph["times"]
+    plans = list({p.config.mask + tuple(p.config.forecast_orders or ()): p for p in graph_candidates(profile, times)}.values())
+    runs = run_plans(pipe, profile, plans, prompts, seeds, call_kwargs, progress)
+    checks = [SeedSet(pipe, profile, p, s, call_kwargs, f"{s[0]}-{s[-1]}", progress) for p, s in validation]
+    runs = refine_front(pipe, profile, runs, prompts, seeds, call_kwargs, checks, refine, refine_range, progress)
+    return store_front(profile, times, seeds, runs, {k: v for c in checks for k, v in c.info.items()})

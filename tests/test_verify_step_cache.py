@@ -1,0 +1,101 @@
+"""A user's own profile drives PSNR-targeted StepCache schedules: `diffaccel profile --step-graph N
+--verify M --validate K` runs the planned schedules for real, and `accelerate(..., profile=)` plans from it."""
+import math
+
+import pytest
+import torch
+
+import diffaccel
+from diffaccel import cli
+from diffaccel.commands.profile import read_prompts
+from diffaccel.profiler.plan_step_cache import VERIFIED, plan_for_psnr, verified
+from diffaccel.profiler.profile import load_profile
+
+STEPS = 6
+CAPTION = "a red circle in the center on a black background"
+
+
+@pytest.fixture(scope="module")
+def verified_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "p.json"
+    assert cli.main(["profile", "tiny-dit", "--out", str(out), "--num-prompts", "2", "--steps", str(STEPS),
+                     "--calibration-prompts", "1", "--step-graph", "1", "--verify", "2", "--validate", "2",
+                     "--refine", "1", "--no-progress"]) == 0
+    return out
+
+
+def _psnr(a, b) -> float:
+    mse = float((torch.as_tensor(a).double() - torch.as_tensor(b).double()).pow(2).mean())
+    return 300.0 if mse == 0 else -10 * math.log10(mse)
+
+
+def test_verified_front_holds_real_runs_at_their_worst_seed_set(verified_profile):
+    profile = load_profile(verified_profile)
+    entry = profile.calibration[VERIFIED]
+    runs = entry["runs"]
+    assert len(runs) >= 3 and entry["seeds"] == [1000, 1001] and list(entry["validation"]) == ["2000-2001"]
+    assert runs[0]["mask"] == [1] * STEPS and runs[0]["psnr"] == 300.0  # computing every step is exact
+    for r in runs:  # a front: faster means lower PSNR, and each PSNR is the worse of its two seed sets
+        assert r["psnr"] == pytest.approx(min(r["psnr_sets"].values()), abs=1e-3)
+    assert all(a["speedup"] < b["speedup"] and a["psnr"] > b["psnr"] for a, b in zip(runs, runs[1:]))
+    assert "step_cache" in profile.calibration  # the PSNR calibration's pairs are kept beside it
+    # A verified PSNR is what the schedule really gives: rerun one on the verification seeds.
+    pipe = diffaccel.load_bundled("tiny-dit")
+    pipe.set_progress_bar_config(disable=True)
+    run = runs[1]
+    prompts = read_prompts(None, 2, "tiny-dit")  # the profile's prompts; verification cycles through them
+    kw = dict(num_inference_steps=STEPS, output_type="np")
+    refs = [pipe(p, generator=torch.Generator().manual_seed(s), **kw).images for p, s in zip(prompts, entry["seeds"])]
+    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(mask=tuple(bool(c) for c in run["mask"]),
+                                                            forecast_orders=tuple(run["orders"]))])
+    outs = [pipe(p, generator=torch.Generator().manual_seed(s), **kw).images for p, s in zip(prompts, entry["seeds"])]
+    mses = [10 ** (-_psnr(o, r) / 10) for o, r in zip(outs, refs)]
+    assert -10 * math.log10(sum(mses) / len(mses)) == pytest.approx(run["psnr_sets"]["verification"], abs=0.01)
+
+
+def test_presets_and_targets_plan_from_a_given_profile(verified_profile):
+    profile = load_profile(verified_profile)
+    times = profile.calibration[VERIFIED]["times"]
+    pipe = diffaccel.load_bundled("tiny-dit")
+    pipe.set_progress_bar_config(disable=True)
+    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(min_psnr=20.0)], profile=verified_profile)
+    pipe(CAPTION, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
+    stats = diffaccel.stats(pipe)["methods"]
+    plan = plan_for_psnr(profile, times, 20.0)
+    assert plan.note == "verified by real runs" and len(verified(profile, times)) == len(profile.calibration[VERIFIED]["runs"])
+    assert stats["step_cache_psnr_schedule"]["planned"]
+    assert stats["step_cache"]["computed_steps"] == [i for i, c in enumerate(plan.config.mask) if c]
+    # The presets take it too; a target_speedup plans from it (the PSNR calibration's pairs sit beside
+    # the verified runs under their own key, so neither breaks the other).
+    diffaccel.accelerate(pipe, preset="fast", profile=verified_profile)
+    pipe(CAPTION, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert diffaccel.stats(pipe)["methods"]["step_cache_psnr_schedule"]["planned"]
+    diffaccel.accelerate(pipe, profile=verified_profile, target_speedup=1.5)
+    pipe(CAPTION, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert diffaccel.stats(pipe)["flops_saved_fraction"] > 0.2
+    diffaccel.disable(pipe)
+
+
+def test_a_profile_without_step_graph_is_refused_for_psnr_targets(tmp_path):
+    out = tmp_path / "p.json"
+    assert cli.main(["profile", "tiny-dit", "--out", str(out), "--num-prompts", "1", "--steps", "4",
+                     "--calibration-prompts", "0", "--no-progress"]) == 0
+    pipe = diffaccel.load_bundled("tiny-dit")
+    with pytest.raises(ValueError, match="no measured step graph.*--step-graph 2 --verify 4"):
+        diffaccel.accelerate(pipe, preset="balanced", profile=out)
+    assert diffaccel.api.session_of(pipe) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--verify", "2"], "--verify runs schedules planned from the step graph: add --step-graph N"),
+    (["--step-graph", "1", "--validate", "2"], "--validate and --refine work on the verified schedules: add --verify M"),
+    (["--step-graph", "-1"], "--step-graph must be"),
+])
+def test_cli_verification_flags_are_checked_first(tmp_path, capsys, args, message):
+    assert cli.main(["profile", "tiny-dit", "--out", str(tmp_path / "p.json"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_step_graph_on_a_unet_is_refused(tmp_path, capsys):
+    assert cli.main(["profile", "tiny-sd", "--out", str(tmp_path / "p.json"), "--step-graph", "1"]) == 2
+    assert "apply to image and video DiTs; tiny-sd is a unet model" in capsys.readouterr().err
