@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundled name (tiny-sd, tiny-dit, tiny-video), local pipeline folder or hub id")
     p.add_argument("--configs", default="baseline,balanced",
                    help="comma-separated: baseline, quality/balanced/fast, method lists like "
-                        "deepcache:interval=3+tome:ratio=0.5, profile:PATH@2.0, target@2.0 (baseline is always added)")
+                        "deepcache:interval=3+tome:ratio=0.5, profile:PATH@2.0, target@2.0, fast@PROFILE.json (baseline is always added)")
     p.add_argument("--seeds", default="0-7", help="e.g. 0-7 or 0,3,5 (seed s uses prompt s mod the number of prompts)")
     p.add_argument("--prompts", default=None,
                    help="file with one prompt per line, or a built-in set: bundled (default for bundled models), heldout, generic")

@@ -497,6 +497,7 @@ EVALUATE_NUMBERS = [
     (["--configs", "baseline,deepcache:power=1e6"], "DeepCache power must be a number in"),
     (["--configs", "target@nan"], "Speed-up target 'nan' must be a finite number >= 1, got nan"),
     (["--configs", "profile:p.json@0.5"], "Speed-up target '0.5' must be a finite number >= 1, got 0.5"),
+    (["--configs", "fast@"], r"Config 'fast@': write PRESET@PATH, e.g. fast@p.json"),
 ]
 
 

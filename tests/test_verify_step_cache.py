@@ -99,3 +99,16 @@ def test_cli_verification_flags_are_checked_first(tmp_path, capsys, args, messag
 def test_step_graph_on_a_unet_is_refused(tmp_path, capsys):
     assert cli.main(["profile", "tiny-sd", "--out", str(tmp_path / "p.json"), "--step-graph", "1"]) == 2
     assert "apply to image and video DiTs; tiny-sd is a unet model" in capsys.readouterr().err
+
+
+def test_evaluate_runs_a_preset_planned_from_a_given_profile(verified_profile):
+    from diffaccel.evaluation.configs import parse_configs
+
+    pipe = diffaccel.load_bundled("tiny-dit")
+    pipe.set_progress_bar_config(disable=True)
+    config = parse_configs(f"fast@{verified_profile}")[1]
+    assert (config.preset, config.profile) == ("fast", str(verified_profile))
+    config.apply(pipe)
+    pipe(CAPTION, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert diffaccel.stats(pipe)["methods"]["step_cache_psnr_schedule"]["planned"]
+    diffaccel.disable(pipe)

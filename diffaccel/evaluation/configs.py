@@ -7,7 +7,9 @@ A config spec is one of
 * a method list — ``deepcache:interval=3+tome:ratio=0.5`` (``+`` joins methods, ``:`` starts a
   method's parameters, ``,`` separates them; values are Python literals or plain words);
 * ``profile:PATH@2.0`` — the schedule picked from a redundancy profile for a target speed-up;
-* ``target@2.0`` — the same with the profile shipped for the model.
+* ``target@2.0`` — the same with the profile shipped for the model;
+* ``fast@PATH`` — a preset whose StepCache schedules are planned from the profile at PATH (one made
+  with ``diffaccel profile --step-graph N --verify M``) instead of the shipped one.
 
 >>> parse_config("deepcache:interval=3,branch=1").methods[0].interval
 3
@@ -57,7 +59,7 @@ class EvalConfig:
         if self.resolved is not None:
             return diffaccel.accelerate(pipe, methods=copy.deepcopy(self.resolved))
         if self.preset is not None:
-            diffaccel.accelerate(pipe, preset=self.preset)
+            diffaccel.accelerate(pipe, preset=self.preset, profile=self.profile)
         elif self.target_speedup is not None:
             diffaccel.accelerate(pipe, profile=self.profile, target_speedup=self.target_speedup)
         else:
@@ -121,13 +123,18 @@ def parse_config(spec: str) -> EvalConfig:
         return EvalConfig(spec, profile=path, target_speedup=_target(target))
     if spec.startswith("target@"):
         return EvalConfig(spec, target_speedup=_target(spec[len("target@"):]))
+    preset, at, path = spec.partition("@")
+    if at and preset in PRESETS:
+        if not path:
+            raise ValueError(f"Config {spec!r}: write PRESET@PATH, e.g. fast@p.json (a profile from `diffaccel profile`).")
+        return EvalConfig(spec, preset=preset, profile=path)
     try:
         return EvalConfig(spec, methods=[_method(part) for part in spec.split("+")])
     except KeyError as err:
         raise ValueError(
             f"Unknown config {spec!r} (no method {err.args[0]!r}). Use baseline, a preset ({', '.join(PRESETS)}), "
             f"methods joined by + ({', '.join(sorted(METHODS))}, e.g. deepcache:interval=3), "
-            "profile:PATH@SPEEDUP or target@SPEEDUP."
+            "profile:PATH@SPEEDUP, target@SPEEDUP or PRESET@PROFILE_PATH."
         ) from None
 
 
