@@ -58,7 +58,7 @@ def main() -> None:
     path = bundled_dir() / args.model / "profile.json"
     profile = load_profile(path)
     if not args.skip_graph:
-        table = step_skip_errors(pipe, detect(pipe), [captions[s] for s in seeds], seeds, {}, max_gap=args.max_gap)
+        table = step_skip_errors(pipe, detect(pipe), [captions[s] for s in seeds], seeds, {}, max_gap=args.max_gap, progress=True)
         profile.reuse_error["step_cache"] = table
         profile.save(path)
         print(f"{path}: step graph of {sum(len(r) for r in table['edges'].values())} edges in {time.perf_counter() - started:.0f} s")

@@ -149,7 +149,8 @@ def measure(pipe, prompts: list[str | None], call_kwargs: dict, *, model: str = 
         from diffaccel.profiler.reuse_error import step_skip_errors
 
         k = min(step_graph, len(prompts))
-        profile.reuse_error["step_cache"] = step_skip_errors(pipe, adapter, prompts[:k], seeds[:k], call_kwargs)
+        profile.reuse_error["step_cache"] = step_skip_errors(pipe, adapter, prompts[:k], seeds[:k], call_kwargs,
+                                                             progress=progress)
     return profile
 
 

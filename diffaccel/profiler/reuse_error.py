@@ -171,7 +171,7 @@ def sigma_curve(scheduler, points: int = 101) -> list[list[float]] | None:
 
 # ---- whole steps (StepCache) ---------------------------------------------------------------------
 def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, max_gap: int = 4,
-                     orders: tuple[int, ...] = (0, 1)) -> dict:
+                     orders: tuple[int, ...] = (0, 1), progress: bool = False) -> dict:
     """Measured error of every edge of the step graph (LeMiCa's view), for StepCache's planner.
 
     Edge (i, j): steps i and j compute, the ``j - i - 1`` steps between are skipped (j = n: every
@@ -207,6 +207,7 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
         replay.update(upto=-1 if record else upto, calls=0)
         return _pixels(pipe, prompt, kwargs, seed)
 
+    bar = None
     denoiser.forward = forward
     try:
         prepared = []
@@ -216,23 +217,31 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
             recorded.clear()
         times = [adapter.normalised_time(float(t)) for t in pipe.scheduler.timesteps]
         n = len(times)
+        edges = [(i, j) for i in range(n - 1) for j in range(i + 2, min(n, i + max_gap + 1) + 1)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(edges) * len(orders), desc="step graph", unit="edge")
         table = {}
         for order in orders:
             rows = []
-            for i in range(n - 1):
-                for j in range(i + 2, min(n, i + max_gap + 1) + 1):
-                    mask = tuple(not (i < s < j) for s in range(n))
-                    attach(pipe, adapter, [StepCache(mask=mask, forecast_order=order, final_steps=0)])
-                    errs = []
-                    for p, s, ref, calls in prepared:
-                        recorded[:] = calls
-                        # Steps before i - 1 replay; i - 1 and i run, so the cache holds their residuals.
-                        upto = max(0, i - 1) * len(calls) // n
-                        errs.append(float((output(p, s, upto) - ref).pow(2).mean()))
-                    detach(pipe)
-                    rows.append([i, j, sum(errs) / len(errs)])
+            for i, j in edges:
+                mask = tuple(not (i < s < j) for s in range(n))
+                attach(pipe, adapter, [StepCache(mask=mask, forecast_order=order, final_steps=0)])
+                errs = []
+                for p, s, ref, calls in prepared:
+                    recorded[:] = calls
+                    # Steps before i - 1 replay; i - 1 and i run, so the cache holds their residuals.
+                    upto = max(0, i - 1) * len(calls) // n
+                    errs.append(float((output(p, s, upto) - ref).pow(2).mean()))
+                detach(pipe)
+                rows.append([i, j, sum(errs) / len(errs)])
+                if bar is not None:
+                    bar.update(1)
             table[str(order)] = rows
     finally:
+        if bar is not None:
+            bar.close()
         detach(pipe)
         if own is None:
             del denoiser.forward
