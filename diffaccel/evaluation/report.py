@@ -40,7 +40,7 @@ def assemble(options, configs, records, fids, fid_note, speed, notes, video, cli
         summary["methods"] = config.method_dicts()
         per_config[config.name] = summary
     for config in configs:
-        check = promise_check(config.name, per_config[config.name], per_config[base], video)
+        check = promise_check(config.preset or config.name, per_config[config.name], per_config[base], video)
         if check is not None:
             per_config[config.name]["promise"] = check
     return _plain({
