@@ -66,7 +66,8 @@ class FamilySpec:
 # bit-identical outputs; it installs nothing on a denoiser without such modules) where the text is
 # long against the visual tokens (>= 1/8: small images and short clips; at 512-1024 px it would
 # save under 0.5% of a step and hold memory).
-_TEXT = ("text_cache", {"required": False, "min_text_ratio": 0.125})
+TEXT_CACHE_MIN_RATIO = 0.125
+_TEXT = ("text_cache", {"required": False, "min_text_ratio": TEXT_CACHE_MIN_RATIO})
 
 # Preset parameters are measured, not guessed: PSNR against the unaccelerated output and
 # prompt-following on the bundled models (eval/results/presets.md, fidelity_unet.md, fidelity_dit.md).

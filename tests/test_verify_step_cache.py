@@ -8,6 +8,7 @@ import torch
 import diffaccel
 from diffaccel import cli
 from diffaccel.commands.profile import read_prompts
+from diffaccel.pipelines import detect
 from diffaccel.profiler.plan_step_cache import VERIFIED, plan_for_psnr, verified
 from diffaccel.profiler.profile import load_profile
 
@@ -81,6 +82,10 @@ def test_a_profile_without_step_graph_is_refused_for_psnr_targets(tmp_path):
     assert cli.main(["profile", "tiny-dit", "--out", str(out), "--num-prompts", "1", "--steps", "4",
                      "--calibration-prompts", "0", "--no-progress"]) == 0
     pipe = diffaccel.load_bundled("tiny-dit")
+    costs = load_profile(out).costs  # what TextCache's planner reads is recorded while profiling
+    assert costs["tokens"] == {"text": 120, "visual": 64}
+    assert sorted(costs["text_modules"]) == sorted(detect(pipe).text_modules()) and all(costs["text_modules"].values())
+    assert set(costs["text_modules"]) <= set(costs["module_seconds"])
     with pytest.raises(ValueError, match="no measured step graph.*--step-graph 2 --verify 4"):
         diffaccel.accelerate(pipe, preset="balanced", profile=out)
     assert diffaccel.api.session_of(pipe) is None

@@ -57,4 +57,4 @@ def _db(value) -> str:
 def _summary(plan) -> str:
     from diffaccel.profiler.schedule import summary
 
-    return summary(plan)
+    return summary(plan) + "".join(f" + {m.name}" for m in plan.with_methods)

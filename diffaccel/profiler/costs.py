@@ -86,6 +86,11 @@ def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int, plan
     finally:
         handle.remove()
     half = half_batch_time_ratio(denoiser.get_submodule(blocks[-1]), *block_inputs[0]) if block_inputs else None
+    try:  # text and visual tokens of the profiled call (whether caching text-only work pays, see plan_text_cache)
+        grid = adapter.grid_from_call(args, kwargs)
+        tokens = {"text": int(grid.text_tokens), "visual": int(grid.num_visual)}
+    except Exception:  # noqa: BLE001 - a call the adapter cannot read a grid from: nothing is planned from it
+        tokens = None
     timed_calls = max(1, busy["calls"] - 1)
     call_seconds = busy["total"] / timed_calls
     steps = int(call_kwargs.get("num_inference_steps") or 1)
@@ -100,6 +105,7 @@ def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int, plan
         "call_seconds": call_seconds,
         "module_seconds": {p: module_total[p] / timed_calls for p in sorted(keep)},
         "half_batch_time_ratio": half,
+        "tokens": tokens,
     }
     for planner in planners:
         costs.update(planner.costs(adapter, per_module))

@@ -22,11 +22,13 @@ class Plan:
     error: float  # predicted staleness (see module docstring)
     computed: list[bool] = field(default_factory=list)  # per step: full (True) or reusing
     note: str = ""
+    with_methods: tuple[Method, ...] = ()  # installed beside ``config``; the predictions count on them
 
     def describe(self) -> dict:
         return {"method": self.method, "config": self.config.to_dict(), "predicted_speedup": round(self.speedup, 4),
                 "predicted_wall_speedup": round(self.wall_speedup, 4), "predicted_error": round(self.error, 6),
-                "computed_steps": [i for i, c in enumerate(self.computed) if c], "note": self.note}
+                "computed_steps": [i for i, c in enumerate(self.computed) if c], "note": self.note,
+                **({"with": [m.to_dict() for m in self.with_methods]} if self.with_methods else {})}
 
 
 # ---- shared helpers --------------------------------------------------------------------

@@ -185,8 +185,9 @@ def methods_for_target(pipe, adapter, profile, target_speedup: float) -> list[Me
     profile = load_profile(profile, adapter)
     chosen, _ = plan_all(profile, target_speedup)
     if planner_for(chosen.method).replans_per_call:
-        return [ProfileSchedule(profile=profile, target_speedup=float(target_speedup), controlled=chosen.config), chosen.config]
-    return [chosen.config]
+        schedule = ProfileSchedule(profile=profile, target_speedup=float(target_speedup), controlled=chosen.config)
+        return [*chosen.with_methods, schedule, chosen.config]
+    return [*chosen.with_methods, chosen.config]
 
 
 def shipped_profile(adapter) -> Profile | None:

@@ -29,7 +29,7 @@ def save_schedule(path, profile, chosen, plans, request: dict, steps: int) -> Pa
 
 
 def load_schedule(path) -> list:
-    """Method configs of a schedule file (the chosen plan)."""
+    """Method configs of a schedule file (the chosen plan, with the methods it counts on, e.g. TextCache)."""
     from diffaccel.methods.base import METHODS
 
     if not isinstance(path, (str, os.PathLike)):
@@ -42,12 +42,15 @@ def load_schedule(path) -> list:
         raise ProfileError(f"Schedule file {str(path)!r} is corrupted or not a file ({err}).") from None
     if not isinstance(data, dict) or data.get("format") != SCHEDULE_FORMAT or data.get("version") != SCHEDULE_VERSION:
         raise ProfileError(f"{path} is not a version-{SCHEDULE_VERSION} diffaccel schedule file.")
+    methods = []
     try:
-        config = dict(data["chosen"]["config"])
-        name = config.pop("method")
-        method = METHODS[name](**config)
+        for config in [*data["chosen"].get("with", []), data["chosen"]["config"]]:
+            config = dict(config)
+            name = config.pop("method")
+            methods.append(METHODS[name](**config))
     except (KeyError, TypeError, ValueError) as err:
         raise ProfileError(f"Schedule file {str(path)!r} is corrupted: its chosen method config cannot be read "
                            f"({type(err).__name__}: {err}). Write it again with `diffaccel schedule`.") from None
-    method.validate()
-    return [method]
+    for method in methods:
+        method.validate()
+    return methods
