@@ -29,10 +29,11 @@ from diffaccel.hooks import Installed
 from diffaccel.methods.base import Method
 
 from diffaccel.methods.step_cache import StepCache
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup, wall_speedup_per_step
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.plan_text_cache import composed as composed_text_cache
-from diffaccel.profiler.plan_text_cache import step_costs, text_saving
+from diffaccel.profiler.plan_text_cache import counted as counted_text_saving
+from diffaccel.profiler.plan_text_cache import step_costs, step_time_saved
 from diffaccel.profiler.profile import Cumulative, Profile
 
 MAX_GAP = 4  # most steps skipped in a row that plans consider (the measured table's reach)
@@ -225,15 +226,16 @@ def uniform_mask(n: int, computed: int) -> list[bool]:
 def with_text_cache(profile: Profile, plan: Plan) -> Plan:
     """``plan`` with TextCache composed (:mod:`~diffaccel.profiler.plan_text_cache`): lossless, so the
     error stays; the speed-up counts the text-only modules computed once per call. ``plan`` itself
-    where TextCache would cache nothing at the profile's shape."""
-    text = text_saving(profile)
+    where TextCache would cache nothing at the profile's shape or its time does not follow its FLOPs."""
+    text = counted_text_saving(profile)
     if text is None:
         return plan
     blocks = _blocks(profile)
     costs = step_costs(profile, plan.computed, sum(profile.costs["modules"].get(b, 0) for b in blocks), text)
     speed = float(profile.costs["call"]) * len(costs) / sum(costs)
-    return replace(plan, speedup=speed, wall_speedup=wall_speedup(profile, speed, [*blocks, *text.modules]),
-                   with_methods=(composed_text_cache(),))
+    saved = step_time_saved(profile, plan.computed, blocks, text)
+    wall = wall_speedup_per_step(profile, saved) if saved is not None else wall_speedup(profile, speed, blocks)
+    return replace(plan, speedup=speed, wall_speedup=wall, with_methods=(composed_text_cache(),))
 
 
 def plan_step_cache(profile: Profile, times: list[float], target: float, retention: int = RETENTION,
