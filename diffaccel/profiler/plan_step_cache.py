@@ -345,6 +345,8 @@ def with_psnr_schedules(adapter, methods: list[Method], profile: Profile | None 
     added: the config's own rule runs)."""
     if not any(isinstance(m, StepCache) and m.min_psnr is not None for m in methods):
         return methods
+    if any(isinstance(m, StepCachePsnrSchedule) for m in methods):  # already planned (a resolved config list)
+        return methods
     given = profile is not None
     if profile is None:
         from diffaccel.profiler.schedule import shipped_profile
