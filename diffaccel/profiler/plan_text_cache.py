@@ -98,7 +98,10 @@ def step_time_saved(profile: Profile, computed: list[bool], blocks: list[str], t
     seconds, call = profile.costs.get("module_seconds"), profile.costs.get("call_seconds")
     if not seconds or not call:
         return None
-    share = lambda names: sum(seconds.get(m, 0.0) for m in names) / float(call)  # noqa: E731
+
+    def share(names) -> float:
+        return sum(seconds.get(m, 0.0) for m in names) / float(call)
+
     inside = [m for m in (text.modules if text else ()) if m.startswith(tuple(b + "." for b in blocks))]
     outside = [m for m in (text.modules if text else ()) if m not in inside]
     out = []
