@@ -199,8 +199,8 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
     print(f"verifying StepCache schedules on {_count(args.verify, 'prompt')}"
           + (f", validating on {args.validate} more" if args.validate else "")
           + (f", {_count(args.refine, 'round')} of local search" if args.refine else ""), flush=True)
-    verification = prompt_set(args.verify, args.seed + 1000)
-    entry = verify_step_cache(pipe, profile, *verification, call, validation=[prompt_set(args.validate, args.seed + 2000)] if args.validate else [],
+    validation = [prompt_set(args.validate, args.seed + 2000)] if args.validate else []
+    entry = verify_step_cache(pipe, profile, *prompt_set(args.verify, args.seed + 1000), call, validation=validation,
                               refine=args.refine, progress=not args.no_progress)
     for run in entry["runs"]:
         print(f"  {run['speedup']:.2f}x FLOPs  {run['psnr']:.2f} dB  computes {sum(run['mask'])} of {len(run['mask'])} steps")
