@@ -117,3 +117,20 @@ def test_replanner_feeds_the_handle_in_any_order_and_changes_no_config(pixart_pr
         assert controlled == AdaptiveCache(threshold=0.1)
     assert torch.equal(outputs[0], outputs[1]) and planned[0] == planned[1]
     assert planned[0]["threshold"] != 0.1
+
+
+def test_module_times_wait_for_queued_gpu_work(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffaccel.profiler.costs import _clock
+
+    assert _clock(torch.nn.Linear(2, 2)) is time.perf_counter  # CPU work is done when the call returns
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    on_gpu = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda", 1))]))
+    clock = _clock(on_gpu)
+    clock(), clock()
+    assert synced == [torch.device("cuda", 1)] * 2  # every reading waits for that device's kernels

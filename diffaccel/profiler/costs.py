@@ -42,24 +42,25 @@ def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int, plan
     busy = {"start": 0.0, "total": 0.0, "calls": 0}
     module_total = dict.fromkeys(keep, 0.0)
     module_start: dict[str, float] = {}
+    clock = _clock(denoiser)
 
     def before(module, args, kwargs):
         if not first_call:
             first_call.append((args, dict(kwargs)))
-        busy["start"] = time.perf_counter()
+        busy["start"] = clock()
 
     def after(module, args, kwargs, output):
         if busy["calls"]:  # the first call pays one-off costs (allocator, lazy init): not timed
-            busy["total"] += time.perf_counter() - busy["start"]
+            busy["total"] += clock() - busy["start"]
         busy["calls"] += 1
 
     def timed(name):
         def start(module, args):
-            module_start[name] = time.perf_counter()
+            module_start[name] = clock()
 
         def stop(module, args, output):
             if busy["calls"]:
-                module_total[name] += time.perf_counter() - module_start[name]
+                module_total[name] += clock() - module_start[name]
         return start, stop
 
     handles = [denoiser.register_forward_pre_hook(before, with_kwargs=True),
@@ -70,9 +71,9 @@ def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int, plan
         handles += [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
     try:
         kwargs = {k: v for k, v in call_kwargs.items() if k != "output_type"}
-        start = time.perf_counter()
+        start = clock()
         generate(pipe, prompt, kwargs, seed)
-        wall = time.perf_counter() - start
+        wall = clock() - start
     finally:
         for h in handles:
             h.remove()
@@ -112,6 +113,18 @@ def measure_costs(pipe, adapter, prompt: str, call_kwargs: dict, seed: int, plan
     return costs
 
 
+def _clock(module: torch.nn.Module):
+    """A wall clock for ``module``'s work: on an accelerator its queued kernels finish first (without
+    that a module's time is the time to launch its kernels, and the wall model reads nonsense)."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        def clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return clock
+    return time.perf_counter
+
+
 def half_batch_time_ratio(block, a, k, repeats: int = 15) -> float | None:
     """Time of ``block`` on half the batch over its time on the whole batch (median of repeats).
 
@@ -134,14 +147,15 @@ def half_batch_time_ratio(block, a, k, repeats: int = 15) -> float | None:
 
     a2, k2 = half(a), half(k)
     times = {"full": [], "half": []}
+    clock = _clock(block)
     try:
         with torch.no_grad():
             for i in range(repeats + 1):  # the first round warms up
                 for name, (aa, kk) in (("full", (a, k)), ("half", (a2, k2))):
-                    start = time.perf_counter()
+                    start = clock()
                     block(*aa, **kk)
                     if i:
-                        times[name].append(time.perf_counter() - start)
+                        times[name].append(clock() - start)
     except Exception:  # inputs that do not split along the batch: no measurement, FLOPs are used
         return None
     return statistics.median(times["half"]) / statistics.median(times["full"])
