@@ -130,3 +130,20 @@ def test_cli_min_psnr(sd_profile, capsys):
     assert "predicted PSNR vs the unaccelerated output" in text and "deepcache" in text
     assert main(["schedule", str(path), "--min-psnr", "500"]) == 2
     assert "lower --min-psnr" in capsys.readouterr().err
+
+
+def test_min_psnr_reads_verified_step_schedules_at_their_measured_psnr(capsys):
+    from diffaccel import cli
+    from diffaccel.bundled.loader import bundled_dir
+    from diffaccel.profiler.plan_step_cache import verified, verified_times
+    from diffaccel.profiler.profile import load_profile
+
+    path = bundled_dir() / "tiny-video" / "profile.json"
+    profile = load_profile(path)
+    runs = verified(profile, verified_times(profile, 20))
+    assert runs and all(predicted_psnr(profile, p) == p.psnr for p in runs)
+    chosen, _ = plan_for_min_psnr(profile, 30.0, 20)
+    fastest = max((p for p in runs if p.psnr >= 30.0), key=lambda p: p.speedup)
+    assert chosen.method == "step_cache" and chosen.psnr >= 30.0 and chosen.speedup == fastest.speedup
+    assert cli.main(["schedule", str(path), "--min-psnr", "30", "--steps", "20"]) == 0
+    assert f"measured PSNR vs the unaccelerated output: {chosen.psnr:.1f} dB" in capsys.readouterr().out

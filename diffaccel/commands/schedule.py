@@ -41,7 +41,10 @@ def main(args) -> int:
               f"{_db(predicted_psnr(profile, plan)):>8}  {_summary(plan)}")
     print(f"predicted speed-up: {chosen.speedup:.2f}x denoiser FLOPs, {chosen.wall_speedup:.2f}x wall ({chosen.method})")
     value = predicted_psnr(profile, chosen)
-    if value is not None:
+    if chosen.psnr is not None:
+        print(f"measured PSNR vs the unaccelerated output: {_db(value)} dB (this schedule run on the profile's "
+              "verification prompts, its worst seed set)")
+    elif value is not None:
         calibrated = profile.calibration[chosen.method].get("steps")
         note = f" (calibrated at {calibrated} steps)" if calibrated and calibrated != steps else ""
         print(f"predicted PSNR vs the unaccelerated output: {_db(value)} dB{note}")

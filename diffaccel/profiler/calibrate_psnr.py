@@ -94,7 +94,10 @@ def fit(pairs: list) -> tuple[float, float]:
 
 
 def predicted_psnr(profile: Profile, plan: Plan) -> float | None:
-    """The calibrated PSNR prediction for ``plan`` (None without a calibration for its method)."""
+    """The calibrated PSNR prediction for ``plan`` (its measured PSNR for a verified schedule; None
+    without a calibration for its method)."""
+    if plan.psnr is not None:
+        return plan.psnr
     cal = (profile.calibration or {}).get(plan.method)
     if not cal or not cal.get("pairs"):
         return None
@@ -106,12 +109,19 @@ def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = Non
     """The fastest plan whose calibrated predicted PSNR is at least ``min_psnr`` dB."""
     if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
         raise ValueError(f"--min-psnr must be a number of dB (e.g. 35), got {min_psnr!r}.")
+    from diffaccel.profiler.plan_step_cache import verified, verified_times
+
     methods = [p.name for p in planners_for(profile.family) if (profile.calibration or {}).get(p.name, {}).get("pairs")]
-    if not methods:
+    times = step_times(profile, steps)
+    # StepCache's verified schedules carry their measured PSNR: no fit needed (at the timesteps they ran at).
+    runs = verified(profile, verified_times(profile, len(times)) or times)
+    if not methods and not runs:
         raise ProfileError(f"This profile of {profile.model} has no PSNR calibration, which --min-psnr needs. Re-profile "
                            "with this diffaccel (`diffaccel profile MODEL --out P.json`) or use --target-speedup / --max-error.")
-    times = step_times(profile, steps)
-    best, closest = None, None
+    best = max((p for p in runs if p.psnr >= min_psnr and p.speedup > 1.0 + 1e-9), key=lambda p: p.speedup, default=None)
+    saving = [p for p in runs if p.speedup > 1.0 + 1e-9]
+    closest = (max(p.psnr for p in saving), None) if saving else None
+    methods = [m for m in methods if not (runs and m == "step_cache")]
     for method in methods:
         top = max_reachable_for(method, profile, times)
         for i in range(61):  # speed-ups from 1x to the most reachable, geometric

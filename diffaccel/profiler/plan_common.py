@@ -23,12 +23,14 @@ class Plan:
     computed: list[bool] = field(default_factory=list)  # per step: full (True) or reusing
     note: str = ""
     with_methods: tuple[Method, ...] = ()  # installed beside ``config``; the predictions count on them
+    psnr: float | None = None  # measured by running the schedule (a verified one), dB
 
     def describe(self) -> dict:
         return {"method": self.method, "config": self.config.to_dict(), "predicted_speedup": round(self.speedup, 4),
                 "predicted_wall_speedup": round(self.wall_speedup, 4), "predicted_error": round(self.error, 6),
                 "computed_steps": [i for i, c in enumerate(self.computed) if c], "note": self.note,
-                **({"with": [m.to_dict() for m in self.with_methods]} if self.with_methods else {})}
+                **({"with": [m.to_dict() for m in self.with_methods]} if self.with_methods else {}),
+                **({"measured_psnr": round(self.psnr, 3)} if self.psnr is not None else {})}
 
 
 # ---- shared helpers --------------------------------------------------------------------

@@ -147,8 +147,15 @@ def verified(profile: Profile, times: list[float]) -> list[Plan]:
     ran_at = cal.get("times") or []
     if len(ran_at) != len(times) or any(abs(a - b) > 1e-3 for a, b in zip(ran_at, times)):
         return []
-    return [plan_of_mask(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified by real runs")
-            for r in cal.get("runs", [])]
+    return [replace(plan_of_mask(profile, r["mask"], r["orders"], 10.0 ** (-r["psnr"] / 10.0), "verified by real runs"),
+                    psnr=float(r["psnr"])) for r in cal.get("runs", [])]
+
+
+def verified_times(profile: Profile, steps: int | None = None) -> list[float] | None:
+    """The timesteps the verified schedules were run at, when there are any (and, given ``steps``, of
+    that count): a planner asked for that step count without the scheduler's real timesteps uses them."""
+    times = ((profile.calibration or {}).get(VERIFIED) or {}).get("times")
+    return list(times) if times and (steps is None or len(times) == steps) else None
 
 
 def candidates(profile: Profile, times: list[float], retention: int = RETENTION, final_steps: int = 0) -> list[Plan]:
