@@ -151,6 +151,17 @@ def test_noise_sensitivity_perturbs_only_the_initial_noise_and_restores_the_pipe
     assert (ref == again).all()
 
 
+def test_noise_sensitivity_perturbs_latents_a_pipeline_returns_with_extras():
+    from diffaccel.profiler.reuse_error import noise_sensitivity
+
+    pipe = tp.build("flux")  # its prepare_latents returns (latents, latent image ids)
+    kwargs = tp.call_kwargs("flux", steps=3)
+    kwargs.pop("generator"), kwargs.pop("output_type")
+    prompt = kwargs.pop("prompt", None)
+    small = noise_sensitivity(pipe, [prompt], [3], kwargs, eps=1e-4)
+    assert 40 < small[0] < 300 and "prepare_latents" not in pipe.__dict__
+
+
 def test_validated_front_keeps_each_schedule_at_its_worst_seed_set():
     from diffaccel.profiler.verify_step_cache import validate_front
 

@@ -292,14 +292,18 @@ def noise_sensitivity(pipe, prompts: list, seeds: list[int], call_kwargs: dict, 
     PSNR on its own, so schedule selection leaves it out (and says so)."""
     kwargs = {**call_kwargs, "output_type": "np"}
     own = pipe.__dict__.get("prepare_latents")
+    original = pipe.prepare_latents
     noise = {"gen": None}
 
     def perturbed(*args, **kw):
-        latents = type(pipe).prepare_latents(pipe, *args, **kw)
+        out = original(*args, **kw)
         if noise["gen"] is None:
-            return latents
+            return out
+        # Some pipelines return more than the latents (Flux: (latents, latent image ids)).
+        latents = out[0] if isinstance(out, tuple) else out
         delta = torch.randn(latents.shape, generator=noise["gen"], dtype=torch.float32).to(latents)
-        return latents + eps * latents.float().std().to(latents) * delta
+        latents = latents + eps * latents.float().std().to(latents) * delta
+        return (latents, *out[1:]) if isinstance(out, tuple) else latents
 
     def output(prompt, seed, shift):
         noise["gen"] = torch.Generator().manual_seed(seed + 1) if shift else None
