@@ -155,6 +155,7 @@ def test_noise_sensitivity_perturbs_latents_a_pipeline_returns_with_extras():
     from diffaccel.profiler.reuse_error import noise_sensitivity
 
     pipe = tp.build("flux")  # its prepare_latents returns (latents, latent image ids)
+    pipe.vae.register_to_config(shift_factor=0.0)  # decoding needs it; the tiny test VAE has none, Flux's has
     kwargs = tp.call_kwargs("flux", steps=3)
     kwargs.pop("generator"), kwargs.pop("output_type")
     prompt = kwargs.pop("prompt", None)
