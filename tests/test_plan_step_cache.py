@@ -1,5 +1,6 @@
 """StepCache's planner: shortest paths over the step graph, and the measured graph behind it."""
 import itertools
+import math
 import random
 
 import pytest
@@ -161,6 +162,8 @@ def test_noise_sensitivity_perturbs_latents_a_pipeline_returns_with_extras():
     prompt = kwargs.pop("prompt", None)
     small = noise_sensitivity(pipe, [prompt], [3], kwargs, eps=1e-4)
     assert 40 < small[0] < 300 and "prepare_latents" not in pipe.__dict__
+    dit = tp.build("dit")  # draws its noise inline: nothing to perturb, no seed is called chaotic
+    assert noise_sensitivity(dit, [None, None], [3, 4], {"num_inference_steps": 2}) == [math.inf, math.inf]
 
 
 def test_validated_front_keeps_each_schedule_at_its_worst_seed_set():

@@ -289,7 +289,10 @@ def noise_sensitivity(pipe, prompts: list, seeds: list[int], call_kwargs: dict, 
     perturbed by ``eps`` (Gaussian, relative to the noise's scale, drawn from seed + 1). Ordinary seeds stay
     far above 60 dB; a seed near a bifurcation of the sampler (the output flips under any perturbation,
     an accelerated one included) falls to ~30 dB. Such a seed says nothing about a method but sets a pooled
-    PSNR on its own, so schedule selection leaves it out (and says so)."""
+    PSNR on its own, so schedule selection leaves it out (and says so). Pipelines without
+    ``prepare_latents`` give inf for every seed (none is left out)."""
+    if not callable(getattr(pipe, "prepare_latents", None)):  # DiTPipeline draws its noise inline: not measurable
+        return [math.inf] * len(seeds)
     kwargs = {**call_kwargs, "output_type": "np"}
     own = pipe.__dict__.get("prepare_latents")
     original = pipe.prepare_latents
