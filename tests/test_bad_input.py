@@ -414,6 +414,9 @@ READ_BACK = [
         _schedule_file(d, {"config": {"method": "warpdrive"}})), ValueError, "is corrupted: its chosen method config cannot be read"),
     (lambda d: load_schedule(
         _schedule_file(d, {"config": {"method": "deepcache", "intervall": 3}})), ValueError, "is corrupted: .*TypeError"),
+    (lambda d: load_schedule(_schedule_file(d, ["deepcache"])), ValueError, "is corrupted: its chosen method config"),
+    (lambda d: load_schedule(
+        _schedule_file(d, {"config": {"method": "step_cache"}, "with": [{"method": "nope"}]})), ValueError, "is corrupted"),
     (lambda d: load_schedule(
         _schedule_file(d, {"config": {"method": "deepcache", "schedule": "non-uniform", "power": 1e6}})), ValueError,
      "DeepCache power must be a number in"),

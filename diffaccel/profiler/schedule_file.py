@@ -48,7 +48,7 @@ def load_schedule(path) -> list:
             config = dict(config)
             name = config.pop("method")
             methods.append(METHODS[name](**config))
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ProfileError(f"Schedule file {str(path)!r} is corrupted: its chosen method config cannot be read "
                            f"({type(err).__name__}: {err}). Write it again with `diffaccel schedule`.") from None
     for method in methods:
