@@ -98,9 +98,9 @@ def _choose(pipe, adapter, preset, methods, profile, target_speedup) -> list[Met
     psnr_planned = any(getattr(m, "min_psnr", None) is not None for m in chosen)  # StepCache planned per call
     if profile is not None and not psnr_planned:
         raise ValueError(
-            "profile= plans target_speedup= or StepCache(min_psnr=...) schedules, and none of the chosen methods "
-            "has one: add target_speedup= (e.g. accelerate(pipe, profile='p.json', target_speedup=2.0)) or use "
-            "methods=[diffaccel.StepCache(min_psnr=30)].")
+            "profile= needs target_speedup= (e.g. accelerate(pipe, profile='p.json', target_speedup=2.0)) or a "
+            "StepCache(min_psnr=...) among the methods, which the DiT presets have; it cannot go with methods= or a "
+            "preset that have none.")
     if psnr_planned:
         from diffaccel.profiler.plan_step_cache import with_psnr_schedules
 
