@@ -25,7 +25,10 @@ from diffaccel.pipelines import detect
 from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.plan_step_cache import VERIFIED, graph_candidates, rule_candidates
 from diffaccel.profiler.reuse_error import step_skip_errors
-from diffaccel.profiler.verify_step_cache import SeedSet, refine_front, run_plans, store_front
+from diffaccel.profiler.verify_step_cache import (CHAOTIC_DB, SeedSet, pareto, refine_front, run_plans, store_front,
+                                                  validate_front)
+
+__all__ = ["main", "refine", "pareto", "validate_front", "CHAOTIC_DB"]  # the front's helpers, as before they moved
 
 
 def main() -> None:
