@@ -99,3 +99,13 @@ def test_a_schedule_file_keeps_the_text_cache_its_plan_counts_on(tmp_path, capsy
     assert cli.main(["schedule", str(profile), "--target-speedup", "2.5", "--steps", "20", "--out", str(out)]) == 0
     assert "+ text_cache" in capsys.readouterr().out
     assert [m.name for m in load_schedule(out)] == ["text_cache", "step_cache"]
+
+
+def test_the_quick_calibration_never_counts_it(dit):
+    """Counting TextCache reads module timings; timed at accelerate time they would make the chosen
+    schedule depend on the machine's load, so only a saved profile may count it."""
+    from diffaccel.profiler.schedule import calibrate
+
+    profile = calibrate(dit, detect(dit), steps=4)
+    assert profile.costs["tokens"]["text"] > 0 and profile.costs["module_seconds"]  # measured, but
+    assert "text_modules" not in profile.costs and plan_all(profile, 1.01, 4)[0].with_methods == ()
