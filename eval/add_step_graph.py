@@ -25,8 +25,8 @@ from diffaccel.pipelines import detect
 from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.plan_step_cache import VERIFIED, graph_candidates, rule_candidates
 from diffaccel.profiler.reuse_error import step_skip_errors
-from diffaccel.profiler.verify_step_cache import (CHAOTIC_DB, SeedSet, pareto, refine_front, run_plans, store_front,
-                                                  validate_front)
+from diffaccel.profiler.verify_step_cache import (CHAOTIC_DB, SeedSet, distinct, pareto, refine_front, run_plans,
+                                                  store_front, validate_front)
 
 __all__ = ["main", "refine", "pareto", "validate_front", "CHAOTIC_DB"]  # the front's helpers, as before they moved
 
@@ -75,7 +75,7 @@ def main() -> None:
         lo, _, hi = args.computed.partition("-")
         keep = (lambda k: int(lo) <= k <= int(hi or lo)) if lo else (lambda k: True)
         plans = rule_candidates(profile, times) if args.rules else graph_candidates(profile, times)
-        plans = list({p.config.mask + tuple(p.config.forecast_orders or ()): p for p in plans if keep(sum(p.computed))}.values())
+        plans = distinct([p for p in plans if keep(sum(p.computed))])
         vseeds = list(range(100, 100 + args.verify))
         runs = run_plans(pipe, profile, plans, [captions[s % len(captions)] for s in vseeds], vseeds, {}, progress=True)
         runs += previous["runs"] if previous else []

@@ -36,6 +36,11 @@ def pareto(runs: list[dict]) -> list[dict]:
                                               for o in runs)), key=lambda r: r["speedup"])
 
 
+def distinct(plans: list) -> list:
+    """One plan per schedule (mask and forecast orders): running a schedule twice measures nothing new."""
+    return list({p.config.mask + tuple(p.config.forecast_orders or ()): p for p in plans}.values())
+
+
 def run_plans(pipe, profile: Profile, plans: list, prompts: list, seeds: list[int], call_kwargs: dict,
               progress: bool = False) -> list[dict]:
     """Each plan run on ``prompts`` / ``seeds``: mask, orders, pooled / mean / worst PSNR and its FLOPs speed-up."""
@@ -126,7 +131,7 @@ def verify_step_cache(pipe, profile: Profile, prompts: list, seeds: list[int], c
         raise ValueError("Verifying StepCache schedules needs the profile's measured step graph: profile with "
                          "--step-graph N (N prompts, e.g. 2).")
     times = graph["times"]
-    plans = list({p.config.mask + tuple(p.config.forecast_orders or ()): p for p in graph_candidates(profile, times)}.values())
+    plans = distinct(graph_candidates(profile, times))
     runs = run_plans(pipe, profile, plans, prompts, seeds, call_kwargs, progress)
     checks = [SeedSet(pipe, profile, p, s, call_kwargs, f"{s[0]}-{s[-1]}", progress) for p, s in validation]
     runs = refine_front(pipe, profile, runs, prompts, seeds, call_kwargs, checks, refine, refine_range, progress)
