@@ -7,9 +7,9 @@ the workers report one device (the gloo backend runs on CPU either way).
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -20,18 +20,14 @@ import torch.multiprocessing as mp
 DEADLINE_S = 600  # generous: only a hang (a collective no other rank joins) ever gets near it
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, fn, world, port, out_dir, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+def _entry(rank, fn, world, out_dir, args):
+    faulthandler.enable()  # a crash in a rank prints where it happened (CI once saw a bare SIGSEGV)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     torch.accelerator.device_count = lambda *a, **k: 1  # CPU-only box: diffusers' CP divides by this
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: a free port picked beforehand can be taken by another job before rank 0 binds it.
+    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"),
+                                         rank=rank, world_size=world)
     try:
         result = ("ok", fn(rank, world, *args))
     except BaseException:  # noqa: BLE001 - carried back to the test, which fails with it
@@ -47,7 +43,7 @@ def _entry(rank, fn, world, port, out_dir, args):
 def run_ranks(fn, world: int, *args, deadline_s: float = DEADLINE_S) -> list:
     """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run on its own rank."""
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_entry, args=(fn, world, free_port(), out_dir, args), nprocs=world, join=False,
+        ctx = mp.start_processes(_entry, args=(fn, world, out_dir, args), nprocs=world, join=False,
                                  start_method="spawn")
         end = time.monotonic() + deadline_s
         while not ctx.join(timeout=max(0.1, end - time.monotonic())):  # returns as each process ends
