@@ -13,6 +13,7 @@ import pickle
 import tempfile
 import time
 import traceback
+import warnings
 
 import torch
 import torch.multiprocessing as mp
@@ -41,16 +42,39 @@ def _entry(rank, fn, world, out_dir, args):
 
 
 def run_ranks(fn, world: int, *args, deadline_s: float = DEADLINE_S) -> list:
-    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run on its own rank."""
+    """``[fn(0, world, *args), ..., fn(world - 1, world, *args)]``, each run on its own rank.
+
+    A rank killed by a signal (CI once saw a SIGSEGV inside gloo / torch that 250 local reruns did
+    not reproduce) is reported as a warning, with its traceback on stderr, and the run is repeated
+    once; a second crash, an error raised by ``fn``, a wrong result or a hang fails as usual.
+    """
+    try:
+        return _run_once(fn, world, args, deadline_s)
+    except RankCrashed as err:
+        warnings.warn(f"{err}; running the ranks once more")
+        return _run_once(fn, world, args, deadline_s)
+
+
+class RankCrashed(RuntimeError):
+    """A rank died of a signal (not an exception of ``fn``)."""
+
+
+def _run_once(fn, world: int, args: tuple, deadline_s: float) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_entry, args=(fn, world, out_dir, args), nprocs=world, join=False,
                                  start_method="spawn")
         end = time.monotonic() + deadline_s
-        while not ctx.join(timeout=max(0.1, end - time.monotonic())):  # returns as each process ends
-            if time.monotonic() >= end:
-                for p in ctx.processes:
-                    p.kill()
-                raise AssertionError(f"{world} ranks did not finish within {deadline_s} s: a collective hangs")
+        try:
+            while not ctx.join(timeout=max(0.1, end - time.monotonic())):  # returns as each process ends
+                if time.monotonic() >= end:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise AssertionError(f"{world} ranks did not finish within {deadline_s} s: a collective hangs")
+        except mp.ProcessExitedException as err:
+            if not err.signal_name:
+                raise
+            done = [r for r in range(world) if os.path.exists(os.path.join(out_dir, f"{r}.pkl"))]
+            raise RankCrashed(f"{err} (ranks that had written their result before it: {done or 'none'})") from err
         results = []
         for rank in range(world):
             with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:

@@ -50,3 +50,23 @@ def test_process_group_is_validated():
         diffaccel.accelerate(build("pixart"), process_group=3)
     with pytest.raises(ValueError, match="process_group"):
         diffaccel.accelerate(build("pixart"), process_group=object())
+
+
+def _crash_first(rank, world, marker, crashes):
+    """Rank 0 dies of SIGSEGV on the first ``crashes`` runs (counted in ``marker``), then returns."""
+    import os
+    import signal
+
+    count = int(open(marker).read() or 0) if os.path.exists(marker) else 0
+    if rank == 0 and count < crashes:
+        with open(marker, "w") as f:
+            f.write(str(count + 1))
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return rank
+
+
+def test_harness_reruns_a_crashed_rank_once_and_fails_on_a_second_crash(tmp_path):
+    with pytest.warns(UserWarning, match="SIGSEGV.*running the ranks once more"):
+        assert run_ranks(_crash_first, 2, str(tmp_path / "once"), 1) == [0, 1]
+    with pytest.warns(UserWarning, match="SIGSEGV"), pytest.raises(Exception, match="SIGSEGV"):
+        run_ranks(_crash_first, 2, str(tmp_path / "twice"), 2)
