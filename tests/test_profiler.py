@@ -206,3 +206,31 @@ def test_cli_profile_and_schedule_from_pretrained(tmp_path, capsys):
 def test_no_profile_and_no_calibration_possible_says_how_to_profile():
     with pytest.raises(ValueError, match="No profile is shipped.*diffaccel profile"):
         diffaccel.accelerate(tp.build("sd"), target_speedup=2.0)
+
+
+def test_methods_are_ranked_by_measured_preference_not_by_errors_in_different_units():
+    # StepCache's error is a summed output MSE, AdaptiveCache's / PAB's a staleness proxy: a tiny
+    # proxy error must not beat StepCache, but between the two proxy planners the least error wins.
+    from diffaccel.profiler.plan_common import Plan
+    from diffaccel.profiler.schedule import choice_key
+
+    step = Plan("step_cache", diffaccel.StepCache(), 2.0, 2.0, error=10.0)
+    adaptive = Plan("adaptive_cache", diffaccel.AdaptiveCache(), 2.0, 2.0, error=1e-9)
+    pab = Plan("pab", diffaccel.PAB(), 2.0, 2.0, error=1e-6)
+    assert max([adaptive, step, pab], key=choice_key) is step
+    assert max([pab, adaptive], key=choice_key) is adaptive
+    lossless = Plan("text_cache", diffaccel.TextCache(), 2.0, 2.0, error=0.0)
+    assert max([step, lossless, adaptive], key=choice_key) is lossless
+
+
+def test_schedule_at_the_verified_step_count_shows_the_verified_schedule():
+    # `diffaccel schedule --steps 20` on the shipped profile (profiled at 25 steps, schedules verified
+    # at the 20 real timesteps) plans at those timesteps: the plan it shows is the one a 20-step call runs.
+    from diffaccel.profiler.plan_step_cache import verified_times
+    from diffaccel.profiler.schedule import planning_times, shipped_profile
+
+    profile = shipped_profile(detect(diffaccel.load_bundled("tiny-dit")))
+    assert planning_times(profile, 20) == verified_times(profile, 20)
+    assert planning_times(profile) == profile.times  # the profiled count: the profiled times
+    chosen, _ = plan_all(profile, 2.0, 20)
+    assert chosen.method == "step_cache" and chosen.psnr is not None  # measured, not predicted

@@ -123,6 +123,7 @@ class TextCachePlanner(Planner):
     """TextCache alone: a fixed, lossless saving."""
 
     method = TextCache
+    preference = 2  # lossless: where its saving alone meets a target, nothing beats it
 
     def timed_modules(self, adapter) -> set[str]:
         return set(adapter.text_modules())

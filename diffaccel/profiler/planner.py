@@ -38,6 +38,9 @@ class Planner:
     method: ClassVar[type[Method]]
     # Plan again at every pipeline call, for the call's actual timesteps (ProfileSchedule).
     replans_per_call: ClassVar[bool] = False
+    # Which method a target plan takes when several reach it (higher first; equal: least error).
+    # Methods' errors are in different units, so this is set from real runs, not from the errors.
+    preference: ClassVar[int] = 0
 
     @property
     def name(self) -> str:

@@ -10,7 +10,8 @@ was last computed, read from the profile's cumulative change curve at the *actua
 (so a 50-step DDIM profile plans 20 DPM-Solver++ steps). Each method's planner
 (:mod:`diffaccel.profiler.planner`) turns that into the predicted error of its schedules -- a
 proxy, comparable between schedules and (roughly) between methods -- and plans for a target;
-this module asks every planner that applies to the profile's family and keeps the best plan.
+this module asks every planner that applies to the profile's family and keeps the best plan:
+methods' errors are in different units, so which method wins is a measured preference (:func:`choice_key`).
 
 ``methods_for_target`` returns the configs for ``diffaccel.accelerate``; for methods whose
 planner re-plans per call, a ``ProfileSchedule`` provides their settings at each call for the
@@ -28,8 +29,9 @@ from diffaccel.profiler.planner import planner_for, planners_for
 from diffaccel.profiler.profile import Profile, ProfileError, load_profile
 from diffaccel.validate import at_least
 
-__all__ = ["Plan", "UnreachableTarget", "step_times", "plan_method", "plan_all", "plan_for_max_error", "max_reachable",
-           "max_reachable_for", "summary", "ProfileSchedule", "methods_for_target", "shipped_profile", "calibrate"]
+__all__ = ["Plan", "UnreachableTarget", "step_times", "planning_times", "choice_key", "plan_method", "plan_all",
+           "plan_for_max_error", "max_reachable", "max_reachable_for", "summary", "ProfileSchedule", "methods_for_target",
+           "shipped_profile", "calibrate"]
 
 
 def plan_method(method: str, profile: Profile, times: list[float], target: float, like: Method | None = None) -> Plan:
@@ -44,10 +46,29 @@ def summary(plan: Plan) -> str:
     return planner_for(plan.method).summary(plan)
 
 
-def plan_all(profile: Profile, target: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
-    """(chosen plan, every applicable method's plan) for ``target``; the least predicted error wins."""
-    check_target(target)
+def planning_times(profile: Profile, steps: int | None = None) -> list[float]:
+    """The step times to plan for: the real scheduler's where the profile's verified schedules ran
+    at that many steps (a call of that length runs them, so the plan shown for it should too), else
+    the profiled times spread over ``steps`` (default: the profiled count)."""
+    from diffaccel.profiler.plan_step_cache import verified_times
+
     times = step_times(profile, steps)
+    return verified_times(profile, len(times)) or times
+
+
+def choice_key(plan: Plan) -> tuple:
+    """How plans of different methods rank (larger is better): the method's measured preference
+    (:attr:`~diffaccel.profiler.planner.Planner.preference`), then the least predicted error. Errors
+    of different methods are in different units (a staleness proxy, a summed output MSE), and the
+    profile's PSNR calibration (2 prompts) mis-ranked methods that real runs separate by 4-11 dB
+    (eval/results/schedules.md), so errors are compared only between plans of equal preference."""
+    return planner_for(plan.method).preference, -plan.error, plan.speedup
+
+
+def plan_all(profile: Profile, target: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
+    """(chosen plan, every applicable method's plan) for ``target``; the best by :func:`choice_key` wins."""
+    check_target(target)
+    times = planning_times(profile, steps)
     plans, reasons = [], []
     for planner in planners_for(profile.family):
         try:
@@ -60,7 +81,7 @@ def plan_all(profile: Profile, target: float, steps: int | None = None) -> tuple
             f"{'; '.join(reasons) or 'no planner for family ' + profile.family}. Ask for a lower target "
             f"(reachable: up to {max_reachable(profile, times):.2f}x in denoiser FLOPs)."
         )
-    return min(plans, key=lambda p: p.error), plans
+    return max(plans, key=choice_key), plans
 
 
 def max_reachable(profile: Profile, times: list[float]) -> float:
@@ -70,7 +91,7 @@ def max_reachable(profile: Profile, times: list[float]) -> float:
 def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
     """The fastest plan whose predicted error stays within ``max_error``."""
     at_least(max_error, "max_error", 0.0, "It is in the profile's error units; `diffaccel schedule` prints them per plan.")
-    times = step_times(profile, steps)
+    times = planning_times(profile, steps)
     best = None
     for planner in planners_for(profile.family):
         lo, hi, found = 1.0, max_reachable_for(planner.name, profile, times), None
