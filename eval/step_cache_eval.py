@@ -3,6 +3,7 @@ presets, PSNR-planned schedules, and uniform schedules of the same cost.
 
     python eval/step_cache_eval.py --model tiny-video --split heldout --seeds 5000-5015
     python eval/step_cache_eval.py --model tiny-dit --split train --seeds 100-107 --psnr 35,30,25
+    python eval/step_cache_eval.py --model tiny-sd --split heldout --seeds 5000-5015 --deepcache 10,7,6,5,4
 
 Captions: ``train`` (tuning) or ``heldout`` (the held-out colour-shape pairs; report on these),
 caption i goes with seed i. PSNR is over the decoded pixels in [0, 1]: pooled over the seeds (of the
@@ -41,6 +42,26 @@ def uniform_mask(n: int, computed: int) -> tuple[bool, ...]:
     return tuple(i in keep for i in range(n))
 
 
+def deepcache_schedules(pipe, n: int, k: int) -> list[tuple[str, list[int]]]:
+    """(name, full steps) with ``k`` full steps of ``n``: planned from the shipped profile (at the
+    scheduler's timesteps), evenly spread, and every N steps where ceil(n / N) = k."""
+    from diffaccel.pipelines import detect
+    from diffaccel.profiler.plan_deepcache import plan_deepcache
+    from diffaccel.profiler.schedule import shipped_profile
+
+    adapter = detect(pipe)
+    profile = shipped_profile(adapter)
+    pipe.scheduler.set_timesteps(n)
+    times = [adapter.normalised_time(t) for t in pipe.scheduler.timesteps]
+    full, saved = float(profile.costs["call"]), float(profile.costs["deepcache_saved"]["0"])
+    target = n * full / (k * full + (n - k) * (full - saved))  # exactly k full steps' speed-up
+    planned = [i for i, c in enumerate(plan_deepcache(profile, times, target).computed) if c]
+    out = [(f"DeepCache planned, {k} full", planned),
+           (f"DeepCache evenly spread, {k} full", [i for i, c in enumerate(uniform_mask(n, k)) if c])]
+    out += [(f"DeepCache every {N}", list(range(0, n, N))) for N in range(2, n) if -(-n // N) == k]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-video")
@@ -49,6 +70,8 @@ def main() -> None:
     ap.add_argument("--psnr", default="", help="comma-separated PSNR targets for StepCache(min_psnr=...)")
     ap.add_argument("--presets", action="store_true", help="also the quality / balanced / fast presets")
     ap.add_argument("--uniform", default="", help="comma-separated computed-step counts of uniform masks (order 1 and 0)")
+    ap.add_argument("--deepcache", default="", help="U-Net: comma-separated full-step counts K; for each, DeepCache's "
+                    "schedule planned from the shipped profile, K evenly spread steps, and every N steps where that gives K")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -66,6 +89,8 @@ def main() -> None:
         for order in (1, 0):
             configs.append((f"uniform {k}/{n} order {order}",
                             dict(methods=[diffaccel.StepCache(mask=uniform_mask(n, k), forecast_order=order)])))
+    for k in [int(k) for k in args.deepcache.split(",") if k]:
+        configs += [(name, dict(methods=[diffaccel.DeepCache(schedule=steps)])) for name, steps in deepcache_schedules(pipe, n, k)]
     print(f"model {args.model}, {args.split} captions, seeds {args.seeds} ({len(seeds)})\n")
     print("| config | FLOPs saved | PSNR pooled (dB) | PSNR mean | PSNR min | computed steps |\n"
           "| --- | --- | --- | --- | --- | --- |")
@@ -76,7 +101,8 @@ def main() -> None:
             ps.append(psnr(generate(pipe, c, s), ref))
             st = diffaccel.stats(pipe)
             saved.append(st["flops_saved_fraction"])
-        steps = next((m.get("computed_steps") for m in st["methods"].values() if "computed_steps" in m), "")
+        steps = next((m.get("computed_steps", m.get("full_steps")) for m in st["methods"].values()
+                      if "computed_steps" in m or "full_steps" in m), "")
         pooled = -10 * np.log10(np.mean([10 ** (-p / 10) for p in ps]))  # PSNR of the mean MSE, as evaluate.py
         print(f"| {name} | {100 * np.mean(saved):.1f}% | {pooled:.2f} | {np.mean(ps):.2f} | {np.min(ps):.2f} | {steps} |",
               flush=True)
