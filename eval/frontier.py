@@ -243,12 +243,19 @@ class Runner:
 
         self.peers.clear()
         diffaccel.disable(self.pipe)
+        self.before = module_marks(denoiser_of(self.pipe))
         if config.peer:
             return self.peers.install(config.spec)
-        before = module_marks(denoiser_of(self.pipe))
         if config.ours is not None:
             config.ours.apply(self.pipe)
-        return hooked_modules(denoiser_of(self.pipe), before)
+        return hooked_modules(denoiser_of(self.pipe), self.before)
+
+    def hooked_now(self) -> int:
+        """Modules hooked now, against the bare model: a method may hook some only at its first call
+        (TextCache settles its modules per call), so a count taken at install alone misses them."""
+        from frontier_peers import denoiser_of, hooked_modules
+
+        return hooked_modules(denoiser_of(self.pipe), self.before)
 
     def generate(self, seed: int, counting: bool):
         from diffaccel.evaluation.generation import generate
@@ -287,6 +294,7 @@ class Runner:
                     meta["resolved"] = config.ours.method_dicts()
                 for seed in todo:
                     image, flops, _, _ = self.generate(seed, counting=True)
+                    meta["hooked"] = max(meta["hooked"], self.hooked_now())
                     tmp = folder / f"seed{seed:04d}.partial.npz"
                     np.savez(tmp, image=image, flops=flops)
                     os.replace(tmp, folder / f"seed{seed:04d}.npz")

@@ -59,3 +59,15 @@ def test_frontier_bad_spec(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nonsense" in err[0]
+
+
+def test_hooked_counts_modules_a_method_hooks_at_its_first_call(tmp_path, trained):
+    # TextCache settles which modules it hooks at each denoiser call: counted at install alone it
+    # showed only its denoiser pre-hook (1).
+    import bench
+
+    assert bench.main(["--suite", "frontier", "--model", "tiny-sd", "--seeds", "0-0", "--steps", "2", "--ours",
+                       "text_cache", "--peers", "", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "f.md"),
+                       "--rounds", "0"]) == 0
+    row = next(line for line in (tmp_path / "f.md").read_text().splitlines() if line.startswith("| diffaccel text_cache"))
+    assert int(row.split("|")[-2]) > 1
