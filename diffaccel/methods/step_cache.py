@@ -189,6 +189,9 @@ class StepCacheInstalled(BlockStackCache):
     def _after_run(self, index, reader, args, kwargs, out) -> None:
         if not self.session.ctx.active:
             return
+        if not self.per_block and index not in (0, self.last):  # the stack's residual needs its ends only
+            self._note_outputs(index, out)
+            return
         rows = num_rows(args, kwargs)
         for (half, _), (_, sl) in zip(self.plan, cfg_half_rows(self.session.ctx, rows)):
             self._record(index, reader, args, kwargs, out, rows, half, sl)
@@ -237,14 +240,15 @@ class StepCacheInstalled(BlockStackCache):
     def _record(self, index, reader, args, kwargs, out, rows, half, sl) -> None:
         state = self.halves[half]
         self._note_outputs(index, out)
-        out_rows = tree_map(lambda o: o[sl].detach(), out)
         if self.per_block:
+            out_rows = tree_map(lambda o: o[sl].detach(), out)
             residual = tree_map(torch.sub, out_rows, self._inputs(reader, args, kwargs, rows, sl))
             state.blocks.setdefault(index, History(self._keep())).push(self._time(), residual)
             return
         if index == 0:
             state.entry = tree_map(torch.Tensor.detach, self._inputs(reader, args, kwargs, rows, sl))
         if index == self.last:
+            out_rows = tree_map(lambda o: o[sl].detach(), out)
             state.history.keep = self._keep()
             state.history.push(self._time(), tree_map(torch.sub, out_rows, state.entry))
             state.entry = None
