@@ -159,6 +159,8 @@ class AdaptiveCacheInstalled(BlockStackCache):
             hidden = out[self.outputs.index("hidden_states")] if isinstance(out, tuple) else out
             self.plan = self._decide(hidden - self.head_input)
             self.head_input = None
+        elif not self.per_block and self.first < index < self.last:  # the range's residual needs its ends only
+            self._note_outputs(index, out)
         elif self.first <= index <= self.last:
             rows = num_rows(args, kwargs)
             for (half, _), (_, sl) in zip(self.plan, cfg_half_rows(self.session.ctx, rows)):
@@ -209,15 +211,15 @@ class AdaptiveCacheInstalled(BlockStackCache):
     def _record(self, index, reader, args, kwargs, out, rows, half, sl) -> None:
         state = self.halves[half]
         self._note_outputs(index, out)
-        out_rows = tree_map(lambda o: o[sl], out)
         if self.per_block:
+            out_rows = tree_map(lambda o: o[sl], out)
             state.block_residuals[index] = tree_map(torch.sub, out_rows, self._inputs(reader, args, kwargs, rows, sl))
             self._remember(state, index, state.block_residuals[index])
             return
         if index == self.first:
             state.entry = self._inputs(reader, args, kwargs, rows, sl)
         if index == self.last:
-            state.residual = tree_map(torch.sub, out_rows, state.entry)
+            state.residual = tree_map(torch.sub, tree_map(lambda o: o[sl], out), state.entry)
             state.entry = None
             self._remember(state, index, state.residual)
 
