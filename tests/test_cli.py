@@ -90,3 +90,14 @@ def test_profile_says_each_phase_and_the_whole_time(tmp_path, capsys):
     assert lines[1].startswith("calibrating PSNR: probe schedules")
     assert lines[2].startswith(f"wrote {out}") and "calibration" in lines[2] and lines[2].endswith("s in all")
     assert out.is_file()
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-dit", "tiny-video"])
+def test_schedule_max_error_on_a_shipped_profile(model, capsys):
+    # Every family's planners include TextCache, which plans nothing where it is not counted: the
+    # search skips it instead of stopping at its refusal.
+    from diffaccel.bundled.loader import bundled_dir
+
+    assert cli.main(["schedule", str(bundled_dir() / model / "profile.json"), "--max-error", "0.2"]) == 0
+    chosen = [line for line in capsys.readouterr().out.splitlines() if line.startswith("*")]
+    assert len(chosen) == 1 and float(chosen[0].split()[3]) <= 0.2

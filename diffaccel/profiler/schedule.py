@@ -97,7 +97,11 @@ def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = N
         lo, hi, found = 1.0, max_reachable_for(planner.name, profile, times), None
         for _ in range(25):
             mid = (lo + hi) / 2
-            plan = plan_method(planner.name, profile, times, mid)
+            try:
+                plan = plan_method(planner.name, profile, times, mid)
+            except UnreachableTarget:  # e.g. TextCache where it is not counted: it plans nothing here
+                hi = mid
+                continue
             if plan.error <= max_error:
                 lo, found = mid, plan
             else:
