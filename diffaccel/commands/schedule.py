@@ -8,7 +8,8 @@ def add_arguments(parser) -> None:
     goal.add_argument("--target-speedup", type=float, help="wanted speed-up in denoiser FLOPs, e.g. 2")
     goal.add_argument("--max-error", type=float, help="fastest schedule whose predicted error (the profile's error units) stays below this")
     goal.add_argument("--min-psnr", type=float, help="fastest schedule whose predicted PSNR vs the unaccelerated output "
-                      "(calibrated when profiling) is at least this many dB")
+                      "(calibrated when profiling) is at least this many dB; a method whose PSNR was measured "
+                      "(verified StepCache schedules) goes before one whose PSNR is fitted")
     parser.add_argument("--steps", type=int, help="plan for this many steps (default: the profiled count)")
     parser.add_argument("--out", help="schedule JSON to write (default: print only)")
 
