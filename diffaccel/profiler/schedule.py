@@ -89,7 +89,8 @@ def max_reachable(profile: Profile, times: list[float]) -> float:
 
 
 def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
-    """The fastest plan whose predicted error stays within ``max_error``."""
+    """The fastest plan whose predicted error stays within ``max_error``, of the most preferred method
+    that has one (:func:`choice_key`)."""
     at_least(max_error, "max_error", 0.0, "It is in the profile's error units; `diffaccel schedule` prints them per plan.")
     times = planning_times(profile, steps)
     best = None
@@ -106,7 +107,10 @@ def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = N
                 lo, found = mid, plan
             else:
                 hi = mid
-        if found is not None and (best is None or found.speedup > best.speedup):
+        # Each method's error is in its own units, so ``max_error`` bounds each one in its own; among
+        # the methods that meet it the measured preference ranks first, then speed.
+        rank = lambda p: (planner_for(p.method).preference, p.speedup)  # noqa: E731
+        if found is not None and (best is None or rank(found) > rank(best)):
             best = found
     if best is None:
         raise UnreachableTarget(f"No schedule keeps the predicted error within {max_error:g}; raise --max-error.")
