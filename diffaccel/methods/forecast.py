@@ -9,8 +9,9 @@ unevenly spaced steps are handled exactly). Order 0 repeats ``v1``.
 Extrapolation can blow up where the trend turns (the last steps, a prompt unlike the profiled
 ones). The guard bounds the forecast's change ``|f - v1|`` (RMS over the tensor) by ``guard``
 times the last observed change ``|v1 - v2|``, scaled by how far ``t`` is from ``t1`` in units of
-the last interval; the clamp is a tensor operation, so there is no host sync and no branch on
-data. Example::
+the last interval. For order 1 the change is ``a (v1 - v2)``, so the clamp is a scalar on ``a``
+(a guard under 1 damps the extrapolation) and a forecast is one tensor operation; for order 2 it
+is a tensor operation. Either way there is no host sync and no branch on data. Example::
 
     h = History()
     h.push(0.9, a); h.push(0.8, b)
@@ -18,6 +19,7 @@ data. Example::
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -53,17 +55,19 @@ class History:
         (t1, v1), (t2, v2) = self.items[-1], self.items[-2]
         a = (t - t1) / (t1 - t2)  # steps ahead, in units of the last interval
         if order == 1:
-            forecast = tree_map(lambda x1, x2: x1 + a * (x1 - x2), v1, v2)
-        else:
-            t3, v3 = self.items[-3]
-            # Newton form: v1 + (t - t1) d[1,2] + (t - t1)(t - t2) d[1,2,3].
-            b = (t - t1) * (t - t2) / (t1 - t3)
+            # |f - v1| = |a| |v1 - v2| exactly, so the guard's clamp is min(|a|, guard max(1, |a|)) and
+            # v1 + step (v1 - v2) = lerp(v2, v1, 1 + step): one operation, no temporary.
+            step = a if guard <= 0 else math.copysign(min(abs(a), guard * max(1.0, abs(a))), a)
+            return tree_map(lambda x1, x2: torch.lerp(x2, x1, 1.0 + step), v1, v2)
+        t3, v3 = self.items[-3]
+        # Newton form: v1 + (t - t1) d[1,2] + (t - t1)(t - t2) d[1,2,3].
+        b = (t - t1) * (t - t2) / (t1 - t3)
 
-            def newton(x1, x2, x3):
-                d12, d23 = (x1 - x2) / (t1 - t2), (x2 - x3) / (t2 - t3)
-                return x1 + a * (x1 - x2) + b * (d12 - d23)
+        def newton(x1, x2, x3):
+            d12, d23 = (x1 - x2) / (t1 - t2), (x2 - x3) / (t2 - t3)
+            return x1 + a * (x1 - x2) + b * (d12 - d23)
 
-            forecast = tree_map(newton, v1, v2, v3)
+        forecast = tree_map(newton, v1, v2, v3)
         if guard <= 0:
             return forecast
         return tree_map(lambda f, x1, x2: _clamped(f, x1, x2, guard * max(1.0, abs(a))), forecast, v1, v2)
