@@ -465,6 +465,7 @@ CLI_NUMBERS = [
     (["schedule", _shipped("tiny-sd"), "--target-speedup", "nan"], "target_speedup must be a finite number >= 1, got nan"),
     (["schedule", _shipped("tiny-sd"), "--target-speedup", "2", "--steps", "0"], "steps must be a positive integer, got 0"),
     (["schedule", _shipped("tiny-sd"), "--max-error", "nan"], "max_error must be a finite number >= 0, got nan"),
+    (["schedule", _shipped("tiny-dit"), "--max-error", "0"], "No schedule keeps the predicted error within 0"),
     (["schedule", _shipped("tiny-sd"), "--min-psnr", "inf"], "--min-psnr must be a number of dB"),
     (["schedule", "missing.json", "--target-speedup", "2"], "Profile file 'missing.json' does not exist"),
     (["profile", "tiny-sd", "--steps", "1"], "--steps must be >= 2"),

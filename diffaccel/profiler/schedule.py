@@ -103,7 +103,7 @@ def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = N
             except UnreachableTarget:  # e.g. TextCache where it is not counted: it plans nothing here
                 hi = mid
                 continue
-            if plan.error <= max_error:
+            if plan.error <= max_error and plan.speedup > 1.0 + 1e-9:  # one that saves nothing is no schedule
                 lo, found = mid, plan
             else:
                 hi = mid
