@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 import diffaccel
+from diffaccel.bundled.loader import bundled_dir
 from diffaccel.evaluation.generation import builtin_prompts
 from diffaccel.profiler.planner import planners_for
 from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.schedule import ProfileSchedule, UnreachableTarget, plan_all, plan_method, planning_times
-from diffaccel.bundled.loader import bundled_dir
 
 
 def main() -> None:

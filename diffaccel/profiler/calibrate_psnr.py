@@ -19,7 +19,7 @@ from diffaccel.pipelines import detect
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, step_times
 from diffaccel.profiler.planner import planner_for, planners_for
 from diffaccel.profiler.profile import Profile, ProfileError
-from diffaccel.profiler.schedule import max_reachable_for, plan_method
+from diffaccel.profiler.schedule import max_reachable_for, plan_method, speed_key
 from diffaccel.state import attach, detach, session_of
 
 PROBE_TARGETS = (1.5, 2.0, 3.0)
@@ -107,7 +107,7 @@ def predicted_psnr(profile: Profile, plan: Plan) -> float | None:
 
 def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
     """The fastest plan whose calibrated predicted PSNR is at least ``min_psnr`` dB, of the most
-    preferred method that has one (:func:`~diffaccel.profiler.schedule.choice_key`)."""
+    preferred method that has one (:func:`~diffaccel.profiler.schedule.speed_key`)."""
     if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
         raise ValueError(f"--min-psnr must be a number of dB (e.g. 35), got {min_psnr!r}.")
     from diffaccel.profiler.plan_step_cache import verified, verified_times
@@ -120,9 +120,8 @@ def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = Non
         raise ProfileError(f"This profile of {profile.model} has no PSNR calibration, which --min-psnr needs. Re-profile "
                            "with this diffaccel (`diffaccel profile MODEL --out P.json`) or use --target-speedup / --max-error.")
     # Predicted PSNRs of different methods are not equally trustworthy (StepCache's are measured, the
-    # others' fitted on 2 prompts), so the planners' measured preference ranks first, then speed.
-    rank = lambda p: (planner_for(p.method).preference, p.speedup)  # noqa: E731
-    best = max((p for p in runs if p.psnr >= min_psnr and p.speedup > 1.0 + 1e-9), key=rank, default=None)
+    # others' fitted on 2 prompts): speed_key ranks the planners' measured preference first.
+    best = max((p for p in runs if p.psnr >= min_psnr and p.speedup > 1.0 + 1e-9), key=speed_key, default=None)
     saving = [p for p in runs if p.speedup > 1.0 + 1e-9]
     closest = (max(p.psnr for p in saving), None) if saving else None
     methods = [m for m in methods if not (runs and m == "step_cache")]
@@ -133,7 +132,7 @@ def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = Non
             value = predicted_psnr(profile, plan)
             if plan.speedup > 1.0 + 1e-9 and (closest is None or value > closest[0]):
                 closest = (value, plan)
-            if value >= min_psnr and (best is None or rank(plan) > rank(best)):
+            if value >= min_psnr and (best is None or speed_key(plan) > speed_key(best)):
                 best = plan
     if best is None or best.speedup <= 1.0 + 1e-9:
         reach = f"the most accurate schedule that saves anything is predicted at {closest[0]:.1f} dB" if closest else "nothing saves compute"

@@ -38,7 +38,8 @@ class Planner:
     method: ClassVar[type[Method]]
     # Plan again at every pipeline call, for the call's actual timesteps (ProfileSchedule).
     replans_per_call: ClassVar[bool] = False
-    # Which method a target plan takes when several reach it (higher first; equal: least error).
+    # Which method a plan takes when several qualify (higher first; then the least error for a speed-up
+    # target, the most speed for a PSNR or error bound: diffaccel.profiler.schedule).
     # Methods' errors are in different units, so this is set from real runs, not from the errors.
     preference: ClassVar[int] = 0
 

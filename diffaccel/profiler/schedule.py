@@ -29,7 +29,7 @@ from diffaccel.profiler.planner import planner_for, planners_for
 from diffaccel.profiler.profile import Profile, ProfileError, load_profile
 from diffaccel.validate import at_least
 
-__all__ = ["Plan", "UnreachableTarget", "step_times", "planning_times", "choice_key", "plan_method", "plan_all",
+__all__ = ["Plan", "UnreachableTarget", "step_times", "planning_times", "choice_key", "speed_key", "plan_method", "plan_all",
            "plan_for_max_error", "max_reachable", "max_reachable_for", "summary", "ProfileSchedule", "methods_for_target",
            "shipped_profile", "calibrate"]
 
@@ -63,6 +63,12 @@ def choice_key(plan: Plan) -> tuple:
     profile's PSNR calibration (2 prompts) mis-ranked methods that real runs separate by 4-11 dB
     (eval/results/schedules.md), so errors are compared only between plans of equal preference."""
     return planner_for(plan.method).preference, -plan.error, plan.speedup
+
+
+def speed_key(plan: Plan) -> tuple:
+    """How plans that all meet a quality bound (a PSNR, an error) rank: the method's measured
+    preference first (its quality numbers are the more trustworthy), then speed."""
+    return planner_for(plan.method).preference, plan.speedup
 
 
 def plan_all(profile: Profile, target: float, steps: int | None = None) -> tuple[Plan, list[Plan]]:
@@ -107,10 +113,8 @@ def plan_for_max_error(profile: Profile, max_error: float, steps: int | None = N
                 lo, found = mid, plan
             else:
                 hi = mid
-        # Each method's error is in its own units, so ``max_error`` bounds each one in its own; among
-        # the methods that meet it the measured preference ranks first, then speed.
-        rank = lambda p: (planner_for(p.method).preference, p.speedup)  # noqa: E731
-        if found is not None and (best is None or rank(found) > rank(best)):
+        # Each method's error is in its own units, so ``max_error`` bounds each one in its own.
+        if found is not None and (best is None or speed_key(found) > speed_key(best)):
             best = found
     if best is None:
         raise UnreachableTarget(f"No schedule keeps the predicted error within {max_error:g}; raise --max-error.")
