@@ -31,9 +31,11 @@ def add_arguments(parser) -> None:
                              "as a generation: about steps x 8 generations per prompt); its planner needs it for "
                              "measured errors and PSNR targets (0 skips)")
     parser.add_argument("--verify", type=int, default=0, metavar="M",
-                        help="with --step-graph: run the step graph's candidate schedules (about 3 x steps) as real "
+                        help="DiTs, with --step-graph: run the step graph's candidate schedules (about 3 x steps) as real "
                              "generations on M prompts (seeds SEED+1000..) and keep the fastest ones per measured PSNR; "
-                             "StepCache(min_psnr=...) and the DiT presets then choose among them (0 skips)")
+                             "StepCache(min_psnr=...) and the DiT presets then choose among them. U-Nets: run DeepCache's "
+                             "planned schedules with each forecast of the deep features (6 schedules x 3 forecasts) on "
+                             "M prompts; planned schedules then forecast as measured best (0 skips)")
     parser.add_argument("--validate", type=int, default=0, metavar="K",
                         help="with --verify: re-run every kept schedule on K more prompts (seeds SEED+2000..) and keep "
                              "its lower PSNR, so a schedule tuned to the verification seeds loses its place (0 skips)")
@@ -121,8 +123,6 @@ def main(args) -> int:
     for flag, value in (("--step-graph", args.step_graph), ("--verify", args.verify), ("--validate", args.validate),
                         ("--refine", args.refine)):
         non_negative_int(value, flag, "0 skips it.")
-    if args.verify and not args.step_graph:
-        raise ValueError("--verify runs schedules planned from the step graph: add --step-graph N (e.g. 2).")
     if (args.validate or args.refine) and not args.verify:
         raise ValueError("--validate and --refine work on the verified schedules: add --verify M (e.g. 4).")
     from diffaccel.bundled.loader import BUNDLED_MODELS
@@ -142,8 +142,7 @@ def main(args) -> int:
         device = ranks.device(resolve_device(args.device))
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
         set_scheduler(pipe, args.scheduler)
-        if args.step_graph:
-            _check_step_cache_applies(pipe, args.model)
+        _check_verification_applies(pipe, args)
         out = Path(args.out)
         if ranks.main:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +186,8 @@ def main(args) -> int:
 
 
 def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
-    """Verified (and validated) StepCache schedules into ``profile``; returns the seconds it took."""
+    """Verified (and validated) StepCache schedules, or a U-Net's verified DeepCache forecasts, into
+    ``profile``; returns the seconds it took."""
     import time
 
     from diffaccel.profiler.verify_step_cache import verify_step_cache
@@ -196,6 +196,17 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
         return [prompts[i % len(prompts)] for i in range(count)], [first_seed + i for i in range(count)]
 
     started = time.perf_counter()
+    if profile.family == "unet":
+        from diffaccel.profiler.verify_deepcache import verify_deepcache
+
+        print(f"verifying DeepCache forecasts on {_count(args.verify, 'prompt')}", flush=True)
+        entry = verify_deepcache(pipe, profile, *prompt_set(args.verify, args.seed + 1000), call,
+                                 progress=not args.no_progress)
+        for run in entry["runs"]:
+            measured = "  ".join(f"{label} {db:.2f} dB" for label, db in run["psnr"].items())
+            print(f"  {len(run['full_steps'])} of {entry['steps']} full steps ({run['speedup']:.2f}x FLOPs): {measured}"
+                  f"  -> {run['best']}")
+        return time.perf_counter() - started
     print(f"verifying StepCache schedules on {_count(args.verify, 'prompt')}"
           + (f", validating on {args.validate} more" if args.validate else "")
           + (f", {_count(args.refine, 'round')} of local search" if args.refine else ""), flush=True)
@@ -207,11 +218,21 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
     return time.perf_counter() - started
 
 
-def _check_step_cache_applies(pipe, model: str) -> None:
+def _check_verification_applies(pipe, args) -> None:
     from diffaccel.methods.step_cache import StepCache
     from diffaccel.pipelines import detect
 
     family = detect(pipe).family
-    if family not in StepCache.supported_families():
-        raise ValueError(f"--step-graph measures StepCache's schedules, which apply to image and video DiTs; {model} "
-                         f"is a {family} model. Leave --step-graph / --verify out.")
+    if family == "unet":
+        if args.step_graph:
+            raise ValueError(f"--step-graph measures StepCache's schedules, which apply to image and video DiTs; "
+                             f"{args.model} is a unet model. Leave --step-graph out (--verify M verifies DeepCache's forecasts).")
+        if args.validate or args.refine:
+            raise ValueError("--validate and --refine apply to StepCache's verified schedules (DiTs); on a unet model "
+                             "leave them out (--verify M alone verifies DeepCache's forecasts).")
+    elif family not in StepCache.supported_families():
+        if args.step_graph or args.verify:
+            raise ValueError(f"--step-graph / --verify measure StepCache's schedules, which apply to image and video DiTs; "
+                             f"{args.model} is a {family} model. Leave them out.")
+    elif args.verify and not args.step_graph:
+        raise ValueError("--verify runs schedules planned from the step graph: add --step-graph N (e.g. 2).")

@@ -32,6 +32,7 @@ from diffaccel.methods.deepcache import DeepCache, cached_modules
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS
 
 # The measured output error (reuse_error.py) covers skip branch 0, the one presets and plans use,
 # at ages up to REUSE_AGES steps; older ages are extrapolated.
@@ -167,32 +168,72 @@ def choose_full_steps(cum: list[float], k: int) -> list[int]:
     return best_full_steps(drift_cost(cum), len(cum), k)
 
 
-def plan_deepcache(profile: Profile, times: list[float], target: float | None, skip_branch: int = 0,
-                   full_steps: list[int] | None = None) -> Plan:
-    """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing."""
+def _model(profile: Profile, times: list[float], skip_branch: int):
+    """(cost(i, f), FLOPs of a full call, FLOPs a reused step saves, note) for planning at ``times``."""
     saved = profile.costs.get("deepcache_saved", {}).get(str(skip_branch))
     if saved is None:
         raise ProfileError(f"The profile has no DeepCache costs for skip branch {skip_branch} "
                            f"(skip branches: {sorted(profile.costs.get('deepcache_saved', {}))}).")
-    full, n = float(profile.costs["call"]), len(times)
-    cost_of = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731
+    full = float(profile.costs["call"])
     model = output_error_model(profile, skip_branch, times)
     if model is not None:
-        cost, note = model.cost, ""
-    else:
-        drift = drift_cost(profile.drift(deepcache_source(profile, skip_branch)).on(times))
-        cost = lambda i, f: drift(i, f) * saved / full  # noqa: E731
-        note = "error model: deep-feature drift (profile has no measured reuse error; re-profile for the output-error model)"
+        return model.cost, full, saved, ""
+    drift = drift_cost(profile.drift(deepcache_source(profile, skip_branch)).on(times))
+    return (lambda i, f: drift(i, f) * saved / full), full, saved, (  # noqa: E731
+        "error model: deep-feature drift (profile has no measured reuse error; re-profile for the output-error model)")
+
+
+def plan_full_steps(profile: Profile, times: list[float], k: int, skip_branch: int = 0) -> tuple[list[int], float]:
+    """(the k full steps the planner picks at ``times``, their FLOPs speed-up)."""
+    cost, full, saved, _ = _model(profile, times, skip_branch)
+    n = len(times)
+    steps = best_full_steps(cost, n, k)
+    return steps, n * full / (len(steps) * full + (n - len(steps)) * (full - saved))
+
+
+def verified_forecast(profile: Profile, n: int, k: int, skip_branch: int = 0) -> tuple[int, float, str]:
+    """(forecast_order, guard, note) for a schedule of ``k`` full steps in ``n``: the forecast measured
+    best (:mod:`diffaccel.profiler.verify_deepcache`) on the verified schedule with the nearest number
+    of full steps. Plain reuse at other step counts than the verified one: which forecast wins changes
+    with the step count (tiny-sd: order 1 gains 6 dB with 10 of 20 full steps, loses 8 dB with 5 of 10)."""
+    entry = (profile.calibration or {}).get(FORECAST_KEY) or {}
+    runs = entry.get("runs") if entry.get("skip_branch") == skip_branch else None
+    if not runs or k < 2:  # one full step: nothing to extrapolate from
+        return 0, FORECASTS["order 0"][1], ""
+    if entry["steps"] != n:
+        return 0, FORECASTS["order 0"][1], f"forecast: none (verified at {entry['steps']} steps, not {n})"
+    run = min(runs, key=lambda r: (abs(len(r["full_steps"]) - k), len(r["full_steps"])))
+    order, guard = FORECASTS[run["best"]]
+    psnr = run["psnr"]
+    note = (f"forecast: {run['best']} (measured {psnr[run['best']]:.1f} dB vs {psnr['order 0']:.1f} dB plain reuse with "
+            f"{len(run['full_steps'])} of {entry['steps']} full steps)")
+    return order, guard, note
+
+
+def plan_deepcache(profile: Profile, times: list[float], target: float | None, skip_branch: int = 0,
+                   full_steps: list[int] | None = None) -> Plan:
+    """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing.
+
+    A chosen schedule forecasts the deep features as the profile's verified runs found best; the
+    predicted error is that of plain reuse (the measured error model's), an upper bound where a
+    forecast was chosen."""
+    cost, full, saved, note = _model(profile, times, skip_branch)
+    n = len(times)
+    cost_of = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731
+    forecast = {}
     if full_steps is None:
         k = max((k for k in range(1, n + 1) if n * full / cost_of(k) >= target - 1e-9), default=None)
         if k is None:
             raise UnreachableTarget(f"DeepCache reaches at most {n * full / cost_of(1):.2f}x here")
         full_steps = best_full_steps(cost, n, k)
+        order, guard, forecast_note = verified_forecast(profile, n, k, skip_branch)
+        forecast = dict(forecast_order=order, guard=guard)
+        note = "; ".join(x for x in (note, forecast_note) if x)
     else:
         full_steps = sorted({0, *(s for s in full_steps if s < n)})
     speedup = n * full / cost_of(len(full_steps))
     error = schedule_error(cost, n, full_steps)
-    config = DeepCache(skip_branch=skip_branch, schedule=[float(times[s]) for s in full_steps])
+    config = DeepCache(skip_branch=skip_branch, schedule=[float(times[s]) for s in full_steps], **forecast)
     computed = [s in set(full_steps) for s in range(n)]
     skipped = profile.costs.get("deepcache_paths", {}).get(str(skip_branch), ())
     return Plan("deepcache", config, speedup, wall_speedup(profile, speedup, skipped), error, computed, note)
@@ -258,7 +299,10 @@ class DeepCachePlanner(Planner):
         return plan_deepcache(profile, times, None, config.skip_branch, full_steps=resolved_full_steps(config, times))
 
     def call_config(self, config, plan) -> DeepCache:
-        return replace(config, schedule=[i for i, c in enumerate(plan.computed) if c])
+        return replace(config, schedule=[i for i, c in enumerate(plan.computed) if c],
+                       forecast_order=plan.config.forecast_order, guard=plan.config.guard)
 
     def summary(self, plan) -> str:
-        return f"branch {plan.config.skip_branch}, full steps {[i for i, c in enumerate(plan.computed) if c]}"
+        forecast = plan.config.forecast_order and f", forecast order {plan.config.forecast_order}" + (
+            f" guard {plan.config.guard:g}" if plan.config.guard < 1 else "")
+        return f"branch {plan.config.skip_branch}, full steps {[i for i, c in enumerate(plan.computed) if c]}{forecast or ''}"

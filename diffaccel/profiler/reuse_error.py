@@ -253,10 +253,20 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
 
 def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, configs: list,
                           progress: bool = False) -> list[dict]:
-    """Run StepCache ``configs`` (explicit masks) on ``prompts`` / ``seeds``: PSNR (dB, pixels in [0, 1])
-    of each against the unaccelerated output, for the planner's verified schedules. ``psnr`` is the
-    pooled one (of the mean MSE over the seeds), the statistic eval/evaluate.py checks the presets'
-    promises with: it is dominated by the worst seeds, where a mean of per-seed PSNRs hides them."""
+    """Run StepCache ``configs`` (explicit masks) on ``prompts`` / ``seeds``: :func:`run_configs`'
+    PSNRs of each, with its mask and forecast orders, for the planner's verified schedules."""
+    runs = run_configs(pipe, adapter, prompts, seeds, call_kwargs, configs, progress=progress)
+    for run, config in zip(runs, configs):
+        run.update(mask=[int(c) for c in config.mask], orders=list(config.forecast_orders or [0] * len(config.mask)))
+    return runs
+
+
+def run_configs(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, configs: list,
+                progress: bool = False, desc: str = "verifying schedules") -> list[dict]:
+    """Run each method config on ``prompts`` / ``seeds``: PSNR (dB, pixels in [0, 1]) against the
+    unaccelerated output. ``psnr`` is the pooled one (of the mean MSE over the seeds), the statistic
+    eval/evaluate.py checks the presets' promises with: it is dominated by the worst seeds, where a
+    mean of per-seed PSNRs (``psnr_mean``) hides them."""
     from diffaccel.state import attach, detach
 
     kwargs = {**call_kwargs, "output_type": "np"}
@@ -269,15 +279,14 @@ def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_k
     if progress:
         from tqdm.auto import tqdm
 
-        configs = tqdm(configs, desc="verifying schedules", unit="schedule")
+        configs = tqdm(configs, desc=desc, unit="schedule")
     try:
         for config in configs:
             attach(pipe, adapter, [config])
             mses = [max(float((output(p, s) - ref).pow(2).mean()), 1e-30) for p, s, ref in zip(prompts, seeds, refs)]
             detach(pipe)
             psnrs = [-10 * math.log10(m) for m in mses]
-            runs.append({"mask": [int(c) for c in config.mask], "orders": list(config.forecast_orders or [0] * len(config.mask)),
-                         "psnr": -10 * math.log10(sum(mses) / len(mses)), "psnr_mean": sum(psnrs) / len(psnrs),
+            runs.append({"psnr": -10 * math.log10(sum(mses) / len(mses)), "psnr_mean": sum(psnrs) / len(psnrs),
                          "psnr_worst": min(psnrs)})
     finally:
         detach(pipe)

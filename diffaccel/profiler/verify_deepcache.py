@@ -1,0 +1,59 @@
+"""Verified DeepCache forecasts: which forecast of the deep features each planned schedule should use.
+
+Forecasting the deep features of a reused step (:mod:`diffaccel.methods.forecast`) helps when the
+full steps are close together and hurts when they are far apart: measured on the trained tiny-sd
+(eval/results/step_cache.md), order 1 gains 6-12 dB over plain reuse with a full step every 2 of
+20 or 50 DDIM steps, a damped order 1 (guard 0.3) gains 4-7 dB every 3 steps, and at every 5 of
+20 steps every forecast loses 1-2 dB while every 5 of 50 gains 4. No error model in the profile
+predicts this, so the planner's schedules for a range of full-step counts are run as real
+generations with each forecast setting (``FORECASTS``) on calibration prompts, and the one with
+the best pooled PSNR is kept per schedule in ``profile.calibration["deepcache_forecast"]``. The
+DeepCache planner (:func:`~diffaccel.profiler.plan_deepcache.verified_forecast`) then forecasts
+as was measured best for the schedule with the nearest share of full steps.
+
+``diffaccel profile UNET_MODEL --verify M`` runs this on M prompts.
+"""
+from __future__ import annotations
+
+import math
+
+from diffaccel.methods.deepcache import DeepCache
+from diffaccel.pipelines import detect
+from diffaccel.profiler.profile import Profile
+
+FORECAST_KEY = "deepcache_forecast"  # profile.calibration key
+# label -> (forecast_order, guard); "order 0" first: it wins ties (the plain DeepCache step)
+FORECASTS = {"order 0": (0, 2.0), "order 1": (1, 2.0), "order 1, guard 0.3": (1, 0.3)}
+INTERVALS = (2, 3, 4, 5, 6, 8)  # full-step spacings whose planned schedules are verified
+STATISTIC = "pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output"
+
+
+def full_step_counts(n: int) -> list[int]:
+    """How many full steps the verified schedules of an ``n``-step profile have: one per interval."""
+    return sorted({math.ceil(n / interval) for interval in INTERVALS if 2 <= math.ceil(n / interval) < n})
+
+
+def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, skip_branch: int = 0,
+                     progress: bool = False) -> dict:
+    """Run the planned schedule of each of :func:`full_step_counts` with each of ``FORECASTS``; put the
+    results into ``profile.calibration`` and return them."""
+    from diffaccel.profiler.plan_deepcache import plan_full_steps
+    from diffaccel.profiler.reuse_error import run_configs
+
+    times, n = list(profile.times), len(profile.times)
+    schedules = [plan_full_steps(profile, times, k, skip_branch) for k in full_step_counts(n)]
+    configs = [DeepCache(skip_branch=skip_branch, schedule=full, forecast_order=order, guard=guard)
+               for full, _ in schedules for order, guard in FORECASTS.values()]
+    runs = run_configs(pipe, detect(pipe), prompts, seeds, call_kwargs, configs, progress=progress,
+                       desc="verifying DeepCache forecasts")
+    per = len(FORECASTS)
+    entry = {"steps": n, "skip_branch": skip_branch, "prompts": len(prompts), "statistic": STATISTIC, "runs": []}
+    for i, (full, speedup) in enumerate(schedules):
+        measured = dict(zip(FORECASTS, runs[i * per:(i + 1) * per]))
+        best = max(FORECASTS, key=lambda label: measured[label]["psnr"])  # max keeps the first of equals
+        entry["runs"].append({"full_steps": full, "speedup": round(speedup, 4),
+                              "psnr": {label: round(r["psnr"], 3) for label, r in measured.items()},
+                              "psnr_worst": {label: round(r["psnr_worst"], 3) for label, r in measured.items()},
+                              "best": best})
+    profile.calibration = {**(profile.calibration or {}), FORECAST_KEY: entry}
+    return entry

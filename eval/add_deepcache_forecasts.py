@@ -1,0 +1,46 @@
+"""Verify DeepCache's forecasts on the bundled U-Net and store them in its shipped profile.
+
+    python eval/add_deepcache_forecasts.py --prompts 16      # writes assets/tiny-sd/profile.json
+
+The planner's schedules for a range of full-step counts run at the model's default call (20
+steps) with each forecast of the deep features, on training captions, seeds 100..; see
+diffaccel.profiler.verify_deepcache. ``diffaccel profile UNET_MODEL --verify M`` does the same for
+any U-Net while profiling from scratch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import diffaccel
+from diffaccel.bundled.loader import bundled_dir
+from diffaccel.evaluation.generation import builtin_prompts
+from diffaccel.profiler.profile import load_profile
+from diffaccel.profiler.verify_deepcache import verify_deepcache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-sd", choices=("tiny-sd",))
+    ap.add_argument("--prompts", type=int, default=16, help="training captions (seeds 100..) the schedules run on")
+    args = ap.parse_args()
+    pipe = diffaccel.load_bundled(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    captions = builtin_prompts("bundled", False)
+    seeds = list(range(100, 100 + args.prompts))
+    path = bundled_dir() / args.model / "profile.json"
+    profile = load_profile(path)
+    started = time.perf_counter()
+    entry = verify_deepcache(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, {}, progress=True)
+    profile.save(path)
+    for run in entry["runs"]:
+        measured = "  ".join(f"{label} {db:.2f}" for label, db in run["psnr"].items())
+        print(f"{len(run['full_steps']):2d} of {entry['steps']} full ({run['speedup']:.2f}x): {measured} dB -> {run['best']}")
+    print(f"{path}: {len(entry['runs'])} schedules x 3 forecasts in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

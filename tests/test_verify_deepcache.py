@@ -1,0 +1,106 @@
+"""A U-Net profile's verified DeepCache forecasts: `diffaccel profile UNET --verify M` runs the planned
+schedules with each forecast of the deep features, and plans then forecast as was measured best."""
+import math
+
+import pytest
+import torch
+
+import diffaccel
+from diffaccel import cli
+from diffaccel.profiler.plan_deepcache import plan_deepcache, verified_forecast
+from diffaccel.profiler.profile import load_profile
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, full_step_counts
+
+STEPS = 8
+CAPTION = "a red circle in the center on a black background"
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify_dc") / "p.json"
+    assert cli.main(["profile", "tiny-sd", "--out", str(out), "--num-prompts", "2", "--steps", str(STEPS),
+                     "--calibration-prompts", "0", "--verify", "2", "--no-progress"]) == 0
+    return out
+
+
+def _pixels(pipe, seed: int) -> torch.Tensor:
+    out = pipe(CAPTION, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed), output_type="np")
+    return torch.from_numpy(out.images).double()
+
+
+def test_every_schedule_is_run_with_every_forecast_and_the_best_is_kept(profile_path):
+    entry = load_profile(profile_path).calibration[FORECAST_KEY]
+    assert entry["steps"] == STEPS and entry["prompts"] == 2 and entry["skip_branch"] == 0
+    assert [len(r["full_steps"]) for r in entry["runs"]] == full_step_counts(STEPS) == [2, 3, 4]
+    for run in entry["runs"]:
+        assert run["full_steps"][0] == 0 and set(run["psnr"]) == set(FORECASTS)
+        assert run["psnr"][run["best"]] == max(run["psnr"].values())
+        assert all(run["psnr_worst"][label] <= run["psnr"][label] + 1e-9 for label in FORECASTS)
+
+
+def test_verified_psnr_is_what_the_schedule_gives(profile_path):
+    """The recorded number is a real run: re-running one schedule on the same prompts and seeds gives it."""
+    from diffaccel.bundled.loader import default_call_kwargs
+    from diffaccel.commands.profile import read_prompts
+
+    entry = load_profile(profile_path).calibration[FORECAST_KEY]
+    run = entry["runs"][1]
+    order, guard = FORECASTS["order 1, guard 0.3"]
+    prompts = read_prompts(None, 2, "tiny-sd")
+    kwargs = {**default_call_kwargs("tiny-sd"), "num_inference_steps": STEPS, "output_type": "np"}  # as profiled
+    pipe = diffaccel.load_bundled("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    mses = []
+    for i, prompt in enumerate(prompts):
+        ref = pipe(prompt, generator=torch.Generator().manual_seed(1000 + i), **kwargs).images
+        diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(schedule=run["full_steps"], forecast_order=order, guard=guard)])
+        out = pipe(prompt, generator=torch.Generator().manual_seed(1000 + i), **kwargs).images
+        diffaccel.disable(pipe)
+        mses.append(float(((torch.from_numpy(out).double() - torch.from_numpy(ref).double()) ** 2).mean()))
+    assert -10 * math.log10(sum(mses) / len(mses)) == pytest.approx(run["psnr"]["order 1, guard 0.3"], abs=2e-3)
+
+
+def test_plans_forecast_as_verified_at_the_verified_step_count_only(profile_path):
+    profile = load_profile(profile_path)
+    entry = profile.calibration[FORECAST_KEY]
+    for run in entry["runs"]:
+        k = len(run["full_steps"])
+        order, guard, note = verified_forecast(profile, STEPS, k)
+        assert (order, guard) == FORECASTS[run["best"]] and run["best"] in note
+    assert verified_forecast(profile, STEPS, 1)[:2] == FORECASTS["order 0"]  # one full step: nothing to extrapolate
+    assert verified_forecast(profile, 2 * STEPS, 8)[:2] == FORECASTS["order 0"]  # not verified at 16 steps
+    # the nearest verified number of full steps answers for the others
+    assert verified_forecast(profile, STEPS, 6)[:2] == FORECASTS[entry["runs"][-1]["best"]]
+    profile.calibration.pop(FORECAST_KEY)
+    assert verified_forecast(profile, STEPS, 3) == (0, 2.0, "")
+
+
+def test_a_planned_call_runs_the_verified_forecast(profile_path):
+    """accelerate(target_speedup=, profile=) runs exactly DeepCache(schedule, forecast) of the plan."""
+    profile = load_profile(profile_path)
+    run = max(load_profile(profile_path).calibration[FORECAST_KEY]["runs"], key=lambda r: len(r["full_steps"]))
+    forced = dict(run, best="order 1, guard 0.3")  # a best that differs from plain reuse, so the test can fail
+    profile.calibration[FORECAST_KEY]["runs"] = [forced]
+    target = run["speedup"] - 1e-3  # recorded to 4 decimals
+    plan = plan_deepcache(profile, profile.times, target=target)
+    assert [i for i, c in enumerate(plan.computed) if c] == run["full_steps"]
+    assert (plan.config.forecast_order, plan.config.guard) == FORECASTS["order 1, guard 0.3"]
+    pipe = diffaccel.load_bundled("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    diffaccel.accelerate(pipe, target_speedup=target, profile=profile)
+    planned = _pixels(pipe, 7)
+    chosen = diffaccel.stats(pipe)["methods"]["profile_schedule"]["planned"]
+    assert (chosen["schedule"], chosen["forecast_order"], chosen["guard"]) == (run["full_steps"], 1, 0.3)
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(schedule=run["full_steps"], forecast_order=1, guard=0.3)])
+    explicit = _pixels(pipe, 7)
+    diffaccel.disable(pipe)
+    assert torch.equal(planned, explicit)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--verify", "1", "--validate", "1"], "--validate and --refine apply to StepCache's verified schedules"),
+    (["--step-graph", "1"], "apply to image and video DiTs; tiny-sd is a unet model"),
+])
+def test_unet_verification_flags(tmp_path, capsys, args, message):
+    assert cli.main(["profile", "tiny-sd", "--out", str(tmp_path / "p.json"), *args]) == 2
+    assert message in capsys.readouterr().err
