@@ -3,7 +3,7 @@
     python eval/add_deepcache_forecasts.py --prompts 16      # writes assets/tiny-sd/profile.json
 
 The planner's schedules for a range of full-step counts run at the model's default call (20
-steps) with each forecast of the deep features, on training captions, seeds 100..; see
+steps; the profile was measured at 25) with each forecast of the deep features, on training captions, seeds 100..; see
 diffaccel.profiler.verify_deepcache. ``diffaccel profile UNET_MODEL --verify M`` does the same for
 any U-Net while profiling from scratch.
 """
@@ -16,7 +16,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import diffaccel
-from diffaccel.bundled.loader import bundled_dir
+from diffaccel.bundled.loader import bundled_dir, default_call_kwargs
 from diffaccel.evaluation.generation import builtin_prompts
 from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.verify_deepcache import verify_deepcache
@@ -34,11 +34,13 @@ def main() -> None:
     path = bundled_dir() / args.model / "profile.json"
     profile = load_profile(path)
     started = time.perf_counter()
-    entry = verify_deepcache(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, {}, progress=True)
+    call = {"num_inference_steps": default_call_kwargs(args.model)["num_inference_steps"]}  # where users run it
+    entry = verify_deepcache(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, call, progress=True)
     profile.save(path)
     for run in entry["runs"]:
         measured = "  ".join(f"{label} {db:.2f}" for label, db in run["psnr"].items())
-        print(f"{len(run['full_steps']):2d} of {entry['steps']} full ({run['speedup']:.2f}x): {measured} dB -> {run['best']}")
+        print(f"{len(run['full_steps']):2d} of {entry['steps']} full, {run['schedule']:8s} ({run['speedup']:.2f}x): {measured} dB"
+              f" -> {run['best']}")
     print(f"{path}: {len(entry['runs'])} schedules x 3 forecasts in {time.perf_counter() - started:.0f} s")
 
 

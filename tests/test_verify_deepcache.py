@@ -9,7 +9,7 @@ import diffaccel
 from diffaccel import cli
 from diffaccel.profiler.plan_deepcache import plan_deepcache, verified_forecast
 from diffaccel.profiler.profile import load_profile
-from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, full_step_counts
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, full_step_counts, uniform_full_steps
 
 STEPS = 8
 CAPTION = "a red circle in the center on a black background"
@@ -31,8 +31,13 @@ def _pixels(pipe, seed: int) -> torch.Tensor:
 def test_every_schedule_is_run_with_every_forecast_and_the_best_is_kept(profile_path):
     entry = load_profile(profile_path).calibration[FORECAST_KEY]
     assert entry["steps"] == STEPS and entry["prompts"] == 2 and entry["skip_branch"] == 0
-    assert [len(r["full_steps"]) for r in entry["runs"]] == full_step_counts(STEPS) == [2, 3, 4]
+    assert full_step_counts(STEPS) == [2, 3, 4]
+    planned = [r for r in entry["runs"] if r["schedule"] == "planned"]
+    assert [len(r["full_steps"]) for r in planned] == [2, 3, 4]
     for run in entry["runs"]:
+        if run["schedule"] == "uniform":  # beside the planned schedule of as many full steps, when it differs
+            assert run["full_steps"] == uniform_full_steps(STEPS, len(run["full_steps"]))
+            assert run["full_steps"] != next(r for r in planned if len(r["full_steps"]) == len(run["full_steps"]))["full_steps"]
         assert run["full_steps"][0] == 0 and set(run["psnr"]) == set(FORECASTS)
         assert run["psnr"][run["best"]] == max(run["psnr"].values())
         assert all(run["psnr_worst"][label] <= run["psnr"][label] + 1e-9 for label in FORECASTS)
@@ -60,25 +65,26 @@ def test_verified_psnr_is_what_the_schedule_gives(profile_path):
     assert -10 * math.log10(sum(mses) / len(mses)) == pytest.approx(run["psnr"]["order 1, guard 0.3"], abs=2e-3)
 
 
-def test_plans_forecast_as_verified_at_the_verified_step_count_only(profile_path):
+def test_plans_take_the_best_verified_run_at_the_verified_step_count_only(profile_path):
     profile = load_profile(profile_path)
-    entry = profile.calibration[FORECAST_KEY]
-    for run in entry["runs"]:
-        k = len(run["full_steps"])
-        order, guard, note = verified_forecast(profile, STEPS, k)
-        assert (order, guard) == FORECASTS[run["best"]] and run["best"] in note
-    assert verified_forecast(profile, STEPS, 1)[:2] == FORECASTS["order 0"]  # one full step: nothing to extrapolate
-    assert verified_forecast(profile, 2 * STEPS, 8)[:2] == FORECASTS["order 0"]  # not verified at 16 steps
-    # the nearest verified number of full steps answers for the others
-    assert verified_forecast(profile, STEPS, 6)[:2] == FORECASTS[entry["runs"][-1]["best"]]
+    runs = profile.calibration[FORECAST_KEY]["runs"]
+    for k in (2, 3, 4):
+        best = max((r for r in runs if len(r["full_steps"]) == k), key=lambda r: r["psnr"][r["best"]])
+        steps, order, guard, note = verified_forecast(profile, STEPS, k)
+        assert steps == best["full_steps"] and (order, guard) == FORECASTS[best["best"]] and best["best"] in note
+    assert verified_forecast(profile, STEPS, 1)[1:3] == FORECASTS["order 0"]  # one full step: nothing to extrapolate
+    assert verified_forecast(profile, 2 * STEPS, 8)[:3] == (None, *FORECASTS["order 0"])  # not verified at 16 steps
+    # no run of 6 full steps: the planner's schedule, with the forecast measured best on the nearest planned one
+    nearest = next(r for r in runs if r["schedule"] == "planned" and len(r["full_steps"]) == 4)
+    assert verified_forecast(profile, STEPS, 6)[:3] == (None, *FORECASTS[nearest["best"]])
     profile.calibration.pop(FORECAST_KEY)
-    assert verified_forecast(profile, STEPS, 3) == (0, 2.0, "")
+    assert verified_forecast(profile, STEPS, 3) == (None, 0, 2.0, "")
 
 
 def test_a_planned_call_runs_the_verified_forecast(profile_path):
     """accelerate(target_speedup=, profile=) runs exactly DeepCache(schedule, forecast) of the plan."""
     profile = load_profile(profile_path)
-    run = max(load_profile(profile_path).calibration[FORECAST_KEY]["runs"], key=lambda r: len(r["full_steps"]))
+    run = next(r for r in profile.calibration[FORECAST_KEY]["runs"] if r["schedule"] == "uniform")
     forced = dict(run, best="order 1, guard 0.3")  # a best that differs from plain reuse, so the test can fail
     profile.calibration[FORECAST_KEY]["runs"] = [forced]
     target = run["speedup"] - 1e-3  # recorded to 4 decimals

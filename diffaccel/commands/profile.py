@@ -34,8 +34,8 @@ def add_arguments(parser) -> None:
                         help="DiTs, with --step-graph: run the step graph's candidate schedules (about 3 x steps) as real "
                              "generations on M prompts (seeds SEED+1000..) and keep the fastest ones per measured PSNR; "
                              "StepCache(min_psnr=...) and the DiT presets then choose among them. U-Nets: run DeepCache's "
-                             "planned schedules with each forecast of the deep features (6 schedules x 3 forecasts) on "
-                             "M prompts; planned schedules then forecast as measured best (0 skips)")
+                             "planned and evenly spread schedules (full steps every 2..8 steps) with each forecast of the "
+                             "deep features on M prompts; plans at this step count then take the best measured (0 skips)")
     parser.add_argument("--validate", type=int, default=0, metavar="K",
                         help="with --verify: re-run every kept schedule on K more prompts (seeds SEED+2000..) and keep "
                              "its lower PSNR, so a schedule tuned to the verification seeds loses its place (0 skips)")
@@ -204,7 +204,7 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
                                  progress=not args.no_progress)
         for run in entry["runs"]:
             measured = "  ".join(f"{label} {db:.2f} dB" for label, db in run["psnr"].items())
-            print(f"  {len(run['full_steps'])} of {entry['steps']} full steps ({run['speedup']:.2f}x FLOPs): {measured}"
+            print(f"  {len(run['full_steps'])} of {entry['steps']} full steps, {run['schedule']} ({run['speedup']:.2f}x FLOPs): {measured}"
                   f"  -> {run['best']}")
         return time.perf_counter() - started
     print(f"verifying StepCache schedules on {_count(args.verify, 'prompt')}"

@@ -191,32 +191,42 @@ def plan_full_steps(profile: Profile, times: list[float], k: int, skip_branch: i
     return steps, n * full / (len(steps) * full + (n - len(steps)) * (full - saved))
 
 
-def verified_forecast(profile: Profile, n: int, k: int, skip_branch: int = 0) -> tuple[int, float, str]:
-    """(forecast_order, guard, note) for a schedule of ``k`` full steps in ``n``: the forecast measured
-    best (:mod:`diffaccel.profiler.verify_deepcache`) on the verified schedule with the nearest number
-    of full steps. Plain reuse at other step counts than the verified one: which forecast wins changes
-    with the step count (tiny-sd: order 1 gains 6 dB with 10 of 20 full steps, loses 8 dB with 5 of 10)."""
+def verified_forecast(profile: Profile, n: int, k: int, skip_branch: int = 0) -> tuple[list[int] | None, int, float, str]:
+    """(full steps or None, forecast_order, guard, note) for a schedule of ``k`` full steps in ``n``,
+    from the profile's verified runs (:mod:`diffaccel.profiler.verify_deepcache`): with runs of k full
+    steps, the schedule and forecast measured best among them; else the forecast measured best on
+    the planned schedule with the nearest number of full steps (the schedule stays the planner's).
+    Plain reuse at other step counts than the verified one: which forecast wins changes with the
+    step count (tiny-sd: damped order 1 gains 6 dB with 10 of 20 full steps, order 1 loses 8 dB
+    with 5 of 10)."""
     entry = (profile.calibration or {}).get(FORECAST_KEY) or {}
     runs = entry.get("runs") if entry.get("skip_branch") == skip_branch else None
+    plain = FORECASTS["order 0"]
     if not runs or k < 2:  # one full step: nothing to extrapolate from
-        return 0, FORECASTS["order 0"][1], ""
+        return None, *plain, ""
     if entry["steps"] != n:
-        return 0, FORECASTS["order 0"][1], f"forecast: none (verified at {entry['steps']} steps, not {n})"
-    run = min(runs, key=lambda r: (abs(len(r["full_steps"]) - k), len(r["full_steps"])))
-    order, guard = FORECASTS[run["best"]]
+        return None, *plain, f"forecast: none (verified at {entry['steps']} steps, not {n})"
+    exact = [r for r in runs if len(r["full_steps"]) == k]
+    if exact:
+        run = max(exact, key=lambda r: r["psnr"][r["best"]])
+        steps = run["full_steps"]
+    else:
+        run = min((r for r in runs if r.get("schedule", "planned") == "planned"),
+                  key=lambda r: (abs(len(r["full_steps"]) - k), len(r["full_steps"])))
+        steps = None
     psnr = run["psnr"]
-    note = (f"forecast: {run['best']} (measured {psnr[run['best']]:.1f} dB vs {psnr['order 0']:.1f} dB plain reuse with "
-            f"{len(run['full_steps'])} of {entry['steps']} full steps)")
-    return order, guard, note
+    note = (f"forecast: {run['best']} on the {run.get('schedule', 'planned')} schedule (measured {psnr[run['best']]:.1f} dB "
+            f"vs {psnr['order 0']:.1f} dB plain reuse with {len(run['full_steps'])} of {entry['steps']} full steps)")
+    return steps, *FORECASTS[run["best"]], note
 
 
 def plan_deepcache(profile: Profile, times: list[float], target: float | None, skip_branch: int = 0,
                    full_steps: list[int] | None = None) -> Plan:
     """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing.
 
-    A chosen schedule forecasts the deep features as the profile's verified runs found best; the
-    predicted error is that of plain reuse (the measured error model's), an upper bound where a
-    forecast was chosen."""
+    At the verified step count a chosen schedule is the one the profile's verified runs found best
+    for its number of full steps (planned or evenly spread), with their best forecast; the predicted
+    error is that of plain reuse (the measured error model's)."""
     cost, full, saved, note = _model(profile, times, skip_branch)
     n = len(times)
     cost_of = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731
@@ -225,8 +235,8 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
         k = max((k for k in range(1, n + 1) if n * full / cost_of(k) >= target - 1e-9), default=None)
         if k is None:
             raise UnreachableTarget(f"DeepCache reaches at most {n * full / cost_of(1):.2f}x here")
-        full_steps = best_full_steps(cost, n, k)
-        order, guard, forecast_note = verified_forecast(profile, n, k, skip_branch)
+        verified_steps, order, guard, forecast_note = verified_forecast(profile, n, k, skip_branch)
+        full_steps = verified_steps or best_full_steps(cost, n, k)
         forecast = dict(forecast_order=order, guard=guard)
         note = "; ".join(x for x in (note, forecast_note) if x)
     else:

@@ -6,10 +6,12 @@ full steps are close together and hurts when they are far apart: measured on the
 20 or 50 DDIM steps, a damped order 1 (guard 0.3) gains 4-7 dB every 3 steps, and at every 5 of
 20 steps every forecast loses 1-2 dB while every 5 of 50 gains 4. No error model in the profile
 predicts this, so the planner's schedules for a range of full-step counts are run as real
-generations with each forecast setting (``FORECASTS``) on calibration prompts, and the one with
-the best pooled PSNR is kept per schedule in ``profile.calibration["deepcache_forecast"]``. The
-DeepCache planner (:func:`~diffaccel.profiler.plan_deepcache.verified_forecast`) then forecasts
-as was measured best for the schedule with the nearest share of full steps.
+generations with each forecast setting (``FORECASTS``) on calibration prompts, beside the evenly
+spread schedule of as many full steps (a forecast needs even spacing more than plain reuse does:
+the planned schedules put full steps next to each other, whose difference extrapolates badly).
+Every run's pooled PSNR is kept in ``profile.calibration["deepcache_forecast"]``; the DeepCache
+planner (:func:`~diffaccel.profiler.plan_deepcache.verified_forecast`) then runs, at the verified
+step count, the schedule and forecast measured best for its number of full steps.
 
 ``diffaccel profile UNET_MODEL --verify M`` runs this on M prompts.
 """
@@ -33,25 +35,43 @@ def full_step_counts(n: int) -> list[int]:
     return sorted({math.ceil(n / interval) for interval in INTERVALS if 2 <= math.ceil(n / interval) < n})
 
 
+def uniform_full_steps(n: int, k: int) -> list[int]:
+    """k full steps spread evenly over n from step 0: DeepCache's uniform schedule (every N-th step)
+    where one has k full steps, else the nearest even spread."""
+    steps = list(range(0, n, math.ceil(n / k)))
+    return steps if len(steps) == k else sorted({math.floor(i * n / k) for i in range(k)})
+
+
 def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, skip_branch: int = 0,
                      progress: bool = False) -> dict:
-    """Run the planned schedule of each of :func:`full_step_counts` with each of ``FORECASTS``; put the
-    results into ``profile.calibration`` and return them."""
+    """Run the planned schedule of each of :func:`full_step_counts` with each of ``FORECASTS``, at
+    ``call_kwargs``' step count (default: the profiled one), planned at the scheduler's times for it
+    (what a call of that length plans at); put the results into ``profile.calibration`` and return them."""
     from diffaccel.profiler.plan_deepcache import plan_full_steps
     from diffaccel.profiler.reuse_error import run_configs
 
-    times, n = list(profile.times), len(profile.times)
-    schedules = [plan_full_steps(profile, times, k, skip_branch) for k in full_step_counts(n)]
+    adapter = detect(pipe)
+    n = int(call_kwargs.get("num_inference_steps") or len(profile.times))
+    call_kwargs = {**call_kwargs, "num_inference_steps": n}
+    pipe.scheduler.set_timesteps(n)
+    times = [adapter.normalised_time(float(t)) for t in pipe.scheduler.timesteps]
+    schedules = []  # (kind, full steps, FLOPs speed-up)
+    for k in full_step_counts(n):
+        planned, speedup = plan_full_steps(profile, times, k, skip_branch)
+        schedules.append(("planned", planned, speedup))
+        uniform = uniform_full_steps(n, k)
+        if uniform != planned:
+            schedules.append(("uniform", uniform, speedup))
     configs = [DeepCache(skip_branch=skip_branch, schedule=full, forecast_order=order, guard=guard)
-               for full, _ in schedules for order, guard in FORECASTS.values()]
-    runs = run_configs(pipe, detect(pipe), prompts, seeds, call_kwargs, configs, progress=progress,
+               for _, full, _ in schedules for order, guard in FORECASTS.values()]
+    runs = run_configs(pipe, adapter, prompts, seeds, call_kwargs, configs, progress=progress,
                        desc="verifying DeepCache forecasts")
     per = len(FORECASTS)
     entry = {"steps": n, "skip_branch": skip_branch, "prompts": len(prompts), "statistic": STATISTIC, "runs": []}
-    for i, (full, speedup) in enumerate(schedules):
+    for i, (kind, full, speedup) in enumerate(schedules):
         measured = dict(zip(FORECASTS, runs[i * per:(i + 1) * per]))
         best = max(FORECASTS, key=lambda label: measured[label]["psnr"])  # max keeps the first of equals
-        entry["runs"].append({"full_steps": full, "speedup": round(speedup, 4),
+        entry["runs"].append({"schedule": kind, "full_steps": full, "speedup": round(speedup, 4),
                               "psnr": {label: round(r["psnr"], 3) for label, r in measured.items()},
                               "psnr_worst": {label: round(r["psnr_worst"], 3) for label, r in measured.items()},
                               "best": best})
