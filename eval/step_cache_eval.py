@@ -42,12 +42,14 @@ def uniform_mask(n: int, computed: int) -> tuple[bool, ...]:
     return tuple(i in keep for i in range(n))
 
 
-def deepcache_schedules(pipe, n: int, k: int) -> list[tuple[str, list[int]]]:
-    """(name, full steps) with ``k`` full steps of ``n``: planned from the shipped profile (at the
-    scheduler's timesteps), evenly spread, and every N steps where ceil(n / N) = k."""
+def deepcache_schedules(pipe, n: int, k: int) -> list[tuple[str, "diffaccel.DeepCache"]]:
+    """(name, DeepCache config) with ``k`` full steps of ``n``: the plan from the shipped profile (at the
+    scheduler's timesteps; with its verified schedule and forecast where the profile has them), evenly
+    spread, and every N steps where ceil(n / N) = k; the uniform ones also with each verified forecast."""
     from diffaccel.pipelines import detect
     from diffaccel.profiler.plan_deepcache import plan_deepcache
     from diffaccel.profiler.schedule import shipped_profile
+    from diffaccel.profiler.verify_deepcache import FORECASTS
 
     adapter = detect(pipe)
     profile = shipped_profile(adapter)
@@ -55,10 +57,16 @@ def deepcache_schedules(pipe, n: int, k: int) -> list[tuple[str, list[int]]]:
     times = [adapter.normalised_time(t) for t in pipe.scheduler.timesteps]
     full, saved = float(profile.costs["call"]), float(profile.costs["deepcache_saved"]["0"])
     target = n * full / (k * full + (n - k) * (full - saved))  # exactly k full steps' speed-up
-    planned = [i for i, c in enumerate(plan_deepcache(profile, times, target).computed) if c]
-    out = [(f"DeepCache planned, {k} full", planned),
-           (f"DeepCache evenly spread, {k} full", [i for i, c in enumerate(uniform_mask(n, k)) if c])]
-    out += [(f"DeepCache every {N}", list(range(0, n, N))) for N in range(2, n) if -(-n // N) == k]
+    plan = plan_deepcache(profile, times, target)
+    planned = [i for i, c in enumerate(plan.computed) if c]
+    forecast = f", forecast order {plan.config.forecast_order}" + (f" guard {plan.config.guard:g}" if plan.config.guard < 1 else "")
+    out = [(f"DeepCache planned, {k} full{forecast if plan.config.forecast_order else ''}",
+            diffaccel.DeepCache(schedule=planned, forecast_order=plan.config.forecast_order, guard=plan.config.guard))]
+    uniform = [(f"DeepCache evenly spread, {k} full", [i for i, c in enumerate(uniform_mask(n, k)) if c])]
+    uniform += [(f"DeepCache every {N}", list(range(0, n, N))) for N in range(2, n) if -(-n // N) == k]
+    for name, steps in uniform:
+        out += [(f"{name}{'' if label == 'order 0' else ', ' + label}", diffaccel.DeepCache(schedule=steps, forecast_order=o, guard=g))
+                for label, (o, g) in FORECASTS.items()]
     return out
 
 
@@ -90,7 +98,7 @@ def main() -> None:
             configs.append((f"uniform {k}/{n} order {order}",
                             dict(methods=[diffaccel.StepCache(mask=uniform_mask(n, k), forecast_order=order)])))
     for k in [int(k) for k in args.deepcache.split(",") if k]:
-        configs += [(name, dict(methods=[diffaccel.DeepCache(schedule=steps)])) for name, steps in deepcache_schedules(pipe, n, k)]
+        configs += [(name, dict(methods=[config])) for name, config in deepcache_schedules(pipe, n, k)]
     print(f"model {args.model}, {args.split} captions, seeds {args.seeds} ({len(seeds)})\n")
     print("| config | FLOPs saved | PSNR pooled (dB) | PSNR mean | PSNR min | computed steps |\n"
           "| --- | --- | --- | --- | --- | --- |")

@@ -70,15 +70,19 @@ def test_plans_take_the_best_verified_run_at_the_verified_step_count_only(profil
     runs = profile.calibration[FORECAST_KEY]["runs"]
     for k in (2, 3, 4):
         best = max((r for r in runs if len(r["full_steps"]) == k), key=lambda r: r["psnr"][r["best"]])
-        steps, order, guard, note = verified_forecast(profile, STEPS, k)
-        assert steps == best["full_steps"] and (order, guard) == FORECASTS[best["best"]] and best["best"] in note
-    assert verified_forecast(profile, STEPS, 1)[1:3] == FORECASTS["order 0"]  # one full step: nothing to extrapolate
+        v = verified_forecast(profile, STEPS, k)
+        assert v.steps == best["full_steps"] and (v.forecast_order, v.guard) == FORECASTS[best["best"]]
+        assert best["best"] in v.note and v.psnr == best["psnr"][best["best"]]
+        plan = plan_deepcache(profile, profile.times, target=best["speedup"] - 1e-3)
+        assert plan.psnr == v.psnr and plan.config.forecast_order == v.forecast_order  # `schedule` shows the measured PSNR
+    assert verified_forecast(profile, STEPS, 1)[:3] == (None, *FORECASTS["order 0"])  # one full step: nothing to extrapolate
     assert verified_forecast(profile, 2 * STEPS, 8)[:3] == (None, *FORECASTS["order 0"])  # not verified at 16 steps
     # no run of 6 full steps: the planner's schedule, with the forecast measured best on the nearest planned one
     nearest = next(r for r in runs if r["schedule"] == "planned" and len(r["full_steps"]) == 4)
-    assert verified_forecast(profile, STEPS, 6)[:3] == (None, *FORECASTS[nearest["best"]])
+    v = verified_forecast(profile, STEPS, 6)
+    assert v[:3] == (None, *FORECASTS[nearest["best"]]) and v.psnr is None
     profile.calibration.pop(FORECAST_KEY)
-    assert verified_forecast(profile, STEPS, 3) == (None, 0, 2.0, "")
+    assert verified_forecast(profile, STEPS, 3) == (None, 0, 2.0, "", None)
 
 
 def test_a_planned_call_runs_the_verified_forecast(profile_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import replace
+from typing import NamedTuple
 
 from diffaccel.methods.deepcache import DeepCache, cached_modules
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
@@ -191,8 +192,16 @@ def plan_full_steps(profile: Profile, times: list[float], k: int, skip_branch: i
     return steps, n * full / (len(steps) * full + (n - len(steps)) * (full - saved))
 
 
-def verified_forecast(profile: Profile, n: int, k: int, skip_branch: int = 0) -> tuple[list[int] | None, int, float, str]:
-    """(full steps or None, forecast_order, guard, note) for a schedule of ``k`` full steps in ``n``,
+class Verified(NamedTuple):
+    steps: list[int] | None  # the full steps to run (None: the planner's own)
+    forecast_order: int
+    guard: float
+    note: str = ""
+    psnr: float | None = None  # measured, when ``steps`` is a verified run
+
+
+def verified_forecast(profile: Profile, n: int, k: int, skip_branch: int = 0) -> Verified:
+    """The full steps (or None) and forecast for a schedule of ``k`` full steps in ``n``,
     from the profile's verified runs (:mod:`diffaccel.profiler.verify_deepcache`): with runs of k full
     steps, the schedule and forecast measured best among them; else the forecast measured best on
     the planned schedule with the nearest number of full steps (the schedule stays the planner's).
@@ -203,21 +212,21 @@ def verified_forecast(profile: Profile, n: int, k: int, skip_branch: int = 0) ->
     runs = entry.get("runs") if entry.get("skip_branch") == skip_branch else None
     plain = FORECASTS["order 0"]
     if not runs or k < 2:  # one full step: nothing to extrapolate from
-        return None, *plain, ""
+        return Verified(None, *plain)
     if entry["steps"] != n:
-        return None, *plain, f"forecast: none (verified at {entry['steps']} steps, not {n})"
+        return Verified(None, *plain, f"forecast: none (verified at {entry['steps']} steps, not {n})")
     exact = [r for r in runs if len(r["full_steps"]) == k]
     if exact:
         run = max(exact, key=lambda r: r["psnr"][r["best"]])
-        steps = run["full_steps"]
     else:
         run = min((r for r in runs if r.get("schedule", "planned") == "planned"),
                   key=lambda r: (abs(len(r["full_steps"]) - k), len(r["full_steps"])))
-        steps = None
     psnr = run["psnr"]
-    note = (f"forecast: {run['best']} on the {run.get('schedule', 'planned')} schedule (measured {psnr[run['best']]:.1f} dB "
-            f"vs {psnr['order 0']:.1f} dB plain reuse with {len(run['full_steps'])} of {entry['steps']} full steps)")
-    return steps, *FORECASTS[run["best"]], note
+    note = (f"forecast: {run['best']} (measured {psnr[run['best']]:.1f} dB vs {psnr['order 0']:.1f} dB plain reuse on the "
+            f"{run.get('schedule', 'planned')} schedule of {len(run['full_steps'])} of {entry['steps']} full steps)")
+    if not exact:
+        return Verified(None, *FORECASTS[run["best"]], note)
+    return Verified(run["full_steps"], *FORECASTS[run["best"]], note, psnr[run["best"]])
 
 
 def plan_deepcache(profile: Profile, times: list[float], target: float | None, skip_branch: int = 0,
@@ -225,20 +234,20 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
     """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing.
 
     At the verified step count a chosen schedule is the one the profile's verified runs found best
-    for its number of full steps (planned or evenly spread), with their best forecast; the predicted
-    error is that of plain reuse (the measured error model's)."""
+    for its number of full steps (planned or evenly spread), with their best forecast, and its PSNR
+    is the measured one; the predicted error is that of plain reuse (the measured error model's)."""
     cost, full, saved, note = _model(profile, times, skip_branch)
     n = len(times)
     cost_of = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731
-    forecast = {}
+    forecast, verified = {}, None
     if full_steps is None:
         k = max((k for k in range(1, n + 1) if n * full / cost_of(k) >= target - 1e-9), default=None)
         if k is None:
             raise UnreachableTarget(f"DeepCache reaches at most {n * full / cost_of(1):.2f}x here")
-        verified_steps, order, guard, forecast_note = verified_forecast(profile, n, k, skip_branch)
-        full_steps = verified_steps or best_full_steps(cost, n, k)
-        forecast = dict(forecast_order=order, guard=guard)
-        note = "; ".join(x for x in (note, forecast_note) if x)
+        verified = verified_forecast(profile, n, k, skip_branch)
+        full_steps = verified.steps or best_full_steps(cost, n, k)
+        forecast = dict(forecast_order=verified.forecast_order, guard=verified.guard)
+        note = "; ".join(x for x in (note, verified.note) if x)
     else:
         full_steps = sorted({0, *(s for s in full_steps if s < n)})
     speedup = n * full / cost_of(len(full_steps))
@@ -246,7 +255,8 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
     config = DeepCache(skip_branch=skip_branch, schedule=[float(times[s]) for s in full_steps], **forecast)
     computed = [s in set(full_steps) for s in range(n)]
     skipped = profile.costs.get("deepcache_paths", {}).get(str(skip_branch), ())
-    return Plan("deepcache", config, speedup, wall_speedup(profile, speedup, skipped), error, computed, note)
+    return Plan("deepcache", config, speedup, wall_speedup(profile, speedup, skipped), error, computed, note,
+                psnr=verified.psnr if verified is not None else None)
 
 
 def resolved_full_steps(config: DeepCache, times: list[float]) -> list[int]:
