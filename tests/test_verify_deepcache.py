@@ -67,22 +67,24 @@ def test_verified_psnr_is_what_the_schedule_gives(profile_path):
 
 def test_plans_take_the_best_verified_run_at_the_verified_step_count_only(profile_path):
     profile = load_profile(profile_path)
-    runs = profile.calibration[FORECAST_KEY]["runs"]
+    runs, times = profile.calibration[FORECAST_KEY]["runs"], profile.calibration[FORECAST_KEY]["times"]
     for k in (2, 3, 4):
         best = max((r for r in runs if len(r["full_steps"]) == k), key=lambda r: r["psnr"][r["best"]])
-        v = verified_forecast(profile, STEPS, k)
+        v = verified_forecast(profile, times, k)
         assert v.steps == best["full_steps"] and (v.forecast_order, v.guard) == FORECASTS[best["best"]]
         assert best["best"] in v.note and v.psnr == best["psnr"][best["best"]]
-        plan = plan_deepcache(profile, profile.times, target=best["speedup"] - 1e-3)
+        plan = plan_deepcache(profile, times, target=best["speedup"] - 1e-3)
         assert plan.psnr == v.psnr and plan.config.forecast_order == v.forecast_order  # `schedule` shows the measured PSNR
-    assert verified_forecast(profile, STEPS, 1)[:3] == (None, *FORECASTS["order 0"])  # one full step: nothing to extrapolate
-    assert verified_forecast(profile, 2 * STEPS, 8)[:3] == (None, *FORECASTS["order 0"])  # not verified at 16 steps
+    assert verified_forecast(profile, times, 1)[:3] == (None, *FORECASTS["order 0"])  # one full step: nothing to extrapolate
+    assert verified_forecast(profile, times[::2], 3)[:3] == (None, *FORECASTS["order 0"])  # not verified at 4 steps
+    other = [t * 0.97 for t in times]  # as many steps, another scheduler's timesteps
+    assert verified_forecast(profile, other, 3)[:3] == (None, *FORECASTS["order 0"])
     # no run of 6 full steps: the planner's schedule, with the forecast measured best on the nearest planned one
     nearest = next(r for r in runs if r["schedule"] == "planned" and len(r["full_steps"]) == 4)
-    v = verified_forecast(profile, STEPS, 6)
+    v = verified_forecast(profile, times, 6)
     assert v[:3] == (None, *FORECASTS[nearest["best"]]) and v.psnr is None
     profile.calibration.pop(FORECAST_KEY)
-    assert verified_forecast(profile, STEPS, 3) == (None, 0, 2.0, "", None)
+    assert verified_forecast(profile, times, 3) == (None, 0, 2.0, "", None)
 
 
 def test_a_planned_call_runs_the_verified_forecast(profile_path):
@@ -92,7 +94,7 @@ def test_a_planned_call_runs_the_verified_forecast(profile_path):
     forced = dict(run, best="order 1, guard 0.3")  # a best that differs from plain reuse, so the test can fail
     profile.calibration[FORECAST_KEY]["runs"] = [forced]
     target = run["speedup"] - 1e-3  # recorded to 4 decimals
-    plan = plan_deepcache(profile, profile.times, target=target)
+    plan = plan_deepcache(profile, profile.calibration[FORECAST_KEY]["times"], target=target)
     assert [i for i, c in enumerate(plan.computed) if c] == run["full_steps"]
     assert (plan.config.forecast_order, plan.config.guard) == FORECASTS["order 1, guard 0.3"]
     pipe = diffaccel.load_bundled("tiny-sd")

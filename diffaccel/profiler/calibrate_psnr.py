@@ -16,10 +16,10 @@ import torch
 
 from diffaccel.metrics import psnr
 from diffaccel.pipelines import detect
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget, step_times
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget
 from diffaccel.profiler.planner import planner_for, planners_for
 from diffaccel.profiler.profile import Profile, ProfileError
-from diffaccel.profiler.schedule import max_reachable_for, plan_method, speed_key
+from diffaccel.profiler.schedule import max_reachable_for, plan_method, planning_times, speed_key
 from diffaccel.state import attach, detach, session_of
 
 PROBE_TARGETS = (1.5, 2.0, 3.0)
@@ -110,12 +110,12 @@ def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = Non
     preferred method that has one (:func:`~diffaccel.profiler.schedule.speed_key`)."""
     if isinstance(min_psnr, bool) or not isinstance(min_psnr, (int, float)) or not math.isfinite(min_psnr):
         raise ValueError(f"--min-psnr must be a number of dB (e.g. 35), got {min_psnr!r}.")
-    from diffaccel.profiler.plan_step_cache import verified, verified_times
+    from diffaccel.profiler.plan_step_cache import verified
 
     methods = [p.name for p in planners_for(profile.family) if (profile.calibration or {}).get(p.name, {}).get("pairs")]
-    times = step_times(profile, steps)
+    times = planning_times(profile, steps)  # where schedules were verified at this step count, their timesteps
     # StepCache's verified schedules carry their measured PSNR: no fit needed (at the timesteps they ran at).
-    runs = verified(profile, verified_times(profile, len(times)) or times)
+    runs = verified(profile, times)
     if not methods and not runs:
         raise ProfileError(f"This profile of {profile.model} has no PSNR calibration, which --min-psnr needs. Re-profile "
                            "with this diffaccel (`diffaccel profile MODEL --out P.json`) or use --target-speedup / --max-error.")

@@ -200,21 +200,23 @@ class Verified(NamedTuple):
     psnr: float | None = None  # measured, when ``steps`` is a verified run
 
 
-def verified_forecast(profile: Profile, n: int, k: int, skip_branch: int = 0) -> Verified:
+def verified_forecast(profile: Profile, times: list[float], k: int, skip_branch: int = 0) -> Verified:
     """The full steps (or None) and forecast for a schedule of ``k`` full steps in ``n``,
     from the profile's verified runs (:mod:`diffaccel.profiler.verify_deepcache`): with runs of k full
     steps, the schedule and forecast measured best among them; else the forecast measured best on
     the planned schedule with the nearest number of full steps (the schedule stays the planner's).
-    Plain reuse at other step counts than the verified one: which forecast wins changes with the
-    step count (tiny-sd: damped order 1 gains 6 dB with 10 of 20 full steps, order 1 loses 8 dB
-    with 5 of 10)."""
+    Plain reuse at other timesteps than the verified ones (another step count or scheduler): which
+    forecast wins changes with them (tiny-sd: damped order 1 gains 6 dB with 10 of 20 full steps,
+    order 1 loses 8 dB with 5 of 10)."""
     entry = (profile.calibration or {}).get(FORECAST_KEY) or {}
     runs = entry.get("runs") if entry.get("skip_branch") == skip_branch else None
     plain = FORECASTS["order 0"]
     if not runs or k < 2:  # one full step: nothing to extrapolate from
         return Verified(None, *plain)
-    if entry["steps"] != n:
-        return Verified(None, *plain, f"forecast: none (verified at {entry['steps']} steps, not {n})")
+    ran_at = entry.get("times") or []
+    if len(ran_at) != len(times) or any(abs(a - b) > 1e-4 for a, b in zip(ran_at, times)):
+        why = f"{entry['steps']} steps, not {len(times)}" if len(ran_at) != len(times) else "other timesteps (scheduler)"
+        return Verified(None, *plain, f"forecast: none (verified at {why})")
     exact = [r for r in runs if len(r["full_steps"]) == k]
     if exact:
         run = max(exact, key=lambda r: r["psnr"][r["best"]])
@@ -244,7 +246,7 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
         k = max((k for k in range(1, n + 1) if n * full / cost_of(k) >= target - 1e-9), default=None)
         if k is None:
             raise UnreachableTarget(f"DeepCache reaches at most {n * full / cost_of(1):.2f}x here")
-        verified = verified_forecast(profile, n, k, skip_branch)
+        verified = verified_forecast(profile, times, k, skip_branch)
         full_steps = verified.steps or best_full_steps(cost, n, k)
         forecast = dict(forecast_order=verified.forecast_order, guard=verified.guard)
         note = "; ".join(x for x in (note, verified.note) if x)

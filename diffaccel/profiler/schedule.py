@@ -47,13 +47,14 @@ def summary(plan: Plan) -> str:
 
 
 def planning_times(profile: Profile, steps: int | None = None) -> list[float]:
-    """The step times to plan for: the real scheduler's where the profile's verified schedules ran
-    at that many steps (a call of that length runs them, so the plan shown for it should too), else
+    """The step times to plan for: the real scheduler's where the profile's verified schedules (or
+    DeepCache forecasts) ran at that many steps (a call of that length runs them, so the plan shown for it should too), else
     the profiled times spread over ``steps`` (default: the profiled count)."""
-    from diffaccel.profiler.plan_step_cache import verified_times
+    from diffaccel.profiler import plan_step_cache, verify_deepcache
 
     times = step_times(profile, steps)
-    return verified_times(profile, len(times)) or times
+    return (plan_step_cache.verified_times(profile, len(times)) or verify_deepcache.verified_times(profile, len(times))
+            or times)
 
 
 def choice_key(plan: Plan) -> tuple:

@@ -30,6 +30,12 @@ INTERVALS = (2, 3, 4, 5, 6, 8)  # full-step spacings whose planned schedules are
 STATISTIC = "pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output"
 
 
+def verified_times(profile: Profile, steps: int | None = None) -> list[float] | None:
+    """The timesteps the forecasts were verified at, when there are any (and, given ``steps``, of that count)."""
+    times = ((profile.calibration or {}).get(FORECAST_KEY) or {}).get("times")
+    return list(times) if times and (steps is None or len(times) == steps) else None
+
+
 def full_step_counts(n: int) -> list[int]:
     """How many full steps the verified schedules of an ``n``-step profile have: one per interval."""
     return sorted({math.ceil(n / interval) for interval in INTERVALS if 2 <= math.ceil(n / interval) < n})
@@ -67,7 +73,8 @@ def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], ca
     runs = run_configs(pipe, adapter, prompts, seeds, call_kwargs, configs, progress=progress,
                        desc="verifying DeepCache forecasts")
     per = len(FORECASTS)
-    entry = {"steps": n, "skip_branch": skip_branch, "prompts": len(prompts), "statistic": STATISTIC, "runs": []}
+    entry = {"steps": n, "times": [round(t, 6) for t in times], "skip_branch": skip_branch, "prompts": len(prompts),
+             "statistic": STATISTIC, "runs": []}
     for i, (kind, full, speedup) in enumerate(schedules):
         measured = dict(zip(FORECASTS, runs[i * per:(i + 1) * per]))
         best = max(FORECASTS, key=lambda label: measured[label]["psnr"])  # max keeps the first of equals
