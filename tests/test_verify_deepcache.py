@@ -19,7 +19,7 @@ CAPTION = "a red circle in the center on a black background"
 def profile_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("verify_dc") / "p.json"
     assert cli.main(["profile", "tiny-sd", "--out", str(out), "--num-prompts", "2", "--steps", str(STEPS),
-                     "--calibration-prompts", "0", "--verify", "2", "--no-progress"]) == 0
+                     "--calibration-prompts", "1", "--verify", "2", "--no-progress"]) == 0
     return out
 
 
@@ -107,6 +107,22 @@ def test_a_planned_call_runs_the_verified_forecast(profile_path):
     explicit = _pixels(pipe, 7)
     diffaccel.disable(pipe)
     assert torch.equal(planned, explicit)
+
+
+def test_min_psnr_takes_the_fastest_verified_run_over_the_fit(profile_path):
+    """A PSNR bound is met by measured PSNRs where the timesteps were verified (the 1-prompt fit may say otherwise)."""
+    from diffaccel.profiler.calibrate_psnr import plan_for_min_psnr
+
+    profile = load_profile(profile_path)
+    runs = profile.calibration[FORECAST_KEY]["runs"]
+    best_per_k = {}
+    for r in runs:
+        k = len(r["full_steps"])
+        best_per_k[k] = max(best_per_k.get(k, -math.inf), r["psnr"][r["best"]])
+    bound = sorted(best_per_k.values())[len(best_per_k) // 2]
+    plan, _ = plan_for_min_psnr(profile, bound, STEPS)
+    fastest = min(k for k, db in best_per_k.items() if db >= bound)
+    assert plan.psnr is not None and plan.psnr >= bound and sum(plan.computed) == fastest
 
 
 @pytest.mark.parametrize("args, message", [

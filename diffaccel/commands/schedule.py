@@ -43,8 +43,8 @@ def main(args) -> int:
     print(f"predicted speed-up: {chosen.speedup:.2f}x denoiser FLOPs, {chosen.wall_speedup:.2f}x wall ({chosen.method})")
     value = predicted_psnr(profile, chosen)
     if chosen.psnr is not None:
-        print(f"measured PSNR vs the unaccelerated output: {_db(value)} dB (this schedule run on the profile's "
-              "verification prompts, its worst seed set)")
+        print(f"measured PSNR vs the unaccelerated output: {_db(value)} dB (pooled over the profile's verification "
+              "prompts this schedule ran on; of its worst seed set where it was validated on more)")
     elif value is not None:
         calibrated = profile.calibration[chosen.method].get("steps")
         note = f" (calibrated at {calibrated} steps)" if calibrated and calibrated != steps else ""

@@ -127,8 +127,10 @@ def plan_for_min_psnr(profile: Profile, min_psnr: float, steps: int | None = Non
     methods = [m for m in methods if not (runs and m == "step_cache")]
     for method in methods:
         top = max_reachable_for(method, profile, times)
-        for i in range(61):  # speed-ups from 1x to the most reachable, geometric
-            plan = plan_method(method, profile, times, top ** (i / 60))
+        plans = [plan_method(method, profile, times, top ** (i / 60)) for i in range(61)]  # 1x to the most, geometric
+        if any(p.psnr is not None for p in plans):  # some were run for real at these timesteps (DeepCache's
+            plans = [p for p in plans if p.psnr is not None]  # verified ones): a 2-prompt fit does not overrule them
+        for plan in plans:
             value = predicted_psnr(profile, plan)
             if plan.speedup > 1.0 + 1e-9 and (closest is None or value > closest[0]):
                 closest = (value, plan)
