@@ -12,6 +12,7 @@ from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, full_step_counts, uniform_full_steps
 
 STEPS = 8
+DAMPED = "order 1, guard 0.15"
 CAPTION = "a red circle in the center on a black background"
 
 
@@ -50,7 +51,7 @@ def test_verified_psnr_is_what_the_schedule_gives(profile_path):
 
     entry = load_profile(profile_path).calibration[FORECAST_KEY]
     run = entry["runs"][1]
-    order, guard = FORECASTS["order 1, guard 0.3"]
+    order, guard = FORECASTS[DAMPED]
     prompts = read_prompts(None, 2, "tiny-sd")
     kwargs = {**default_call_kwargs("tiny-sd"), "num_inference_steps": STEPS, "output_type": "np"}  # as profiled
     pipe = diffaccel.load_bundled("tiny-sd")
@@ -62,7 +63,7 @@ def test_verified_psnr_is_what_the_schedule_gives(profile_path):
         out = pipe(prompt, generator=torch.Generator().manual_seed(1000 + i), **kwargs).images
         diffaccel.disable(pipe)
         mses.append(float(((torch.from_numpy(out).double() - torch.from_numpy(ref).double()) ** 2).mean()))
-    assert -10 * math.log10(sum(mses) / len(mses)) == pytest.approx(run["psnr"]["order 1, guard 0.3"], abs=2e-3)
+    assert -10 * math.log10(sum(mses) / len(mses)) == pytest.approx(run["psnr"][DAMPED], abs=2e-3)
 
 
 def test_plans_take_the_best_verified_run_at_the_verified_step_count_only(profile_path):
@@ -91,19 +92,19 @@ def test_a_planned_call_runs_the_verified_forecast(profile_path):
     """accelerate(target_speedup=, profile=) runs exactly DeepCache(schedule, forecast) of the plan."""
     profile = load_profile(profile_path)
     run = next(r for r in profile.calibration[FORECAST_KEY]["runs"] if r["schedule"] == "uniform")
-    forced = dict(run, best="order 1, guard 0.3")  # a best that differs from plain reuse, so the test can fail
+    forced = dict(run, best=DAMPED)  # a best that differs from plain reuse, so the test can fail
     profile.calibration[FORECAST_KEY]["runs"] = [forced]
     target = run["speedup"] - 1e-3  # recorded to 4 decimals
     plan = plan_deepcache(profile, profile.calibration[FORECAST_KEY]["times"], target=target)
     assert [i for i, c in enumerate(plan.computed) if c] == run["full_steps"]
-    assert (plan.config.forecast_order, plan.config.guard) == FORECASTS["order 1, guard 0.3"]
+    assert (plan.config.forecast_order, plan.config.guard) == FORECASTS[DAMPED]
     pipe = diffaccel.load_bundled("tiny-sd")
     pipe.set_progress_bar_config(disable=True)
     diffaccel.accelerate(pipe, target_speedup=target, profile=profile)
     planned = _pixels(pipe, 7)
     chosen = diffaccel.stats(pipe)["methods"]["profile_schedule"]["planned"]
-    assert (chosen["schedule"], chosen["forecast_order"], chosen["guard"]) == (run["full_steps"], 1, 0.3)
-    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(schedule=run["full_steps"], forecast_order=1, guard=0.3)])
+    assert (chosen["schedule"], chosen["forecast_order"], chosen["guard"]) == (run["full_steps"], 1, 0.15)
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(schedule=run["full_steps"], forecast_order=1, guard=0.15)])
     explicit = _pixels(pipe, 7)
     diffaccel.disable(pipe)
     assert torch.equal(planned, explicit)

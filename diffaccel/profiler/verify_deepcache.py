@@ -3,7 +3,7 @@
 Forecasting the deep features of a reused step (:mod:`diffaccel.methods.forecast`) helps when the
 full steps are close together and hurts when they are far apart: measured on the trained tiny-sd
 (eval/results/step_cache.md), order 1 gains 6-12 dB over plain reuse with a full step every 2 of
-20 or 50 DDIM steps, a damped order 1 (guard 0.3) gains 4-7 dB every 3 steps, and at every 5 of
+20 or 50 DDIM steps, a damped order 1 (guard 0.15) gains 1-3 dB every 3 steps, and at every 5 of
 20 steps every forecast loses 1-2 dB while every 5 of 50 gains 4. No error model in the profile
 predicts this, so the planner's schedules for a range of full-step counts are run as real
 generations with each forecast setting (``FORECASTS``) on calibration prompts, beside the evenly
@@ -25,7 +25,7 @@ from diffaccel.profiler.profile import Profile
 
 FORECAST_KEY = "deepcache_forecast"  # profile.calibration key
 # label -> (forecast_order, guard); "order 0" first: it wins ties (the plain DeepCache step)
-FORECASTS = {"order 0": (0, 2.0), "order 1": (1, 2.0), "order 1, guard 0.3": (1, 0.3)}
+FORECASTS = {"order 0": (0, 2.0), "order 1": (1, 2.0), "order 1, guard 0.15": (1, 0.15)}
 INTERVALS = (2, 3, 4, 5, 6, 8)  # full-step spacings whose planned schedules are verified
 STATISTIC = "pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output"
 
