@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--split", default="heldout", choices=("train", "heldout"))
     ap.add_argument("--seeds", default="5000-5015")
     ap.add_argument("--psnr", default="", help="comma-separated PSNR targets for StepCache(min_psnr=...)")
+    ap.add_argument("--veto", default="", help="comma-separated StepCache vetoes: each --psnr target also with each")
     ap.add_argument("--presets", action="store_true", help="also the quality / balanced / fast presets")
     ap.add_argument("--uniform", default="", help="comma-separated computed-step counts of uniform masks (order 1 and 0)")
     ap.add_argument("--deepcache", default="", help="U-Net: comma-separated full-step counts K; for each, DeepCache's "
@@ -92,7 +93,9 @@ def main() -> None:
     configs = []
     if args.presets:
         configs += [(p, dict(preset=p)) for p in ("quality", "balanced", "fast")]
-    configs += [(f"StepCache(min_psnr={t})", dict(methods=[diffaccel.StepCache(min_psnr=float(t))])) for t in args.psnr.split(",") if t]
+    vetoes = [0.0] + [float(v) for v in args.veto.split(",") if v]
+    configs += [(f"StepCache(min_psnr={t}" + (f", veto={v:g})" if v else ")"), dict(methods=[diffaccel.StepCache(min_psnr=float(t), veto=v)]))
+                for t in args.psnr.split(",") if t for v in vetoes]
     for k in [int(k) for k in args.uniform.split(",") if k]:
         for order in (1, 0):
             configs.append((f"uniform {k}/{n} order {order}",
