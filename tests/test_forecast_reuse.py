@@ -31,3 +31,38 @@ def test_forecast_default_is_off_and_validated():
         diffaccel.accelerate(tp.build("sd"), methods=[diffaccel.DeepCache(forecast_order=5)])
     with pytest.raises(ValueError, match="forecast_order"):
         diffaccel.accelerate(tp.build("wan"), methods=[diffaccel.AdaptiveCache(forecast_order=-1)])
+
+
+def test_deepcache_forecast_span_bounds_the_gap_a_forecast_bridges():
+    """A forecast extrapolates only from full steps at most ``forecast_span`` apart in normalised time."""
+    pipe = tp.build("sd")
+    outs = {}
+    for key, kwargs in {"plain": dict(), "wide": dict(forecast_order=1, forecast_span=1.0),
+                        "narrow": dict(forecast_order=1, forecast_span=0.05)}.items():
+        diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=3, **kwargs)])
+        outs[key] = tp.run("sd", pipe, steps=8)  # every 3 of 8 steps: full steps ~0.37 apart
+    diffaccel.disable(pipe)
+    assert torch.equal(outs["narrow"], outs["plain"]) and not torch.equal(outs["wide"], outs["plain"])
+    with pytest.raises(ValueError, match="forecast_span"):
+        diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(forecast_span=1.5)])
+
+
+def test_unet_presets_forecast_only_where_full_steps_are_close():
+    """quality / balanced / fast forecast at 50 steps and reuse plainly at 10 (full steps >= 0.2 apart)."""
+    from diffaccel.bundled.loader import default_call_kwargs
+
+    pipe = diffaccel.load_bundled("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {k: v for k, v in default_call_kwargs("tiny-sd").items() if k != "num_inference_steps"}
+
+    def run(steps, **accel):
+        diffaccel.accelerate(pipe, **accel)
+        out = pipe("a red circle", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                   output_type="np", **kwargs).images
+        diffaccel.disable(pipe)
+        return torch.from_numpy(out)
+
+    for preset, interval in (("quality", 2), ("balanced", 3), ("fast", 5)):
+        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=interval)]
+        assert torch.equal(run(10, preset=preset), run(10, methods=plain)), preset
+        assert not torch.equal(run(50, preset=preset), run(50, methods=plain)), preset
