@@ -9,7 +9,8 @@ import diffaccel
 from diffaccel import cli
 from diffaccel.profiler.plan_deepcache import plan_deepcache, verified_forecast
 from diffaccel.profiler.profile import load_profile
-from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, full_step_counts, uniform_full_steps
+from diffaccel.profiler.verify_deepcache import (FORECAST_KEY, FORECASTS, MARGIN_DB, best_label, full_step_counts,
+                                                 uniform_full_steps)
 
 STEPS = 8
 DAMPED = "order 1, guard 0.15"
@@ -40,8 +41,24 @@ def test_every_schedule_is_run_with_every_forecast_and_the_best_is_kept(profile_
             assert run["full_steps"] == uniform_full_steps(STEPS, len(run["full_steps"]))
             assert run["full_steps"] != next(r for r in planned if len(r["full_steps"]) == len(run["full_steps"]))["full_steps"]
         assert run["full_steps"][0] == 0 and set(run["psnr"]) == set(FORECASTS)
-        assert run["psnr"][run["best"]] == max(run["psnr"].values())
+        top = max(run["psnr"], key=run["psnr"].get)  # kept only with a margin over plain reuse
+        assert run["best"] == (top if run["psnr"][top] >= run["psnr"]["order 0"] + MARGIN_DB else "order 0")
         assert all(run["psnr_worst"][label] <= run["psnr"][label] + 1e-9 for label in FORECASTS)
+
+
+def test_a_forecast_or_another_schedule_needs_a_margin_over_plain_reuse(profile_path):
+    assert best_label({"order 0": 30.0, "order 1": 30.0 + MARGIN_DB / 2, DAMPED: 29.0}) == "order 0"
+    assert best_label({"order 0": 30.0, "order 1": 30.0 + MARGIN_DB, DAMPED: 31.0}) == DAMPED
+    profile = load_profile(profile_path)
+    entry = profile.calibration[FORECAST_KEY]
+    k = 3
+    planned = next(r for r in entry["runs"] if len(r["full_steps"]) == k and r["schedule"] == "planned")
+    other = [0, 1, 5] if planned["full_steps"] != [0, 1, 5] else [0, 2, 5]  # any schedule unlike the planned one
+    uniform = dict(planned, schedule="uniform", full_steps=other, best="order 0")
+    for gain, chosen in ((MARGIN_DB / 2, planned), (2 * MARGIN_DB, uniform)):
+        uniform["psnr"] = {label: planned["psnr"][planned["best"]] + gain for label in FORECASTS}
+        entry["runs"] = [planned, uniform]
+        assert verified_forecast(profile, entry["times"], k).steps == chosen["full_steps"]
 
 
 def test_verified_psnr_is_what_the_schedule_gives(profile_path):
@@ -70,7 +87,10 @@ def test_plans_take_the_best_verified_run_at_the_verified_step_count_only(profil
     profile = load_profile(profile_path)
     runs, times = profile.calibration[FORECAST_KEY]["runs"], profile.calibration[FORECAST_KEY]["times"]
     for k in (2, 3, 4):
+        planned = next(r for r in runs if len(r["full_steps"]) == k and r["schedule"] == "planned")
         best = max((r for r in runs if len(r["full_steps"]) == k), key=lambda r: r["psnr"][r["best"]])
+        if best["psnr"][best["best"]] < planned["psnr"][planned["best"]] + MARGIN_DB:
+            best = planned  # the evenly spread schedule replaces the planned one only with a margin
         v = verified_forecast(profile, times, k)
         assert v.steps == best["full_steps"] and (v.forecast_order, v.guard) == FORECASTS[best["best"]]
         assert best["best"] in v.note and v.psnr == best["psnr"][best["best"]]

@@ -33,7 +33,7 @@ from diffaccel.methods.deepcache import DeepCache, cached_modules
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
-from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, MARGIN_DB
 
 # The measured output error (reuse_error.py) covers skip branch 0, the one presets and plans use,
 # at ages up to REUSE_AGES steps; older ages are extrapolated.
@@ -218,8 +218,12 @@ def verified_forecast(profile: Profile, times: list[float], k: int, skip_branch:
         why = f"{entry['steps']} steps, not {len(times)}" if len(ran_at) != len(times) else "other timesteps (scheduler)"
         return Verified(None, *plain, f"forecast: none (verified at {why})")
     exact = [r for r in runs if len(r["full_steps"]) == k]
-    if exact:
-        run = max(exact, key=lambda r: r["psnr"][r["best"]])
+    if exact:  # the planned schedule unless another one measured MARGIN_DB better
+        planned = [r for r in exact if r.get("schedule", "planned") == "planned"]
+        run = max(planned or exact, key=lambda r: r["psnr"][r["best"]])
+        other = max(exact, key=lambda r: r["psnr"][r["best"]])
+        if other["psnr"][other["best"]] >= run["psnr"][run["best"]] + MARGIN_DB:
+            run = other
     else:
         run = min((r for r in runs if r.get("schedule", "planned") == "planned"),
                   key=lambda r: (abs(len(r["full_steps"]) - k), len(r["full_steps"])))
