@@ -153,3 +153,24 @@ def test_min_psnr_takes_the_fastest_verified_run_over_the_fit(profile_path):
 def test_unet_verification_flags(tmp_path, capsys, args, message):
     assert cli.main(["profile", "tiny-sd", "--out", str(tmp_path / "p.json"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_verification_runs_on_every_unet_pipeline(name):
+    """SD and SDXL (added text embeddings, tuple-valued down blocks) verify and plan the same way."""
+    import tiny_pipes as tp
+    from diffaccel.profiler.measure import measure
+    from diffaccel.profiler.verify_deepcache import verify_deepcache
+
+    steps = 6
+    pipe = tp.build(name)
+    kw = {**tp.call_kwargs(name, steps=steps), "height": 8, "width": 8}
+    kw.pop("generator"), kw.pop("output_type")
+    profile = measure(pipe, [None], kw, model=f"tiny-{name}-test", progress=False)
+    entry = verify_deepcache(pipe, profile, [None], [0], kw)
+    assert entry["steps"] == steps and len(entry["times"]) == steps
+    assert {len(r["full_steps"]) for r in entry["runs"]} == set(full_step_counts(steps))
+    assert all(math.isfinite(db) for r in entry["runs"] for db in r["psnr"].values())
+    run = next(r for r in entry["runs"] if r["schedule"] == "planned")
+    plan = plan_deepcache(profile, entry["times"], target=run["speedup"] - 1e-3)
+    assert plan.psnr == run["psnr"][run["best"]] or plan.psnr >= run["psnr"][run["best"]] + MARGIN_DB
