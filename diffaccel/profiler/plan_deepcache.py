@@ -201,10 +201,11 @@ class Verified(NamedTuple):
 
 
 def verified_forecast(profile: Profile, times: list[float], k: int, skip_branch: int = 0) -> Verified:
-    """The full steps (or None) and forecast for a schedule of ``k`` full steps in ``n``,
-    from the profile's verified runs (:mod:`diffaccel.profiler.verify_deepcache`): with runs of k full
-    steps, the schedule and forecast measured best among them; else the forecast measured best on
-    the planned schedule with the nearest number of full steps (the schedule stays the planner's).
+    """The full steps (or None: the planner's) and forecast for a schedule of ``k`` full steps at
+    ``times``, from the profile's verified runs (:mod:`diffaccel.profiler.verify_deepcache`): with
+    runs of k full steps, the planned schedule with its chosen forecast, unless the evenly spread one
+    measured ``MARGIN_DB`` better; else the forecast chosen on the planned run with the nearest number
+    of full steps.
     Plain reuse at other timesteps than the verified ones (another step count or scheduler): which
     forecast wins changes with them (tiny-sd: damped order 1 gains 6 dB with 10 of 20 full steps,
     order 1 loses 8 dB with 5 of 10)."""
@@ -239,9 +240,9 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
                    full_steps: list[int] | None = None) -> Plan:
     """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing.
 
-    At the verified step count a chosen schedule is the one the profile's verified runs found best
-    for its number of full steps (planned or evenly spread), with their best forecast, and its PSNR
-    is the measured one; the predicted error is that of plain reuse (the measured error model's)."""
+    At the timesteps the profile verified, a chosen schedule and its forecast are
+    :func:`verified_forecast`'s, with the measured PSNR where it was run; the predicted error is that
+    of plain reuse (the measured error model's)."""
     cost, full, saved, note = _model(profile, times, skip_branch)
     n = len(times)
     cost_of = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731

@@ -4,14 +4,15 @@ Forecasting the deep features of a reused step (:mod:`diffaccel.methods.forecast
 full steps are close together and hurts when they are far apart: measured on the trained tiny-sd
 (eval/results/step_cache.md), order 1 gains 6-12 dB over plain reuse with a full step every 2 of
 20 or 50 DDIM steps, a damped order 1 (guard 0.15) gains 1-3 dB every 3 steps, and at every 5 of
-20 steps every forecast loses 1-2 dB while every 5 of 50 gains 4. No error model in the profile
+20 steps every forecast loses 1-2 dB while every 5 of 50 gains 2-4. No error model in the profile
 predicts this, so the planner's schedules for a range of full-step counts are run as real
 generations with each forecast setting (``FORECASTS``) on calibration prompts, beside the evenly
 spread schedule of as many full steps (a forecast needs even spacing more than plain reuse does:
 the planned schedules put full steps next to each other, whose difference extrapolates badly).
 Every run's pooled PSNR is kept in ``profile.calibration["deepcache_forecast"]``; the DeepCache
-planner (:func:`~diffaccel.profiler.plan_deepcache.verified_forecast`) then runs, at the verified
-step count, the schedule and forecast measured best for its number of full steps.
+planner (:func:`~diffaccel.profiler.plan_deepcache.verified_forecast`) then runs, at the timesteps
+they ran at (that step count and scheduler), the planned schedule with plain reuse unless a forecast
+or the evenly spread schedule measured ``MARGIN_DB`` better.
 
 ``diffaccel profile UNET_MODEL --verify M`` runs this on M prompts.
 """
