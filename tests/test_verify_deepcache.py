@@ -174,3 +174,13 @@ def test_verification_runs_on_every_unet_pipeline(name):
     run = next(r for r in entry["runs"] if r["schedule"] == "planned")
     plan = plan_deepcache(profile, entry["times"], target=run["speedup"] - 1e-3)
     assert plan.psnr == run["psnr"][run["best"]] or plan.psnr >= run["psnr"][run["best"]] + MARGIN_DB
+
+
+def test_schedule_cli_shows_the_measured_psnr_of_a_verified_plan(profile_path, capsys):
+    profile = load_profile(profile_path)
+    entry = profile.calibration[FORECAST_KEY]
+    run = next(r for r in entry["runs"] if r["schedule"] == "planned" and len(r["full_steps"]) == 3)
+    expected = verified_forecast(profile, entry["times"], 3).psnr
+    assert cli.main(["schedule", str(profile_path), "--target-speedup", f"{run['speedup'] - 1e-3:.4f}",
+                     "--steps", str(STEPS)]) == 0
+    assert f"measured PSNR vs the unaccelerated output: {expected:.1f} dB" in capsys.readouterr().out
