@@ -44,3 +44,21 @@ def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks_and_steps(nam
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
         assert torch.isfinite(again).all()
     assert graphs[0] == graphs[1]  # a third block compiles nothing new
+
+
+@pytest.mark.parametrize("forecast", [dict(), dict(forecast_order=1, guard=0.15)], ids=["reuse", "forecast"])
+def test_deepcache_in_a_compiled_unet_compiles_nothing_new_for_more_steps(forecast):
+    """The whole U-Net compiled with DeepCache's hooks inside: the forecast's per-step scalar is no
+    guard, so a longer call adds no graph, and the output is the eager one."""
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = tp.build("sd")
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=3, **forecast)])
+    eager = tp.run("sd", pipe, steps=8)
+    pipe.unet.compile(backend="eager")
+    compiled = tp.run("sd", pipe, steps=8)
+    graphs = counters["stats"]["unique_graphs"]
+    tp.run("sd", pipe, steps=12)
+    assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    assert diffaccel.stats(pipe)["methods"]["deepcache"]["reused"] > 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
