@@ -81,7 +81,7 @@ FAMILIES: dict[Family, FamilySpec] = {
             # DeepCache on its shallowest skip every 2 / 3 / 4 steps; "fast" adds ToMe, gated: it merges
             # only blocks with enough tokens for merging to pay (a fixed per-device rule, see tome.py).
             # fast is every 4, not 5: every 5 of 20 steps measured 23.7 / 25.2 / 26.9 / 29.3 dB pooled on four
-            # seed sets of tiny-sd, under its 25 dB promise on one; every 4 measured 27.4 / 27.4 / 31.5 / 32.2.
+            # seed sets of tiny-sd, under its 25 dB promise on one; every 4 measured 27.6 / 27.4 / 31.5 / 32.2.
             # The deep features are forecast (order 1; damped at guard 0.15 from every 3 steps) only where the
             # full steps lie at most 0.18 apart in normalised time: on tiny-sd forecasts gained 1.5-12 dB up
             # to 0.16 (every 2 or 3 of 20 DDIM steps, every 2-8 of 50) and lost 1-4 dB from 0.2 on (every 2
