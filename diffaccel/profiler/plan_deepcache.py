@@ -34,6 +34,7 @@ from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
 from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, MARGIN_DB
+from diffaccel.profiler.verify_deepcache import verified_times as forecast_times
 
 # The measured output error (reuse_error.py) covers skip branch 0, the one presets and plans use,
 # at ages up to REUSE_AGES steps; older ages are extrapolated.
@@ -321,6 +322,9 @@ class DeepCachePlanner(Planner):
 
     def plan(self, profile, times, target, like=None) -> Plan:
         return plan_deepcache(profile, times, target, skip_branch=like.skip_branch if like is not None else 0)
+
+    def verified_times(self, profile, steps=None) -> list[float] | None:
+        return forecast_times(profile, steps)
 
     def simulate(self, profile, times, config) -> Plan:
         return plan_deepcache(profile, times, None, config.skip_branch, full_steps=resolved_full_steps(config, times))

@@ -284,6 +284,9 @@ class StepCachePlanner(Planner):
     def plan(self, profile, times, target, like=None) -> Plan:
         return plan_step_cache(profile, times, target)
 
+    def verified_times(self, profile, steps=None) -> list[float] | None:
+        return verified_times(profile, steps)
+
     def simulate(self, profile, times, config) -> Plan:
         from diffaccel.methods.step_cache import step_schedule
 

@@ -16,6 +16,8 @@ A planner says
 * how it simulates: the predicted speed-up and error of a given config (``simulate``);
 * how a plan becomes the config a call runs with (``call_config``) and whether it is re-planned
   at every call for that call's timesteps (``replans_per_call``).
+* at which timesteps the profile ran its schedules for real, if it did (``verified_times``): plans
+  for that step count are made at them.
 """
 from __future__ import annotations
 
@@ -71,6 +73,11 @@ class Planner:
     def reuse_error(self, pipe, results: list) -> dict[str, Any]:
         """This method's entries of ``profile.reuse_error``, from every prompt's probe result."""
         return {}
+
+    def verified_times(self, profile: "Profile", steps: int | None = None) -> list[float] | None:
+        """The scheduler timesteps at which the profile ran this method's schedules for real (with
+        ``steps`` of them, when given): a plan for that step count should be made at them."""
+        return None
 
     # ---- planning ----------------------------------------------------------------------------
     def plan(self, profile: "Profile", times: list[float], target: float, like: Method | None = None) -> "Plan":

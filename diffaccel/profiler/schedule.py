@@ -47,14 +47,12 @@ def summary(plan: Plan) -> str:
 
 
 def planning_times(profile: Profile, steps: int | None = None) -> list[float]:
-    """The step times to plan for: the real scheduler's where the profile's verified schedules (or
-    DeepCache forecasts) ran at that many steps (a call of that length runs them, so the plan shown for it should too), else
-    the profiled times spread over ``steps`` (default: the profiled count)."""
-    from diffaccel.profiler import plan_step_cache, verify_deepcache
-
+    """The step times to plan for: the real scheduler's where a planner's verified schedules ran at that
+    many steps (a call of that length runs them, so the plan shown for it should too), else the
+    profiled times spread over ``steps`` (default: the profiled count)."""
     times = step_times(profile, steps)
-    return (plan_step_cache.verified_times(profile, len(times)) or verify_deepcache.verified_times(profile, len(times))
-            or times)
+    verified = (planner.verified_times(profile, len(times)) for planner in planners_for(profile.family))
+    return next((v for v in verified if v), times)
 
 
 def choice_key(plan: Plan) -> tuple:

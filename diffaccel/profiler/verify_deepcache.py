@@ -27,11 +27,11 @@ from diffaccel.profiler.profile import Profile
 FORECAST_KEY = "deepcache_forecast"  # profile.calibration key
 # label -> (forecast_order, guard); "order 0" first: it wins ties (the plain DeepCache step)
 FORECASTS = {"order 0": (0, 2.0), "order 1": (1, 2.0), "order 1, guard 0.15": (1, 0.15)}
-INTERVALS = (2, 3, 4, 5, 6, 8)
+INTERVALS = (2, 3, 4, 5, 6, 8)  # full-step spacings whose schedules are verified
 # A forecast, or the evenly spread schedule, replaces plain reuse on the planned schedule only when it
 # measured at least this much better: on tiny-sd, options 0.4 dB apart on 48 seeds swapped places on
 # other seed sets (eval/results/step_cache.md), so smaller differences are noise, not a choice.
-MARGIN_DB = 0.5  # full-step spacings whose planned schedules are verified
+MARGIN_DB = 0.5
 STATISTIC = "pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output"
 
 
@@ -61,9 +61,10 @@ def uniform_full_steps(n: int, k: int) -> list[int]:
 
 def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, skip_branch: int = 0,
                      progress: bool = False) -> dict:
-    """Run the planned schedule of each of :func:`full_step_counts` with each of ``FORECASTS``, at
-    ``call_kwargs``' step count (default: the profiled one), planned at the scheduler's times for it
-    (what a call of that length plans at); put the results into ``profile.calibration`` and return them."""
+    """Run the planned schedule of each of :func:`full_step_counts`, and the evenly spread one where it
+    differs, with each of ``FORECASTS``, at ``call_kwargs``' step count (default: the profiled one),
+    planned at the scheduler's times for it (what a call of that length plans at); put the results into
+    ``profile.calibration`` and return them."""
     from diffaccel.profiler.plan_deepcache import plan_full_steps
     from diffaccel.profiler.reuse_error import run_configs
 
