@@ -1,10 +1,9 @@
 """Verify DeepCache's forecasts on the bundled U-Net and store them in its shipped profile.
 
-    python eval/add_deepcache_forecasts.py --prompts 48 --validate 16 --refine 4   # writes assets/tiny-sd/profile.json
+    python eval/add_deepcache_forecasts.py --prompts 16      # writes assets/tiny-sd/profile.json
 
 The planner's schedules for a range of full-step counts run at the model's default call (20
-steps; the profile was measured at 25) with each forecast of the deep features, on training captions, seeds 100..; local search and its
-validation on seeds 300.. (also training captions); see
+steps; the profile was measured at 25) with each forecast of the deep features, on training captions, seeds 100..; see
 diffaccel.profiler.verify_deepcache. ``diffaccel profile UNET_MODEL --verify M`` does the same for
 any U-Net while profiling from scratch.
 """
@@ -27,8 +26,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-sd", choices=("tiny-sd",))
     ap.add_argument("--prompts", type=int, default=16, help="training captions (seeds 100..) the schedules run on")
-    ap.add_argument("--validate", type=int, default=0, help="training captions (seeds 300..) searched schedules are validated on")
-    ap.add_argument("--refine", type=int, default=0, help="rounds of local search (moves of one full step)")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -38,16 +35,12 @@ def main() -> None:
     profile = load_profile(path)
     started = time.perf_counter()
     call = {"num_inference_steps": default_call_kwargs(args.model)["num_inference_steps"]}  # where users run it
-    validation = list(range(300, 300 + args.validate))
-    entry = verify_deepcache(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, call, refine=args.refine,
-                             validation=([captions[s % len(captions)] for s in validation], validation) if validation else None,
-                             progress=True)
+    entry = verify_deepcache(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, call, progress=True)
     profile.save(path)
     for run in entry["runs"]:
         measured = "  ".join(f"{label} {db:.2f}" for label, db in run["psnr"].items())
-        validated = "".join(f", validated {db:.2f}" for db in run.get("psnr_validation", {}).values())
-        print(f"{len(run['full_steps']):2d} of {entry['steps']} full, {run['schedule']:8s} {run['full_steps']} "
-              f"({run['speedup']:.2f}x): {measured} dB -> {run['best']}{validated}")
+        print(f"{len(run['full_steps']):2d} of {entry['steps']} full, {run['schedule']:8s} ({run['speedup']:.2f}x): {measured} dB"
+              f" -> {run['best']}")
     print(f"{path}: {len(entry['runs'])} schedules x 3 forecasts in {time.perf_counter() - started:.0f} s")
 
 

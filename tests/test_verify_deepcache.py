@@ -9,8 +9,8 @@ import diffaccel
 from diffaccel import cli
 from diffaccel.profiler.plan_deepcache import plan_deepcache, verified_forecast
 from diffaccel.profiler.profile import load_profile
-from diffaccel.profiler.verify_deepcache import (FORECAST_KEY, FORECASTS, MARGIN_DB, SEARCH_STEP_DB, best_label, chosen,
-                                                 full_step_counts, neighbours, score, uniform_full_steps)
+from diffaccel.profiler.verify_deepcache import (FORECAST_KEY, FORECASTS, MARGIN_DB, best_label, full_step_counts,
+                                                 uniform_full_steps)
 
 STEPS = 8
 DAMPED = "order 1, guard 0.15"
@@ -147,7 +147,7 @@ def test_min_psnr_takes_the_fastest_verified_run_over_the_fit(profile_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--validate", "1"], "--validate and --refine work on the verified schedules: add --verify M"),
+    (["--verify", "1", "--validate", "1"], "--validate and --refine apply to StepCache's verified schedules"),
     (["--step-graph", "1"], "apply to image and video DiTs; tiny-sd is a unet model"),
 ])
 def test_unet_verification_flags(tmp_path, capsys, args, message):
@@ -184,53 +184,3 @@ def test_schedule_cli_shows_the_measured_psnr_of_a_verified_plan(profile_path, c
     assert cli.main(["schedule", str(profile_path), "--target-speedup", f"{run['speedup'] - 1e-3:.4f}",
                      "--steps", str(STEPS)]) == 0
     assert f"measured PSNR vs the unaccelerated output: {expected:.1f} dB" in capsys.readouterr().out
-
-
-def test_neighbours_move_one_full_step_by_one_and_keep_step_0():
-    assert neighbours([0, 3, 6], 8) == [[0, 2, 6], [0, 4, 6], [0, 3, 5], [0, 3, 7]]
-    assert neighbours([0, 1, 7], 8) == [[0, 2, 7], [0, 1, 6]]  # never onto step 0, another full step or past the loop
-    assert neighbours([0], 8) == []
-
-
-@pytest.fixture(scope="module")
-def searched_path(tmp_path_factory):
-    out = tmp_path_factory.mktemp("search_dc") / "p.json"
-    assert cli.main(["profile", "tiny-sd", "--out", str(out), "--num-prompts", "2", "--steps", str(STEPS),
-                     "--calibration-prompts", "1", "--verify", "2", "--validate", "2", "--refine", "3", "--no-progress"]) == 0
-    return out
-
-
-def test_local_search_moves_full_steps_while_it_gains_and_validates_what_it_found(searched_path):
-    entry = load_profile(searched_path).calibration[FORECAST_KEY]
-    searched = [r for r in entry["runs"] if r["schedule"] == "searched"]
-    assert searched, "on 8 steps some count's schedule gains from moving a full step (a fixed model and seeds)"
-    assert entry["validation"]["seeds"] and not set(entry["validation"]["seeds"]) & {1000, 1001}
-    for run in searched:
-        k = len(run["full_steps"])
-        same = [r for r in entry["runs"] if len(r["full_steps"]) == k and r is not run]
-        start = next(r for r in same if r["full_steps"] == run["start"])  # where the search began
-        unvalidated = [{key: v for key, v in r.items() if key != "psnr_validation"} for r in same]
-        assert chosen(unvalidated)["full_steps"] == start["full_steps"]  # what planning took before the search
-        assert run["full_steps"] != start["full_steps"] and run["full_steps"][0] == 0 and run["speedup"] == start["speedup"]
-        assert set(run["psnr"]) == set(FORECASTS) and run["best"] == best_label(run["psnr"])
-        assert run["psnr"][start["best"]] >= start["psnr"][start["best"]] + SEARCH_STEP_DB  # each move gained
-        for r in (run, start):  # both re-run on the validation seeds with their chosen forecast
-            assert set(r["psnr_validation"]) == {r["best"]}
-            assert score(r) == min(r["psnr"][r["best"]], r["psnr_validation"][r["best"]])
-
-
-def test_a_searched_schedule_is_planned_only_with_a_margin_on_its_validated_psnr(searched_path):
-    profile = load_profile(searched_path)
-    entry = profile.calibration[FORECAST_KEY]
-    for k in sorted({len(r["full_steps"]) for r in entry["runs"]}):
-        runs = [r for r in entry["runs"] if len(r["full_steps"]) == k]
-        verified = verified_forecast(profile, entry["times"], k)
-        pick = chosen(runs)
-        assert verified.steps == pick["full_steps"] and verified.psnr == score(pick)
-        planned = next(r for r in runs if r["schedule"] == "planned")
-        assert pick is planned or score(pick) >= max(score(r) for r in runs if r["schedule"] == "planned") + MARGIN_DB
-    run = {"schedule": "searched", "full_steps": [0, 2, 5], "psnr": {label: 40.0 for label in FORECASTS}, "best": "order 0"}
-    planned = dict(run, schedule="planned", full_steps=[0, 1, 5], psnr={label: 30.0 for label in FORECASTS})
-    assert chosen([planned, run]) is run
-    run["psnr_validation"] = {"order 0": 30.0 + MARGIN_DB / 2}  # the gain did not hold on the validation seeds
-    assert chosen([planned, run]) is planned

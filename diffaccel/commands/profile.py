@@ -37,13 +37,11 @@ def add_arguments(parser) -> None:
                              "planned and evenly spread schedules (full steps every 2..8 steps) with each forecast of the "
                              "deep features on M prompts; plans at this step count then take the best measured (0 skips)")
     parser.add_argument("--validate", type=int, default=0, metavar="K",
-                        help="with --verify: re-run every kept schedule (U-Nets: every searched one and its start) on K "
-                             "more prompts (seeds SEED+2000..) and keep its lower PSNR, so a schedule tuned to the "
-                             "verification seeds loses its place (0 skips)")
+                        help="with --verify: re-run every kept schedule on K more prompts (seeds SEED+2000..) and keep "
+                             "its lower PSNR, so a schedule tuned to the verification seeds loses its place (0 skips)")
     parser.add_argument("--refine", type=int, default=0, metavar="R",
                         help="with --verify: R rounds of local search, each trying every schedule that skips one more "
-                             "step than a kept one (U-Nets: that moves one full step by one step); use with --validate, "
-                             "or it overfits the verification seeds")
+                             "step than a kept one (use with --validate, or it overfits the verification seeds)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -201,17 +199,13 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
     if profile.family == "unet":
         from diffaccel.profiler.verify_deepcache import verify_deepcache
 
-        print(f"verifying DeepCache forecasts on {_count(args.verify, 'prompt')}"
-              + (f", validating on {args.validate} more" if args.validate else "")
-              + (f", {_count(args.refine, 'round')} of local search" if args.refine else ""), flush=True)
+        print(f"verifying DeepCache forecasts on {_count(args.verify, 'prompt')}", flush=True)
         entry = verify_deepcache(pipe, profile, *prompt_set(args.verify, args.seed + 1000), call,
-                                 validation=prompt_set(args.validate, args.seed + 2000) if args.validate else None,
-                                 refine=args.refine, progress=not args.no_progress)
+                                 progress=not args.no_progress)
         for run in entry["runs"]:
             measured = "  ".join(f"{label} {db:.2f} dB" for label, db in run["psnr"].items())
-            validated = "".join(f", validated {db:.2f} dB" for db in run.get("psnr_validation", {}).values())
-            print(f"  {len(run['full_steps'])} of {entry['steps']} full steps, {run['schedule']} {run['full_steps']} "
-                  f"({run['speedup']:.2f}x FLOPs): {measured}  -> {run['best']}{validated}")
+            print(f"  {len(run['full_steps'])} of {entry['steps']} full steps, {run['schedule']} ({run['speedup']:.2f}x FLOPs): {measured}"
+                  f"  -> {run['best']}")
         return time.perf_counter() - started
     print(f"verifying StepCache schedules on {_count(args.verify, 'prompt')}"
           + (f", validating on {args.validate} more" if args.validate else "")
@@ -233,6 +227,9 @@ def _check_verification_applies(pipe, args) -> None:
         if args.step_graph:
             raise ValueError(f"--step-graph measures StepCache's schedules, which apply to image and video DiTs; "
                              f"{args.model} is a unet model. Leave --step-graph out (--verify M verifies DeepCache's forecasts).")
+        if args.validate or args.refine:
+            raise ValueError("--validate and --refine apply to StepCache's verified schedules (DiTs); on a unet model "
+                             "leave them out (--verify M alone verifies DeepCache's forecasts).")
     elif family not in StepCache.supported_families():
         if args.step_graph or args.verify:
             raise ValueError(f"--step-graph / --verify measure StepCache's schedules, which apply to image and video DiTs; "

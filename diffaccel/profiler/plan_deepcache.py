@@ -33,7 +33,7 @@ from diffaccel.methods.deepcache import DeepCache, cached_modules
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
-from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, chosen, score
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, MARGIN_DB
 from diffaccel.profiler.verify_deepcache import verified_times as forecast_times
 
 # The measured output error (reuse_error.py) covers skip branch 0, the one presets and plans use,
@@ -204,9 +204,8 @@ class Verified(NamedTuple):
 def verified_forecast(profile: Profile, times: list[float], k: int, skip_branch: int = 0) -> Verified:
     """The full steps (or None: the planner's) and forecast for a schedule of ``k`` full steps at
     ``times``, from the profile's verified runs (:mod:`diffaccel.profiler.verify_deepcache`): with
-    runs of k full steps, the planned schedule with its chosen forecast, unless the evenly spread one or
-    a locally searched one measured ``MARGIN_DB`` better (:func:`~diffaccel.profiler.verify_deepcache.chosen`,
-    validated runs scored by their lower PSNR); else the forecast chosen on the planned run with the nearest number
+    runs of k full steps, the planned schedule with its chosen forecast, unless the evenly spread one
+    measured ``MARGIN_DB`` better; else the forecast chosen on the planned run with the nearest number
     of full steps.
     Plain reuse at other timesteps than the verified ones (another step count or scheduler): which
     forecast wins changes with them (tiny-sd: damped order 1 gains 6 dB with 10 of 20 full steps,
@@ -221,8 +220,12 @@ def verified_forecast(profile: Profile, times: list[float], k: int, skip_branch:
         why = f"{entry['steps']} steps, not {len(times)}" if len(ran_at) != len(times) else "other timesteps (scheduler)"
         return Verified(None, *plain, f"forecast: none (verified at {why})")
     exact = [r for r in runs if len(r["full_steps"]) == k]
-    if exact:
-        run = chosen(exact)
+    if exact:  # the planned schedule unless another one measured MARGIN_DB better
+        planned = [r for r in exact if r.get("schedule", "planned") == "planned"]
+        run = max(planned or exact, key=lambda r: r["psnr"][r["best"]])
+        other = max(exact, key=lambda r: r["psnr"][r["best"]])
+        if other["psnr"][other["best"]] >= run["psnr"][run["best"]] + MARGIN_DB:
+            run = other
     else:
         run = min((r for r in runs if r.get("schedule", "planned") == "planned"),
                   key=lambda r: (abs(len(r["full_steps"]) - k), len(r["full_steps"])))
@@ -231,7 +234,7 @@ def verified_forecast(profile: Profile, times: list[float], k: int, skip_branch:
             f"{run.get('schedule', 'planned')} schedule of {len(run['full_steps'])} of {entry['steps']} full steps)")
     if not exact:
         return Verified(None, *FORECASTS[run["best"]], note)
-    return Verified(run["full_steps"], *FORECASTS[run["best"]], note, score(run))
+    return Verified(run["full_steps"], *FORECASTS[run["best"]], note, psnr[run["best"]])
 
 
 def plan_deepcache(profile: Profile, times: list[float], target: float | None, skip_branch: int = 0,

@@ -14,14 +14,7 @@ planner (:func:`~diffaccel.profiler.plan_deepcache.verified_forecast`) then runs
 they ran at (that step count and scheduler), the planned schedule with plain reuse unless a forecast
 or the evenly spread schedule measured ``MARGIN_DB`` better.
 
-Local search (``refine`` rounds) then moves one full step of each count's chosen schedule a step
-earlier or later at a time, keeping a move that gains ``SEARCH_STEP_DB`` on the calibration prompts:
-with few full steps neither the planner's error model nor even spacing places them best (tiny-sd, 4 of
-20 full steps: moving them gained 1-3 dB on three training seed sets). The searched schedule and the
-one it started from are then re-run on a validation set, and each run is scored by the lower of its
-two PSNRs; without validation the search overfits the calibration seeds.
-
-``diffaccel profile UNET_MODEL --verify M [--validate K --refine R]`` runs this on M (and K) prompts.
+``diffaccel profile UNET_MODEL --verify M`` runs this on M prompts.
 """
 from __future__ import annotations
 
@@ -39,9 +32,7 @@ INTERVALS = (2, 3, 4, 5, 6, 8)  # full-step spacings whose schedules are verifie
 # measured at least this much better: on tiny-sd, options 0.4 dB apart on 48 seeds swapped places on
 # other seed sets (eval/results/step_cache.md), so smaller differences are noise, not a choice.
 MARGIN_DB = 0.5
-SEARCH_STEP_DB = 0.1  # a local-search move must gain at least this much on the calibration prompts
-STATISTIC = ("pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output; "
-             "psnr_validation: the same on the validation prompts, for the runs that were validated")
+STATISTIC = "pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output"
 
 
 def verified_times(profile: Profile, steps: int | None = None) -> list[float] | None:
@@ -53,30 +44,6 @@ def verified_times(profile: Profile, steps: int | None = None) -> list[float] | 
 def full_step_counts(n: int) -> list[int]:
     """How many full steps the verified schedules of an ``n``-step profile have: one per interval."""
     return sorted({math.ceil(n / interval) for interval in INTERVALS if 2 <= math.ceil(n / interval) < n})
-
-
-def score(run: dict, label: str | None = None) -> float:
-    """A run's PSNR with forecast ``label`` (default: its chosen one): the lower of calibration and validation."""
-    label = label or run["best"]
-    return min(run["psnr"][label], run.get("psnr_validation", {}).get(label, math.inf))
-
-
-def chosen(runs: list[dict]) -> dict:
-    """Of the runs of one full-step count: the planned schedule unless another measured ``MARGIN_DB`` better."""
-    planned = [r for r in runs if r.get("schedule", "planned") == "planned"]
-    run = max(planned or runs, key=score)
-    other = max(runs, key=score)
-    return other if score(other) >= score(run) + MARGIN_DB else run
-
-
-def neighbours(full: list[int], n: int) -> list[list[int]]:
-    """The schedules with one full step other than step 0 moved one step earlier or later."""
-    moved = []
-    for i, step in enumerate(full[1:], 1):
-        for to in (step - 1, step + 1):
-            if 0 < to < n and to not in full:
-                moved.append(sorted(full[:i] + [to] + full[i + 1:]))
-    return moved
 
 
 def best_label(psnr: dict[str, float]) -> str:
@@ -93,13 +60,13 @@ def uniform_full_steps(n: int, k: int) -> list[int]:
 
 
 def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, skip_branch: int = 0,
-                     validation: tuple[list, list[int]] | None = None, refine: int = 0, progress: bool = False) -> dict:
+                     progress: bool = False) -> dict:
     """Run the planned schedule of each of :func:`full_step_counts`, and the evenly spread one where it
     differs, with each of ``FORECASTS``, at ``call_kwargs``' step count (default: the profiled one),
-    planned at the scheduler's times for it (what a call of that length plans at); then ``refine``
-    rounds of local search from each count's chosen schedule, validated on ``validation`` (prompts,
-    seeds) where given. Put the results into ``profile.calibration`` and return them."""
+    planned at the scheduler's times for it (what a call of that length plans at); put the results into
+    ``profile.calibration`` and return them."""
     from diffaccel.profiler.plan_deepcache import plan_full_steps
+    from diffaccel.profiler.reuse_error import run_configs
 
     adapter = detect(pipe)
     n = int(call_kwargs.get("num_inference_steps") or len(profile.times))
@@ -113,89 +80,19 @@ def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], ca
         uniform = uniform_full_steps(n, k)
         if uniform != planned:
             schedules.append(("uniform", uniform, speedup))
-    run = _Runner(pipe, adapter, prompts, seeds, call_kwargs, skip_branch, progress)
-    run([(full, label) for _, full, _ in schedules for label in FORECASTS], "verifying DeepCache forecasts")
+    configs = [DeepCache(skip_branch=skip_branch, schedule=full, forecast_order=order, guard=guard)
+               for _, full, _ in schedules for order, guard in FORECASTS.values()]
+    runs = run_configs(pipe, adapter, prompts, seeds, call_kwargs, configs, progress=progress,
+                       desc="verifying DeepCache forecasts")
+    per = len(FORECASTS)
     entry = {"steps": n, "times": [round(t, 6) for t in times], "skip_branch": skip_branch, "prompts": len(prompts),
-             "statistic": STATISTIC, "runs": [run.record(kind, full, speedup) for kind, full, speedup in schedules]}
-    if refine:
-        searched, validated = _search(run, entry["runs"], n, refine, validation)
-        entry["runs"] += searched
-        if validated:
-            entry["validation"] = validated
+             "statistic": STATISTIC, "runs": []}
+    for i, (kind, full, speedup) in enumerate(schedules):
+        measured = dict(zip(FORECASTS, runs[i * per:(i + 1) * per]))
+        best = best_label({label: r["psnr"] for label, r in measured.items()})
+        entry["runs"].append({"schedule": kind, "full_steps": full, "speedup": round(speedup, 4),
+                              "psnr": {label: round(r["psnr"], 3) for label, r in measured.items()},
+                              "psnr_worst": {label: round(r["psnr_worst"], 3) for label, r in measured.items()},
+                              "best": best})
     profile.calibration = {**(profile.calibration or {}), FORECAST_KEY: entry}
     return entry
-
-
-class _Runner:
-    """Runs (full steps, forecast label) pairs on one prompt set, each once: pooled PSNR and worst seed's."""
-
-    def __init__(self, pipe, adapter, prompts, seeds, call_kwargs, skip_branch, progress):
-        self.args = pipe, adapter, prompts, seeds, call_kwargs
-        self.skip_branch, self.progress, self.done = skip_branch, progress, {}
-
-    def __call__(self, todo: list[tuple[list[int], str]], desc: str) -> dict:
-        from diffaccel.profiler.reuse_error import run_configs
-
-        new = list(dict.fromkeys((tuple(full), label) for full, label in todo if (tuple(full), label) not in self.done))
-        configs = [DeepCache(skip_branch=self.skip_branch, schedule=list(full), forecast_order=FORECASTS[label][0],
-                             guard=FORECASTS[label][1]) for full, label in new]
-        if configs:
-            for key, result in zip(new, run_configs(*self.args, configs, progress=self.progress, desc=desc)):
-                self.done[key] = result
-        return {key: round(r["psnr"], 3) for key, r in self.done.items()}
-
-    def record(self, kind: str, full: list[int], speedup: float) -> dict:
-        """The entry of a schedule run with every forecast."""
-        psnr = {label: round(self.done[tuple(full), label]["psnr"], 3) for label in FORECASTS}
-        worst = {label: round(self.done[tuple(full), label]["psnr_worst"], 3) for label in FORECASTS}
-        return {"schedule": kind, "full_steps": list(full), "speedup": round(speedup, 4), "psnr": psnr,
-                "psnr_worst": worst, "best": best_label(psnr)}
-
-
-def _search(run: _Runner, runs: list[dict], n: int, rounds: int, validation) -> list[dict]:
-    """Local search from each full-step count's chosen run (its forecast kept): per round, every
-    :func:`neighbours` schedule of the current one runs, and the best replaces it if it gains
-    ``SEARCH_STEP_DB``. The searched schedules (new ones only) are returned as runs of their own with
-    every forecast measured; with ``validation``, they and their starting runs are re-run there."""
-    current = {}  # k -> (start run, schedule, label)
-    for k in sorted({len(r["full_steps"]) for r in runs}):
-        start = chosen([r for r in runs if len(r["full_steps"]) == k])
-        current[k] = (start, start["full_steps"], start["best"])
-    for round_ in range(rounds):
-        todo = [(moved, label) for _, full, label in current.values() for moved in neighbours(full, n)]
-        psnr = run(todo, f"local search, round {round_ + 1} of {rounds}")
-        moved_any = False
-        for k, (start, full, label) in current.items():
-            options = neighbours(full, n)
-            best = max(options, key=lambda m: psnr[tuple(m), label], default=None)
-            if best is not None and psnr[tuple(best), label] >= psnr[tuple(full), label] + SEARCH_STEP_DB:
-                current[k], moved_any = (start, best, label), True
-        if not moved_any:
-            break
-    changed = {k: v for k, v in current.items() if v[1] != v[0]["full_steps"]}
-    run([(full, label) for _, full, _ in changed.values() for label in FORECASTS], "local search, every forecast")
-    searched = {k: {**run.record("searched", full, start["speedup"]), "start": start["full_steps"]}
-                for k, (start, full, _) in changed.items()}
-    validated = None
-    if validation is not None and searched:
-        validated = _validate(run, [r for k in searched for r in (current[k][0], searched[k])], validation)
-    return list(searched.values()), validated
-
-
-def _validate(run: _Runner, runs: list[dict], validation: tuple[list, list[int]]) -> dict:
-    """Each run's chosen forecast re-run on the validation prompts (seeds whose unaccelerated output a
-    1e-4 perturbation of the noise changes are left out: no schedule can match them)."""
-    from diffaccel.profiler.reuse_error import noise_sensitivity
-    from diffaccel.profiler.verify_step_cache import CHAOTIC_DB
-
-    pipe, adapter, _, _, call_kwargs = run.args
-    prompts, seeds = validation
-    calm = [(p, s) for p, s, db in zip(prompts, seeds, noise_sensitivity(pipe, prompts, seeds, call_kwargs)) if db >= CHAOTIC_DB]
-    if not calm:
-        raise ValueError("Every validation seed is chaotic (its output changes under a 1e-4 noise perturbation); "
-                         "validate on other seeds.")
-    check = _Runner(pipe, adapter, [p for p, _ in calm], [s for _, s in calm], call_kwargs, run.skip_branch, run.progress)
-    psnr = check([(r["full_steps"], r["best"]) for r in runs], "validating searched schedules")
-    for r in runs:
-        r["psnr_validation"] = {r["best"]: psnr[tuple(r["full_steps"]), r["best"]]}
-    return {"seeds": [s for _, s in calm], "left_out_chaotic": [s for s in seeds if s not in {c for _, c in calm}]}
