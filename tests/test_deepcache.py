@@ -109,6 +109,30 @@ def test_explicit_steps_and_normalised_times():
     assert dc_stats(by_time)["full_steps"] == expected and len(expected) == 4
 
 
+def test_max_span_makes_a_step_full_where_reuse_would_stretch_too_far():
+    """A step whose reuse would let the last full step's features drive more than ``max_span`` of the
+    trajectory (to the end of the step) is full; a uniform schedule restarts its interval there; a call
+    whose steps are close enough is unchanged."""
+    from diffaccel.profiler.plan_deepcache import resolved_full_steps
+
+    pipe = ours(deep_sd(), interval=4)
+    reference = call(pipe, [item_inputs(3)], steps=10)
+    assert dc_stats(pipe)["full_steps"] == [0, 4, 8]
+    gap = float(pipe.scheduler.timesteps[0] - pipe.scheduler.timesteps[1]) / 1000  # even spacing here
+    times = [float(t) / 1000 for t in pipe.scheduler.timesteps]
+    for span, expected in ((1.0, [0, 4, 8]), (3.5 * gap, [0, 3, 6, 9]), (2 * gap, [0, 2, 4, 6, 8]), (0.5 * gap, list(range(10)))):
+        bounded = ours(deep_sd(), interval=4, max_span=span)
+        out = call(bounded, [item_inputs(3)], steps=10)
+        assert dc_stats(bounded)["full_steps"] == expected, span
+        assert resolved_full_steps(DeepCache(interval=4, max_span=span), times) == expected  # what plans count
+        assert torch.equal(out, reference) == (expected == [0, 4, 8])
+    listed = ours(deep_sd(), schedule=[0, 5], max_span=2.5 * gap)  # listed steps stay, more are added
+    call(listed, [item_inputs(3)], steps=10)
+    assert dc_stats(listed)["full_steps"] == [0, 2, 4, 5, 7, 9]
+    with pytest.raises(ValueError, match="max_span"):
+        ours(deep_sd(), max_span=0.0 - 1.0)
+
+
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_model_cpu_offload_either_order(order):
     # accelerate's offload hook works on CPU when the device is named; it wraps unet.forward,

@@ -48,8 +48,12 @@ def test_deepcache_forecast_span_bounds_the_gap_a_forecast_bridges():
 
 
 def test_unet_presets_forecast_only_where_full_steps_are_close():
-    """quality / balanced / fast forecast at 50 steps and reuse plainly at 10 (full steps >= 0.2 apart)."""
+    """quality / balanced / fast forecast at 50 steps and reuse plainly at 10 (full steps >= 0.2 apart),
+    where their max_span also adds full steps (quality and balanced: every step; fast: every 2)."""
+    from dataclasses import replace
+
     from diffaccel.bundled.loader import default_call_kwargs
+    from diffaccel.presets import preset_methods
 
     pipe = diffaccel.load_bundled("tiny-sd")
     pipe.set_progress_bar_config(disable=True)
@@ -62,7 +66,12 @@ def test_unet_presets_forecast_only_where_full_steps_are_close():
         diffaccel.disable(pipe)
         return torch.from_numpy(out)
 
-    for preset, interval in (("quality", 2), ("balanced", 3), ("fast", 4)):
-        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=interval)]
+    for preset, interval, every in (("quality", 2, 1), ("balanced", 3, 1), ("fast", 4, 2)):
+        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=every)]
         assert torch.equal(run(10, preset=preset), run(10, methods=plain)), preset
+        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=interval)]
         assert not torch.equal(run(50, preset=preset), run(50, methods=plain)), preset
+        # At the 20 steps the presets were tuned at, max_span adds no full step.
+        unbounded = [replace(m, max_span=1.0) if isinstance(m, diffaccel.DeepCache) else m
+                     for m in preset_methods(preset, "unet")]
+        assert torch.equal(run(20, preset=preset), run(20, methods=unbounded)), preset

@@ -116,10 +116,18 @@ def test_min_psnr_plans_each_call_from_the_shipped_step_graph():
     plan = P.plan_for_psnr(profile, times, 30.0)
     assert stats["step_cache_psnr_schedule"]["planned"] and 1.5 < plan.speedup
     assert stats["step_cache"]["computed_steps"] == [i for i, c in enumerate(plan.config.mask) if c]
-    # Another step count has no graph: the config's own rule runs.
-    pipe("a red circle", num_inference_steps=12, generator=torch.Generator().manual_seed(0), output_type="latent")
+    # Another step count has no graph. More steps than the profile's: the config's own rule runs.
+    pipe("a red circle", num_inference_steps=24, generator=torch.Generator().manual_seed(0), output_type="latent")
     stats = diffaccel.stats(pipe)["methods"]
     assert not stats["step_cache_psnr_schedule"]["planned"] and stats["step_cache"]["reused"] > 0
+    # Fewer: every step computes (each skip would span more of the trajectory), as without StepCache.
+    call = dict(prompt="a red circle", num_inference_steps=12, output_type="latent")
+    fewer = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    stats = diffaccel.stats(pipe)["methods"]
+    assert stats["step_cache_psnr_schedule"]["every_step"] and stats["step_cache"]["computed_steps"] == list(range(12))
+    assert "12 steps, fewer than the 20" in stats["step_cache_psnr_schedule"]["why"]
+    diffaccel.disable(pipe)
+    assert torch.equal(fewer, pipe(**call, generator=torch.Generator().manual_seed(0)).images)
 
 
 def test_one_more_skip_respects_retention_and_the_longest_run():

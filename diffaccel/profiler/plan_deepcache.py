@@ -29,7 +29,7 @@ import math
 from dataclasses import replace
 from typing import NamedTuple
 
-from diffaccel.methods.deepcache import DeepCache, cached_modules
+from diffaccel.methods.deepcache import DeepCache, FullStepRule, cached_modules
 from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
@@ -269,16 +269,8 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
 
 def resolved_full_steps(config: DeepCache, times: list[float]) -> list[int]:
     """The full steps ``config`` takes on a loop with normalised ``times`` (as the method decides)."""
-    steps = config.full_steps(len(times))
-    if steps is not None:
-        return steps
-    pending, full = sorted(config.schedule, reverse=True), []
-    for step, t in enumerate(times):
-        due = [tau for tau in pending if tau >= t - 1e-6]
-        pending = [tau for tau in pending if tau < t - 1e-6]
-        if due or step == 0:
-            full.append(step)
-    return full
+    rule = FullStepRule(config, len(times))
+    return [step for step, t in enumerate(times) if rule.full(step, t)]
 
 
 @register_planner

@@ -315,7 +315,10 @@ class StepCachePlanner(Planner):
 class StepCachePsnrSchedule(Method):
     """Schedule provider for ``StepCache(min_psnr=...)``: at every call, the fastest mask whose
     predicted PSNR on ``profile``'s measured step graph meets ``min_psnr``, for the call's
-    timesteps; the StepCache config's own rule where the graph was measured at other timesteps."""
+    timesteps. Where the graph was measured at other timesteps: the StepCache config's own rule for a
+    call with at least as many steps; with fewer, every step computes (each skip then spans more of the
+    trajectory: on the bundled DiTs the presets' rule broke their PSNR promises at 10 and 15 steps of
+    a 20-step profile, by 5-18 dB, and held them at 25, 30 and 50; eval/results/presets.md)."""
 
     name: ClassVar[str] = "step_cache_psnr_schedule"
     profile: Profile | None = None
@@ -327,7 +330,7 @@ class StepCachePsnrSchedule(Method):
 class _PsnrScheduleInstalled(Installed):
     def __init__(self, config: StepCachePsnrSchedule, session):
         super().__init__(config, session)
-        self.plans: dict[tuple, StepCache] = {}
+        self.plans: dict[tuple, tuple[StepCache, dict]] = {}  # call's (min_psnr, times) -> config, stats
         self.info: dict = {}
         session.providers[StepCache.name] = self
         self.on_remove(lambda: session.providers.pop(StepCache.name, None))
@@ -338,16 +341,26 @@ class _PsnrScheduleInstalled(Installed):
         times = [session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]]
         key = (config.min_psnr, tuple(round(t, 6) for t in times))
         if key not in self.plans:
-            profile = self.config.profile
-            if config.min_psnr is None or measured_edges(profile, times) is None:
-                self.plans[key], self.info = config, {"planned": False}
-            else:
-                plan = plan_for_psnr(profile, times, config.min_psnr)
-                self.plans[key] = replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order,
-                                          forecast_orders=plan.config.forecast_orders)
-                self.info = {"planned": True, "predicted_psnr": round(-10 * math.log10(max(plan.error, 1e-30)), 2),
-                             "predicted_speedup": round(plan.speedup, 3)}
-        return self.plans[key]
+            self.plans[key] = self._plan(config, times)
+        planned, self.info = self.plans[key]  # stats describe the latest call
+        return planned
+
+    def _plan(self, config: StepCache, times: list[float]) -> tuple[StepCache, dict]:
+        profile, n = self.config.profile, len(times)
+        measured_at = len(profile.reuse_error["step_cache"]["times"])
+        if config.min_psnr is None:
+            return config, {"planned": False}
+        if measured_edges(profile, times) is None:
+            if n < measured_at:
+                return replace(config, mask=(True,) * n, forecast_orders=None), {
+                    "planned": False, "every_step": True,
+                    "why": f"{n} steps, fewer than the {measured_at} the profile measured: no skip is known to keep min_psnr"}
+            return config, {"planned": False}
+        plan = plan_for_psnr(profile, times, config.min_psnr)
+        return replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order,
+                       forecast_orders=plan.config.forecast_orders), {
+            "planned": True, "predicted_psnr": round(-10 * math.log10(max(plan.error, 1e-30)), 2),
+            "predicted_speedup": round(plan.speedup, 3)}
 
     def stats(self) -> dict:
         return dict(self.info)
