@@ -3,6 +3,7 @@ import itertools
 import math
 import random
 
+import diffusers as D
 import pytest
 import torch
 
@@ -125,9 +126,16 @@ def test_min_psnr_plans_each_call_from_the_shipped_step_graph():
     fewer = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     stats = diffaccel.stats(pipe)["methods"]
     assert stats["step_cache_psnr_schedule"]["every_step"] and stats["step_cache"]["computed_steps"] == list(range(12))
-    assert "12 steps, fewer than the 20" in stats["step_cache_psnr_schedule"]["why"]
+    assert "12 steps, not more than the 20" in stats["step_cache_psnr_schedule"]["why"]
     diffaccel.disable(pipe)
     assert torch.equal(fewer, pipe(**call, generator=torch.Generator().manual_seed(0)).images)
+    # Another scheduler (its timesteps unmeasured), even with more steps: every step computes too.
+    pipe.scheduler = D.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    diffaccel.accelerate(pipe, methods=[diffaccel.StepCache(min_psnr=30.0)])
+    pipe("a red circle", num_inference_steps=24, generator=torch.Generator().manual_seed(0), output_type="latent")
+    stats = diffaccel.stats(pipe)["methods"]
+    assert stats["step_cache"]["computed_steps"] == list(range(24))
+    assert "EulerDiscreteScheduler, not the profile's DPMSolverMultistepScheduler" in stats["step_cache_psnr_schedule"]["why"]
 
 
 def test_one_more_skip_respects_retention_and_the_longest_run():

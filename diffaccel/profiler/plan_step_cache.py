@@ -316,9 +316,10 @@ class StepCachePsnrSchedule(Method):
     """Schedule provider for ``StepCache(min_psnr=...)``: at every call, the fastest mask whose
     predicted PSNR on ``profile``'s measured step graph meets ``min_psnr``, for the call's
     timesteps. Where the graph was measured at other timesteps: the StepCache config's own rule for a
-    call with at least as many steps; with fewer, every step computes (each skip then spans more of the
-    trajectory: on the bundled DiTs the presets' rule broke their PSNR promises at 10 and 15 steps of
-    a 20-step profile, by 5-18 dB, and held them at 25, 30 and 50; eval/results/presets.md)."""
+    call with more steps of the profile's scheduler; else every step computes. Measured on the bundled
+    DiTs (eval/results/presets.md): the presets' rule held their PSNR promises at 25, 30 and 50 steps
+    of a 20-step profile and broke them at 10 and 15 steps (by 5-18 dB), and on tiny-dit at 20 steps
+    of Euler (by 1-6 dB) and of DDIM (every preset under 8 dB; one skipped step alone: 20-24 dB)."""
 
     name: ClassVar[str] = "step_cache_psnr_schedule"
     profile: Profile | None = None
@@ -341,21 +342,23 @@ class _PsnrScheduleInstalled(Installed):
         times = [session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]]
         key = (config.min_psnr, tuple(round(t, 6) for t in times))
         if key not in self.plans:
-            self.plans[key] = self._plan(config, times)
+            self.plans[key] = self._plan(config, times, type(session.pipe.scheduler).__name__)
         planned, self.info = self.plans[key]  # stats describe the latest call
         return planned
 
-    def _plan(self, config: StepCache, times: list[float]) -> tuple[StepCache, dict]:
+    def _plan(self, config: StepCache, times: list[float], scheduler: str) -> tuple[StepCache, dict]:
         profile, n = self.config.profile, len(times)
         measured_at = len(profile.reuse_error["step_cache"]["times"])
+        profiled_with = (profile.measured or {}).get("scheduler", scheduler)
         if config.min_psnr is None:
             return config, {"planned": False}
         if measured_edges(profile, times) is None:
-            if n < measured_at:
-                return replace(config, mask=(True,) * n, forecast_orders=None), {
-                    "planned": False, "every_step": True,
-                    "why": f"{n} steps, fewer than the {measured_at} the profile measured: no skip is known to keep min_psnr"}
-            return config, {"planned": False}
+            if n > measured_at and scheduler == profiled_with:
+                return config, {"planned": False}
+            why = (f"{n} steps, not more than the {measured_at} the profile measured" if scheduler == profiled_with else
+                   f"{scheduler}, not the profile's {profiled_with}")
+            return replace(config, mask=(True,) * n, forecast_orders=None), {
+                "planned": False, "every_step": True, "why": f"{why}: no skip is known to keep min_psnr"}
         plan = plan_for_psnr(profile, times, config.min_psnr)
         return replace(config, mask=plan.config.mask, forecast_order=plan.config.forecast_order,
                        forecast_orders=plan.config.forecast_orders), {
