@@ -89,7 +89,7 @@ FAMILIES: dict[Family, FamilySpec] = {
             # max_span keeps a call with fewer steps from stretching the reuse. tiny-sd, pooled PSNR on training /
             # held-out captions with the full steps this far apart in normalised time: 0.13 (every 2 of 15 steps)
             # 40 / 43 dB, 0.15 (every 3 of 20) 37 / 39, 0.2 (every 4 of 20, 3 of 15, 2 of 10) 27-32 / 32-34,
-            # 0.25-0.27 24-29 / 29, 0.3-0.4 22 / 22-23. So quality and balanced space them at most 0.15 apart,
+            # 0.25-0.27 24-27 / 29, 0.3-0.4 22 / 22-23. So quality and balanced space them at most 0.15 apart,
             # fast 0.2: at 10 DDIM steps quality and balanced compute every step and fast every other one;
             # at 20 or more steps nothing changes.
             "quality": (_TEXT, ("deepcache", dict(interval=2, skip_branch=0, forecast_order=1, forecast_span=_SPAN,

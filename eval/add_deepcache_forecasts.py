@@ -1,6 +1,6 @@
 """Verify DeepCache's forecasts on the bundled U-Net and store them in its shipped profile.
 
-    python eval/add_deepcache_forecasts.py --prompts 16      # writes assets/tiny-sd/profile.json
+    python eval/add_deepcache_forecasts.py --prompts 48      # writes assets/tiny-sd/profile.json (as shipped)
 
 The planner's schedules for a range of full-step counts run at the model's default call (20
 steps; the profile was measured at 25) with each forecast of the deep features, on training captions, seeds 100..; see

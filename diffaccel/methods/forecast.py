@@ -46,15 +46,15 @@ class History:
     def last(self) -> Any:
         return self.items[-1][1]
 
-    def forecast(self, t: float | None, order: int, guard: float = 2.0, max_span: float = math.inf) -> Any:
+    def forecast(self, t: float | None, order: int, guard: float = 2.0, max_gap: float = math.inf) -> Any:
         """The value at ``t``: order 0 / 1 / 2 Newton extrapolation of the kept values (fewer kept
         values lower the order), its change clamped by ``guard`` (0: no clamp). Where the last two
-        values lie more than ``max_span`` apart in time, the last one as it is (order 0)."""
+        values lie more than ``max_gap`` apart in time, the last one as it is (order 0)."""
         order = min(order, len(self.items) - 1)
         if order <= 0 or t is None:
             return self.last
         (t1, v1), (t2, v2) = self.items[-1], self.items[-2]
-        if abs(t1 - t2) > max_span:
+        if abs(t1 - t2) > max_gap:
             return v1
         a = (t - t1) / (t1 - t2)  # steps ahead, in units of the last interval
         if order == 1:
