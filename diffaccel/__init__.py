@@ -13,6 +13,7 @@ from diffaccel.methods import (
     METHODS,
     PAB,
     AdaptiveCache,
+    CfgCache,
     DeepCache,
     FasterCache,
     Instrument,
@@ -30,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "accelerate", "disable", "stats", "load_bundled", "METHODS", "Method", "PRESETS", "Family", "instrument",
-    "Instrument", "DeepCache", "ToMe", "AdaptiveCache", "StepCache", "TextCache", "FasterCache", "PAB", "SlidingTileAttention",
+    "Instrument", "DeepCache", "ToMe", "AdaptiveCache", "StepCache", "TextCache", "FasterCache", "CfgCache", "PAB", "SlidingTileAttention",
     "MediatorAttention", "__version__",
 ]

@@ -8,10 +8,11 @@ from diffaccel.methods.step_cache import StepCache
 from diffaccel.methods.text_cache import TextCache
 from diffaccel.methods.pab import PAB
 from diffaccel.methods.faster_cache import FasterCache
+from diffaccel.methods.cfg_cache import CfgCache
 from diffaccel.methods.sliding_tile import SlidingTileAttention
 from diffaccel.methods.mediator import MediatorAttention
 
 __all__ = [
     "METHODS", "Installed", "Method", "register", "Instrument", "Recording", "record", "DeepCache", "ToMe",
-    "AdaptiveCache", "StepCache", "TextCache", "PAB", "FasterCache", "SlidingTileAttention", "MediatorAttention",
+    "AdaptiveCache", "StepCache", "TextCache", "PAB", "FasterCache", "CfgCache", "SlidingTileAttention", "MediatorAttention",
 ]

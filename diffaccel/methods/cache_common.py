@@ -11,6 +11,7 @@ the batch, sample-major), so a half is a contiguous share of the rows, not a cou
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from typing import Any, Callable
@@ -67,6 +68,26 @@ def tree_map(fn: Callable, *trees: Any) -> Any:
     if isinstance(first, torch.Tensor):
         return fn(*trees)
     return type(first)(tree_map(fn, *parts) for parts in zip(*trees))
+
+
+def prediction_of(out) -> torch.Tensor:
+    """The prediction tensor of a denoiser output (a tensor, a tuple, or an output with ``sample``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.sample
+
+
+def with_prediction(template, pred: torch.Tensor):
+    """``template`` (a denoiser output) holding ``pred`` as its prediction."""
+    if isinstance(template, torch.Tensor):
+        return pred
+    if isinstance(template, tuple):
+        return (pred, *template[1:])
+    out = copy.copy(template)
+    out.sample = pred
+    return out
 
 
 def num_rows(args: tuple, kwargs: dict) -> int:

@@ -30,6 +30,7 @@ import torch
 
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
+from diffaccel.methods.cache_common import cat_rows, cfg_half_rows, num_rows, tree_map
 from diffaccel.methods.forecast import ORDERS, History
 from diffaccel.validate import at_least, fraction, non_negative_int, one_of, positive_int
 
@@ -256,13 +257,17 @@ def _span(ctx, config: DeepCache) -> float:
 
 
 class DeepCacheInstalled(Installed):
-    """Hooks on the cached modules plus a per-call decision: pass / store / reuse."""
+    """Hooks on the cached modules plus a per-step decision: full step or not.
+
+    The deep features are kept per CFG half (a half's cache never stands in for the other's): a
+    call reuses them only if every half it runs stored its own at the last full step or later, so a
+    half that skipped that step (CFG-Cache ran the conditional rows alone) computes in full.
+    """
 
     def __init__(self, config: DeepCache, session):
         super().__init__(config, session)
         unet = session.adapter.denoiser
         self.paths = cached_modules(unet, config.skip_branch)
-        self.mode = "pass"  # this denoiser call: "pass" (inactive), "store" (full step), "reuse"
         self.reset_cache()
         for path in self.paths:
             hook_forward(self, unet.get_submodule(path), self._module_forward(path), HOOK_NAME)
@@ -271,29 +276,35 @@ class DeepCacheInstalled(Installed):
         self.on_remove(handle.remove)
 
     def reset_cache(self) -> None:
-        self.cache: dict[tuple[int, str], object] = {}  # (call index, module path) -> output
-        self.history: dict[tuple[int, str], History] = {}  # the same keys -> outputs of the last full steps (forecast)
-        self.cached_input: dict[int, tuple] = {}  # call index -> sample shape/dtype the cache belongs to
+        self.mode: str | None = None  # this denoiser call: "store" / "reuse"; None until its first cached module
+        self.cache: dict[tuple[int, str, str], object] = {}  # (call index, CFG half, module path) -> output rows
+        self.history: dict[tuple[int, str, str], History] = {}  # the same keys -> last full outputs (forecast)
+        self.stored: dict[tuple[int, str], tuple] = {}  # (call index, CFG half) -> (input signature, step stored)
         self.step_full: dict[int, bool] = {}  # step -> decision, so every call of a step agrees
+        self.last_full: int = 0  # the last full step
         self.rule: FullStepRule | None = None
 
     def _module_forward(self, path: str):
         def forward(original, *args, **kwargs):
-            if not self.session.ctx.active:  # outside the call, or another thread: plain
-                return original(*args, **kwargs)
             ctx = self.session.ctx
-            key = (ctx.call_index, path)
-            order = self.call_config().forecast_order if self.mode != "pass" else 0
+            if not ctx.active:  # outside the call, or another thread: plain
+                return original(*args, **kwargs)
+            halves = cfg_half_rows(ctx, num_rows(args, kwargs))
+            if self.mode is None:
+                self._decide(ctx, halves, args, kwargs)
+            config = self.call_config()
+            keys = [(ctx.call_index, half, path) for half, _ in halves]
             if self.mode == "reuse":
-                if order:
-                    config = self.call_config()
-                    return self.history[key].forecast(_time(ctx), order, config.guard, _span(ctx, config))
-                return self.cache[key]
+                if config.forecast_order:
+                    t, span = _time(ctx), _span(ctx, config)
+                    return cat_rows([self.history[k].forecast(t, config.forecast_order, config.guard, span) for k in keys])
+                return cat_rows([self.cache[k] for k in keys])
             out = original(*args, **kwargs)
-            if self.mode == "store":
-                self.cache[key] = out
-                if order:
-                    self.history.setdefault(key, History(order + 1)).push(_time(ctx), out)
+            for key, (_, rows) in zip(keys, halves):
+                part = out if len(halves) == 1 else tree_map(lambda x: x[rows], out)
+                self.cache[key] = part
+                if config.forecast_order:
+                    self.history.setdefault(key, History(config.forecast_order + 1)).push(_time(ctx), part)
             return out
 
         return forward
@@ -306,25 +317,36 @@ class DeepCacheInstalled(Installed):
             self.rule = FullStepRule(self.call_config(), int(ctx.num_steps or 0) or None)
         full = self.rule.full(ctx.step, ctx.t_norm)
         self.step_full[ctx.step] = full
+        if full:
+            self.last_full = ctx.step
         return full
 
     def _on_denoiser_call(self, module, args, kwargs):
-        ctx = self.session.ctx
-        if not ctx.active:
-            return None
-        sample = args[0] if args else kwargs.get("sample")
-        signature = (tuple(sample.shape), sample.dtype, sample.device) if isinstance(sample, torch.Tensor) else None
-        have_cache = self.cached_input.get(ctx.call_index) == signature and signature is not None
-        if self._is_full_step(ctx) or not have_cache:
+        if self.session.ctx.active:
+            self._is_full_step(self.session.ctx)
+            self.mode = None  # decided at the first cached module, which sees the rows that really run
+        return None
+
+    def _decide(self, ctx, halves, args, kwargs) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        share = int(x.shape[0]) // len(halves)
+        signature = (tuple(x.shape[1:]), share, x.dtype, x.device)
+        fresh = all(
+            (kept := self.stored.get((ctx.call_index, half))) is not None
+            and kept[0] == signature and kept[1] >= self.last_full
+            for half, _ in halves
+        )
+        if self.step_full[ctx.step] or not fresh:
             self.mode = "store"
-            self.cached_input[ctx.call_index] = signature
+            for half, _ in halves:
+                self.stored[(ctx.call_index, half)] = (signature, ctx.step)
             self.count("computed")
         else:
             self.mode = "reuse"
             self.count("reused")
+            share = len(halves) * ctx.cfg.row_share  # of a full call: 0.5 where CfgCache runs the conditional rows alone
             for path in self.paths:
-                self.count_skipped(path)
-        return None
+                self.count_skipped(path, share)
 
     def stats(self) -> dict:
         out = dict(self.counters)

@@ -27,7 +27,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass
 from typing import ClassVar
@@ -36,7 +35,7 @@ import torch
 
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.methods.cache_common import AttentionReuse, take_rows
+from diffaccel.methods.cache_common import AttentionReuse, prediction_of, take_rows, with_prediction
 from diffaccel.validate import fraction, positive_int, time_range
 
 SELF_ATTENTION_KINDS = ("spatial", "temporal", "joint")
@@ -161,7 +160,7 @@ class FasterCacheInstalled(Installed):
         session, ctx = self.session, self.session.ctx
         if not ctx.active:
             return
-        pred = _prediction(out)
+        pred = prediction_of(out)
         if ctx.cfg.batched:
             half = pred.shape[0] // 2
             first, second = pred[:half], pred[half:]
@@ -189,34 +188,16 @@ class FasterCacheInstalled(Installed):
 
     @torch.compiler.disable
     def _complete_batch(self, out):
-        cond = _prediction(out)
+        cond = prediction_of(out)
         uncond = self._rebuilt_uncond(cond)
         halves = (uncond, cond) if self.session.adapter.batched_cfg_order[0] == "uncond" else (cond, uncond)
-        return _with_prediction(out, torch.cat(halves, dim=0))
+        return with_prediction(out, torch.cat(halves, dim=0))
 
     @torch.compiler.disable
     def _rebuild_call(self):
         self.count_skipped("", 1.0)
         _, cond, template = self.cond_now
-        return _with_prediction(template, self._rebuilt_uncond(cond))
-
-
-def _prediction(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple):
-        return out[0]
-    return out.sample
-
-
-def _with_prediction(template, pred: torch.Tensor):
-    if isinstance(template, torch.Tensor):
-        return pred
-    if isinstance(template, tuple):
-        return (pred, *template[1:])
-    out = copy.copy(template)
-    out.sample = pred
-    return out
+        return with_prediction(template, self._rebuilt_uncond(cond))
 
 
 def _low_pass(x: torch.Tensor, grid) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""CfgCache: run the unconditional half of classifier-free guidance on some steps only.
+
+With CFG every step runs the denoiser on two halves, conditional and unconditional. Their
+difference ``D = uncond - cond`` changes slowly along the trajectory (FasterCache's observation),
+so on most steps only the conditional half runs and the unconditional output is rebuilt as
+``cond + D`` with ``D`` from the last step that ran both. Which steps run both follows DeepCache's
+full-step rule (every ``interval`` steps, and wherever one difference would otherwise stand for
+more than ``max_span`` of the trajectory), so with the same ``interval`` and ``max_span`` as a
+DeepCache in the same list, both refresh at the same steps and DeepCache's cached steps run the
+shallow path of the conditional rows alone (a half DeepCache finds without deep features of the
+last full step is computed in full, so any other combination stays correct, only slower).
+Below normalised time ``min_time`` the unconditional half does not run again.
+
+Pipelines that batch CFG (SD, SDXL, PixArt) run the conditional rows alone; pipelines that call
+the denoiser once per half (Wan, HunyuanVideo) get the unconditional call answered without
+running it, when it comes after the conditional one. Without CFG (guidance_scale <= 1, a
+guidance-distilled model) there is nothing to skip; ``stats`` says so.
+
+Example::
+
+    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=4), diffaccel.CfgCache(interval=4)])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from diffaccel.methods.base import Installed, Method, hook_forward, register
+from diffaccel.methods.cache_common import prediction_of, take_rows, with_prediction
+from diffaccel.methods.deepcache import DeepCache, FullStepRule
+from diffaccel.validate import fraction, positive_int
+
+HOOK_NAME = "diffaccel_cfg_cache"
+
+
+@register
+@dataclass(frozen=True)
+class CfgCache(Method):
+    """Reuse the CFG difference ``uncond - cond`` between the steps that run both halves.
+
+    Attributes:
+        interval: both halves run every N steps (1: every step, the output is the pipeline's own).
+        max_span: both halves also run where the difference of the last such step would stand for
+            more than this share of the trajectory (normalised time, as ``DeepCache.max_span``).
+        min_time: below this normalised time (1 = noise) the unconditional half no longer runs.
+    """
+
+    name: ClassVar[str] = "cfg_cache"
+
+    interval: int = 2
+    max_span: float = 1.0
+    min_time: float = 0.0
+
+    def validate(self) -> None:
+        positive_int(self.interval, "CfgCache(interval=...)", "Use 1 to run both CFG halves at every step.")
+        fraction(self.max_span, "CfgCache(max_span=...)", hint="1 puts no bound on the span.")
+        fraction(self.min_time, "CfgCache(min_time=...)", hint="0 runs the unconditional half to the end.")
+
+    def apply(self, session) -> "CfgCacheInstalled":
+        self.validate()
+        self.check_family(session.adapter.family)
+        return CfgCacheInstalled(self, session)
+
+
+class CfgCacheInstalled(Installed):
+    """A hook on the whole denoiser: run both halves, the conditional one alone, or answer the call."""
+
+    def __init__(self, config: CfgCache, session):
+        super().__init__(config, session)
+        hook_forward(self, session.adapter.denoiser, self._denoiser_forward, HOOK_NAME)
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        self.delta: torch.Tensor | None = None  # uncond - cond of the last step that ran both
+        self.both: dict[int, bool] = {}  # step -> both halves run, so every call of a step agrees
+        self.rule: FullStepRule | None = None
+        self.cond_now: tuple[int, torch.Tensor, object] | None = None  # separate CFG: (step, cond prediction, output)
+
+    def _denoiser_forward(self, original, *args, **kwargs):
+        mode = self._mode()
+        if mode == "answer":
+            return self._answer()
+        if mode == "cond_only":
+            rows = int(self.session.ctx.batch_size)
+            cond = self._cond_rows(rows)
+            with self.session.ctx.uncond_dropped():  # methods inside see the conditional rows alone
+                out = original(*take_rows(args, rows, cond), **take_rows(kwargs, rows, cond))
+            return self._with_uncond(out)
+        out = original(*args, **kwargs)
+        self._after_run(out)
+        return out
+
+    @torch.compiler.disable
+    def _mode(self) -> str:
+        ctx = self.session.ctx
+        if not ctx.active:
+            return "run"
+        self.count("calls")
+        if self._runs_both(ctx) or self.delta is None:
+            return "run"
+        if ctx.cfg.batched:
+            return "cond_only"
+        if ctx.cfg.halves == ("uncond",) and self.cond_now is not None and self.cond_now[0] == ctx.step:
+            return "answer"
+        return "run"
+
+    def _runs_both(self, ctx) -> bool:
+        if ctx.step not in self.both:
+            if self.rule is None:
+                config = self.call_config()
+                self.rule = FullStepRule(DeepCache(interval=config.interval, max_span=config.max_span),
+                                         int(ctx.num_steps or 0) or None)
+            both = self.rule.full(ctx.step, ctx.t_norm)
+            late = ctx.t_norm is not None and ctx.t_norm < self.call_config().min_time
+            self.both[ctx.step] = both and not (late and self.delta is not None)
+        return self.both[ctx.step]
+
+    def _cond_rows(self, rows: int) -> slice:
+        half = rows // 2
+        self.count_skipped("", 0.5)
+        self.count("uncond_skipped")
+        return slice(half, rows) if self.session.adapter.batched_cfg_order[1] == "cond" else slice(0, half)
+
+    @torch.compiler.disable
+    def _with_uncond(self, out):
+        cond = prediction_of(out)
+        uncond = cond + self.delta.to(cond.dtype)
+        halves = (uncond, cond) if self.session.adapter.batched_cfg_order[0] == "uncond" else (cond, uncond)
+        return with_prediction(out, torch.cat(halves, dim=0))
+
+    @torch.compiler.disable
+    def _answer(self):
+        self.count_skipped("", 1.0)
+        self.count("uncond_skipped")
+        _, cond, template = self.cond_now
+        return with_prediction(template, cond + self.delta.to(cond.dtype))
+
+    @torch.compiler.disable
+    def _after_run(self, out) -> None:
+        ctx = self.session.ctx
+        if not ctx.active:
+            return
+        pred = prediction_of(out)
+        if ctx.cfg.batched:
+            half = pred.shape[0] // 2
+            first, second = pred[:half], pred[half:]
+            uncond, cond = (first, second) if self.session.adapter.batched_cfg_order[0] == "uncond" else (second, first)
+            self._keep(uncond, cond)
+        elif ctx.cfg.halves == ("cond",):
+            self.cond_now = (ctx.step, pred, out)
+        elif ctx.cfg.halves == ("uncond",) and self.cond_now is not None and self.cond_now[0] == ctx.step:
+            self._keep(pred, self.cond_now[1])
+
+    def _keep(self, uncond: torch.Tensor, cond: torch.Tensor) -> None:
+        self.delta = (uncond - cond).float()
+        self.count("both_run")
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        out["skipped_modules"] = dict(out.get("skipped_modules", {}))
+        if out.get("calls") and not out.get("both_run"):
+            out["why"] = "the pipeline ran without classifier-free guidance (guidance_scale <= 1?): nothing to skip"
+        return out
