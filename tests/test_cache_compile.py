@@ -46,14 +46,17 @@ def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks_and_steps(nam
     assert graphs[0] == graphs[1]  # a third block compiles nothing new
 
 
-@pytest.mark.parametrize("forecast", [dict(), dict(forecast_order=1, guard=0.15)], ids=["reuse", "forecast"])
-def test_deepcache_in_a_compiled_unet_compiles_nothing_new_for_more_steps(forecast):
+@pytest.mark.parametrize("forecast, cfg", [(dict(), False), (dict(forecast_order=1, guard=0.15), False), (dict(), True)],
+                         ids=["reuse", "forecast", "with CfgCache"])
+def test_deepcache_in_a_compiled_unet_compiles_nothing_new_for_more_steps(forecast, cfg):
     """The whole U-Net compiled with DeepCache's hooks inside: the forecast's per-step scalar is no
-    guard, so a longer call adds no graph, and the output is the eager one."""
+    guard, so a longer call adds no graph, and the output is the eager one. With CfgCache the U-Net
+    sees batches of one and two CFG halves: one graph each, still none new for a longer call."""
     torch._dynamo.reset()
     counters.clear()
     pipe = tp.build("sd")
-    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=3, **forecast)])
+    extra = [diffaccel.CfgCache(interval=3)] if cfg else []
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=3, **forecast), *extra])
     eager = tp.run("sd", pipe, steps=8)
     pipe.unet.compile(backend="eager")
     compiled = tp.run("sd", pipe, steps=8)

@@ -90,6 +90,72 @@ def with_prediction(template, pred: torch.Tensor):
     return out
 
 
+class CfgHalves:
+    """CFG plumbing shared by the methods that skip the unconditional half (CfgCache, FasterCache).
+
+    With batched CFG a call runs the conditional rows alone and gets the unconditional ones back
+    from ``rebuild(cond)``; with one call per half, the conditional call's prediction is kept and
+    the unconditional call of the same step is answered from it without running.
+    """
+
+    def __init__(self, installed: Installed):
+        self.installed = installed
+        self.reset()
+
+    def reset(self) -> None:
+        self.cond_now: tuple[int, torch.Tensor, object] | None = None  # separate CFG: (step, cond prediction, output)
+
+    def can_answer(self, ctx: CallContext) -> bool:
+        """A separate unconditional call that the conditional call of its step can answer."""
+        return ctx.cfg.halves == ("uncond",) and self.cond_now is not None and self.cond_now[0] == ctx.step
+
+    def run_cond_only(self, original: Callable, args: tuple, kwargs: dict, rebuild: Callable):
+        """Batched CFG: run the conditional rows alone, return both halves (the other from ``rebuild``)."""
+        args, kwargs = self._cond_inputs(args, kwargs)
+        with self.installed.session.ctx.uncond_dropped():  # methods inside see the conditional rows alone
+            out = original(*args, **kwargs)
+        return self._both_halves(out, rebuild)
+
+    @torch.compiler.disable
+    def _cond_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        rows = int(self.installed.session.ctx.batch_size)
+        half = rows // 2
+        sl = slice(half, rows) if self.installed.session.adapter.batched_cfg_order[1] == "cond" else slice(0, half)
+        self.installed.count_skipped("", 0.5)
+        return take_rows(args, rows, sl), take_rows(kwargs, rows, sl)
+
+    @torch.compiler.disable
+    def _both_halves(self, out, rebuild: Callable):
+        cond = prediction_of(out)
+        uncond = rebuild(cond)
+        order = self.installed.session.adapter.batched_cfg_order
+        return with_prediction(out, torch.cat((uncond, cond) if order[0] == "uncond" else (cond, uncond), dim=0))
+
+    @torch.compiler.disable
+    def answer(self, rebuild: Callable):
+        """Separate CFG: the unconditional call's output, from the conditional one of the step."""
+        self.installed.count_skipped("", 1.0)
+        _, cond, template = self.cond_now
+        return with_prediction(template, rebuild(cond))
+
+    @torch.compiler.disable
+    def after_run(self, out, keep: Callable) -> None:
+        """After a call that ran every half it holds: ``keep(uncond, cond)`` once both are known."""
+        ctx = self.installed.session.ctx
+        if not ctx.active:
+            return
+        pred = prediction_of(out)
+        if ctx.cfg.batched:
+            half = pred.shape[0] // 2
+            first, second = pred[:half], pred[half:]
+            order = self.installed.session.adapter.batched_cfg_order
+            keep(*((first, second) if order[0] == "uncond" else (second, first)))
+        elif ctx.cfg.halves == ("cond",):
+            self.cond_now = (ctx.step, pred, out)
+        elif self.can_answer(ctx):
+            keep(pred, self.cond_now[1])
+
+
 def num_rows(args: tuple, kwargs: dict) -> int:
     """Rows of a module call: the first dimension of its hidden states."""
     x = kwargs.get("hidden_states", args[0] if args else None)

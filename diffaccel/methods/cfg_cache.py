@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.methods.cache_common import prediction_of, take_rows, with_prediction
+from diffaccel.methods.cache_common import CfgHalves
 from diffaccel.methods.deepcache import DeepCache, FullStepRule
 from diffaccel.validate import fraction, positive_int
 
@@ -69,6 +69,7 @@ class CfgCacheInstalled(Installed):
 
     def __init__(self, config: CfgCache, session):
         super().__init__(config, session)
+        self.cfg = CfgHalves(self)
         hook_forward(self, session.adapter.denoiser, self._denoiser_forward, HOOK_NAME)
         self.reset_cache()
 
@@ -76,20 +77,16 @@ class CfgCacheInstalled(Installed):
         self.delta: torch.Tensor | None = None  # uncond - cond of the last step that ran both
         self.both: dict[int, bool] = {}  # step -> both halves run, so every call of a step agrees
         self.rule: FullStepRule | None = None
-        self.cond_now: tuple[int, torch.Tensor, object] | None = None  # separate CFG: (step, cond prediction, output)
+        self.cfg.reset()
 
     def _denoiser_forward(self, original, *args, **kwargs):
         mode = self._mode()
         if mode == "answer":
-            return self._answer()
+            return self.cfg.answer(self._rebuilt)
         if mode == "cond_only":
-            rows = int(self.session.ctx.batch_size)
-            cond = self._cond_rows(rows)
-            with self.session.ctx.uncond_dropped():  # methods inside see the conditional rows alone
-                out = original(*take_rows(args, rows, cond), **take_rows(kwargs, rows, cond))
-            return self._with_uncond(out)
+            return self.cfg.run_cond_only(original, args, kwargs, self._rebuilt)
         out = original(*args, **kwargs)
-        self._after_run(out)
+        self.cfg.after_run(out, self._keep)
         return out
 
     @torch.compiler.disable
@@ -100,11 +97,10 @@ class CfgCacheInstalled(Installed):
         self.count("calls")
         if self._runs_both(ctx) or self.delta is None:
             return "run"
-        if ctx.cfg.batched:
-            return "cond_only"
-        if ctx.cfg.halves == ("uncond",) and self.cond_now is not None and self.cond_now[0] == ctx.step:
-            return "answer"
-        return "run"
+        mode = "cond_only" if ctx.cfg.batched else "answer" if self.cfg.can_answer(ctx) else "run"
+        if mode != "run":
+            self.count("uncond_skipped")
+        return mode
 
     def _runs_both(self, ctx) -> bool:
         if ctx.step not in self.both:
@@ -117,41 +113,8 @@ class CfgCacheInstalled(Installed):
             self.both[ctx.step] = both and not (late and self.delta is not None)
         return self.both[ctx.step]
 
-    def _cond_rows(self, rows: int) -> slice:
-        half = rows // 2
-        self.count_skipped("", 0.5)
-        self.count("uncond_skipped")
-        return slice(half, rows) if self.session.adapter.batched_cfg_order[1] == "cond" else slice(0, half)
-
-    @torch.compiler.disable
-    def _with_uncond(self, out):
-        cond = prediction_of(out)
-        uncond = cond + self.delta.to(cond.dtype)
-        halves = (uncond, cond) if self.session.adapter.batched_cfg_order[0] == "uncond" else (cond, uncond)
-        return with_prediction(out, torch.cat(halves, dim=0))
-
-    @torch.compiler.disable
-    def _answer(self):
-        self.count_skipped("", 1.0)
-        self.count("uncond_skipped")
-        _, cond, template = self.cond_now
-        return with_prediction(template, cond + self.delta.to(cond.dtype))
-
-    @torch.compiler.disable
-    def _after_run(self, out) -> None:
-        ctx = self.session.ctx
-        if not ctx.active:
-            return
-        pred = prediction_of(out)
-        if ctx.cfg.batched:
-            half = pred.shape[0] // 2
-            first, second = pred[:half], pred[half:]
-            uncond, cond = (first, second) if self.session.adapter.batched_cfg_order[0] == "uncond" else (second, first)
-            self._keep(uncond, cond)
-        elif ctx.cfg.halves == ("cond",):
-            self.cond_now = (ctx.step, pred, out)
-        elif ctx.cfg.halves == ("uncond",) and self.cond_now is not None and self.cond_now[0] == ctx.step:
-            self._keep(pred, self.cond_now[1])
+    def _rebuilt(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond + self.delta.to(cond.dtype)
 
     def _keep(self, uncond: torch.Tensor, cond: torch.Tensor) -> None:
         self.delta = (uncond - cond).float()

@@ -35,7 +35,7 @@ import torch
 
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
-from diffaccel.methods.cache_common import AttentionReuse, prediction_of, take_rows, with_prediction
+from diffaccel.methods.cache_common import AttentionReuse, CfgHalves
 from diffaccel.validate import fraction, positive_int, time_range
 
 SELF_ATTENTION_KINDS = ("spatial", "temporal", "joint")
@@ -99,6 +99,7 @@ class FasterCacheInstalled(Installed):
                 for info in session.adapter.attention_modules()
                 if info.kind in SELF_ATTENTION_KINDS
             ]
+        self.cfg = CfgHalves(self)
         if config.cfg_interval > 1:
             hook_forward(self, session.adapter.denoiser, self._denoiser_forward, "diffaccel_faster_cache_cfg")
         self.reset_cache()
@@ -108,18 +109,15 @@ class FasterCacheInstalled(Installed):
             hook.reset()
         self.delta: tuple[torch.Tensor, torch.Tensor] | None = None  # (low, high) parts of uncond - cond
         self.uncond_step: int | None = None  # step of the last computed unconditional output
-        self.cond_now: tuple[int, torch.Tensor, object] | None = None  # separate CFG: (step, cond prediction, output)
+        self.cfg.reset()
 
     # ---- CFG-Cache at the denoiser -----------------------------------------------------
     def _denoiser_forward(self, original, *args, **kwargs):
         mode = self._cfg_mode()
         if mode == "rebuild":  # separate CFG: answer the unconditional call without running it
-            return self._rebuild_call()
+            return self.cfg.answer(self._rebuilt_uncond)
         if mode == "cond_only":  # batched CFG: run the conditional half only
-            cond_args, cond_kwargs = self._cond_inputs(args, kwargs)
-            with self.session.ctx.uncond_dropped():  # methods inside see the conditional rows alone
-                out = original(*cond_args, **cond_kwargs)
-            return self._complete_batch(out)
+            return self.cfg.run_cond_only(original, args, kwargs, self._rebuilt_uncond)
         out = original(*args, **kwargs)
         self._after_full(out)
         return out
@@ -139,7 +137,7 @@ class FasterCacheInstalled(Installed):
         )
         if ctx.cfg.batched:
             return "cond_only" if may_skip else "run"
-        if ctx.cfg.halves == ("uncond",) and may_skip and self.cond_now is not None and self.cond_now[0] == ctx.step:
+        if may_skip and self.cfg.can_answer(ctx):
             return "rebuild"
         return "run"
 
@@ -157,19 +155,7 @@ class FasterCacheInstalled(Installed):
 
     @torch.compiler.disable
     def _after_full(self, out) -> None:
-        session, ctx = self.session, self.session.ctx
-        if not ctx.active:
-            return
-        pred = prediction_of(out)
-        if ctx.cfg.batched:
-            half = pred.shape[0] // 2
-            first, second = pred[:half], pred[half:]
-            uncond, cond = (first, second) if session.adapter.batched_cfg_order[0] == "uncond" else (second, first)
-            self._store_delta(uncond, cond)
-        elif ctx.cfg.halves == ("cond",):
-            self.cond_now = (ctx.step, pred, out)
-        elif ctx.cfg.halves == ("uncond",) and self.cond_now is not None and self.cond_now[0] == ctx.step:
-            self._store_delta(pred, self.cond_now[1])
+        self.cfg.after_run(out, self._store_delta)
 
     def _store_delta(self, uncond: torch.Tensor, cond: torch.Tensor) -> None:
         delta = (uncond - cond).float()
@@ -177,27 +163,6 @@ class FasterCacheInstalled(Installed):
         self.delta = (low, delta - low)
         self.uncond_step = self.session.ctx.step
         self.count("cfg_computed")
-
-    @torch.compiler.disable
-    def _cond_inputs(self, args, kwargs):
-        rows = int(self.session.ctx.batch_size)
-        half = rows // 2
-        sl = slice(half, rows) if self.session.adapter.batched_cfg_order[1] == "cond" else slice(0, half)
-        self.count_skipped("", 0.5)
-        return take_rows(args, rows, sl), take_rows(kwargs, rows, sl)
-
-    @torch.compiler.disable
-    def _complete_batch(self, out):
-        cond = prediction_of(out)
-        uncond = self._rebuilt_uncond(cond)
-        halves = (uncond, cond) if self.session.adapter.batched_cfg_order[0] == "uncond" else (cond, uncond)
-        return with_prediction(out, torch.cat(halves, dim=0))
-
-    @torch.compiler.disable
-    def _rebuild_call(self):
-        self.count_skipped("", 1.0)
-        _, cond, template = self.cond_now
-        return with_prediction(template, self._rebuilt_uncond(cond))
 
 
 def _low_pass(x: torch.Tensor, grid) -> torch.Tensor:
