@@ -22,6 +22,7 @@ CASES = {  # label -> accelerate(...) arguments (methods as (name, parameters))
     "adaptive_cache": dict(methods=[("adaptive_cache", dict(threshold=0.3, warmup=1, max_consecutive=2))]),
     "pab": dict(methods=[("pab", {})]),
     "faster_cache": dict(methods=[("faster_cache", dict(attention_interval=2, cfg_interval=2, cfg_range=(0.0, 1.0)))]),
+    "cfg_cache": dict(methods=[("cfg_cache", dict(interval=2))]),
     "text_cache": dict(methods=[("text_cache", {})]),  # lossless: must equal the plain sharded output
 }
 LOSSLESS = {"text_cache"}
