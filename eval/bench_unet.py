@@ -53,7 +53,7 @@ def build_pipe(config_dir: Path):
 @dataclass
 class Variant:
     label: str
-    kind: str  # "baseline", "deepcache", "tome", "combined"
+    kind: str  # "baseline", "deepcache", "deepcache_cfg", "tome", "combined"
     impl: str  # "reference" or "diffaccel"
     setting: str
     install: Callable  # pipe -> undo()
@@ -64,7 +64,7 @@ class Variant:
 
     @property
     def two_steps(self) -> bool:
-        return self.kind in ("deepcache", "combined")
+        return self.kind in ("deepcache", "deepcache_cfg", "combined")
 
 
 def variants(ratios, combined_interval: int, combined_ratio: float) -> list[Variant]:
@@ -93,7 +93,10 @@ def variants(ratios, combined_interval: int, combined_ratio: float) -> list[Vari
     out = [Variant("baseline", "baseline", "-", "-", lambda pipe: (lambda: None)),
            Variant("DeepCache lib", "deepcache", "reference", "branch 0", reference_deepcache),
            Variant("diffaccel DeepCache", "deepcache", "diffaccel", "branch 0",
-                   ours(diffaccel.DeepCache(interval=2, branch=0)))]
+                   ours(diffaccel.DeepCache(interval=2, branch=0))),
+           # the fast preset's pairing: the unconditional half runs at the full steps only
+           Variant("diffaccel DeepCache + CfgCache", "deepcache_cfg", "diffaccel", "branch 0",
+                   ours(diffaccel.DeepCache(interval=2, branch=0), diffaccel.CfgCache(interval=2)))]
     for r in ratios:
         out.append(Variant(f"tomesd r={r}", "tome", "reference", f"ratio {r}", reference_tome(r), ratio=r))
         out.append(Variant(f"diffaccel ToMe r={r}", "tome", "diffaccel", f"ratio {r}",
@@ -166,6 +169,8 @@ def step_flops(variant: Variant, costs: dict[str, int], unet, res: int) -> tuple
     full = float(costs[""])
     skipped = cached_modules(unet, 0)
     cached = full - sum(costs.get(p, 0) for p in skipped)
+    if variant.kind == "deepcache_cfg":  # cached steps run the conditional rows alone
+        cached /= 2
     if variant.kind in ("tome", "combined"):
         merges = True
         if variant.impl == "diffaccel":  # the gate may have kept some shapes unmerged
@@ -201,7 +206,7 @@ def rows_for(res, steps, intervals, combined_interval, vs: list[Variant], costs,
     for v in vs:
         if v.kind == "baseline":
             row(v, steps, "-")
-        elif v.kind == "deepcache":
+        elif v.kind in ("deepcache", "deepcache_cfg"):
             for n in intervals:
                 row(v, len(range(0, steps, n)), f"N={n}, branch 0")
         elif v.kind == "tome":
@@ -223,7 +228,8 @@ def markdown(rows: list[dict], args, started: str, loads: list[str]) -> str:
         "SD1.5 U-Net (random weights), DDIM, CFG 7.5 (U-Net batch 2), latents out. Per-call times are medians "
         "of interleaved rounds inside real pipeline calls; the n-step time is k full + (n-k) cached calls "
         "(see eval/bench_unet.py). Speed-up is against the baseline in the same process. Ideal = baseline FLOPs / "
-        "variant FLOPs; efficiency = achieved / ideal. 'ours/ref' compares speed-ups at equal settings.",
+        "variant FLOPs; efficiency = achieved / ideal. 'ours/ref' compares speed-ups at equal settings. "
+        "DeepCache + CfgCache: the cached calls run the conditional half alone (the fast preset's pairing).",
         "",
         "| res | method | setting | full call ms | cached call ms | " + f"{args.steps}-step s | speed-up | ours/ref | "
         "GFLOP/step | ideal | achieved/ideal | runs |",
