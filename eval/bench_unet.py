@@ -222,7 +222,8 @@ def markdown(rows: list[dict], args, started: str, loads: list[str]) -> str:
         "",
         f"Command: `python eval/bench.py --suite unet{out_arg(args, RESULTS)} --res {' '.join(map(str, args.res))} --steps {args.steps} "
         f"--rounds {args.rounds} --ratios {' '.join(map(str, args.ratios))}"
-        + (f" --ratios-large {' '.join(map(str, args.ratios_large))}" if args.ratios_large else "") + "`  ",
+        + (f" --ratios-large {' '.join(map(str, args.ratios_large))}" if args.ratios_large else "")
+        + f" --intervals {' '.join(map(str, args.intervals))}`  ",
         f"Started {started}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; load average "
         f"before/after: {loads[0]} / {loads[-1]}.  ",
         "SD1.5 U-Net (random weights), DDIM, CFG 7.5 (U-Net batch 2), latents out. Per-call times are medians "
