@@ -67,11 +67,13 @@ def test_unet_presets_forecast_only_where_full_steps_are_close():
         return torch.from_numpy(out)
 
     for preset, interval, every in (("quality", 2, 1), ("balanced", 3, 1), ("fast", 4, 2)):
-        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=every)]
+        cfg = [diffaccel.CfgCache(interval=every)] if preset == "fast" else []  # at DeepCache's full steps
+        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=every), *cfg]
         assert torch.equal(run(10, preset=preset), run(10, methods=plain)), preset
-        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=interval)]
+        cfg = [diffaccel.CfgCache(interval=interval)] if preset == "fast" else []
+        plain = [diffaccel.TextCache(required=False), diffaccel.DeepCache(interval=interval), *cfg]
         assert not torch.equal(run(50, preset=preset), run(50, methods=plain)), preset
         # At the 20 steps the presets were tuned at, max_span adds no full step.
-        unbounded = [replace(m, max_span=1.0) if isinstance(m, diffaccel.DeepCache) else m
+        unbounded = [replace(m, max_span=1.0) if isinstance(m, (diffaccel.DeepCache, diffaccel.CfgCache)) else m
                      for m in preset_methods(preset, "unet")]
         assert torch.equal(run(20, preset=preset), run(20, methods=unbounded)), preset
