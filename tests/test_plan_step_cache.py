@@ -138,6 +138,21 @@ def test_min_psnr_plans_each_call_from_the_shipped_step_graph():
     assert "EulerDiscreteScheduler, not the profile's DPMSolverMultistepScheduler" in stats["step_cache_psnr_schedule"]["why"]
 
 
+def test_min_psnr_without_a_profile_warns_and_stats_say_the_rule_ran():
+    import warnings
+
+    pipe = tp.build("pixart")  # no profile is known for it
+    with pytest.warns(UserWarning, match="no redundancy profile .* `diffaccel profile MODEL"):
+        diffaccel.accelerate(pipe, preset="fast")
+    tp.run("pixart", pipe, steps=8)
+    stats = diffaccel.stats(pipe)["methods"]["step_cache"]
+    assert stats["reused"] > 0 and "min_psnr=26 not planned" in stats["why"]
+    bundled = diffaccel.load_bundled("tiny-dit")  # its profile is shipped: planned, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        diffaccel.accelerate(bundled, preset="fast")
+
+
 def test_one_more_skip_respects_retention_and_the_longest_run():
     from diffaccel.profiler import plan_step_cache as P
 

@@ -285,4 +285,6 @@ class StepCacheInstalled(BlockStackCache):
             out["computed_steps"] = [i for i, c in enumerate(self.schedule) if c]
         if (self._call_config or self.config).veto > 0:
             out["vetoed"] = self.vetoed
+        if self.config.min_psnr is not None and self.config.name not in self.session.providers:
+            out["why"] = f"min_psnr={self.config.min_psnr:g} not planned (no profile with a step graph): the generic rule ran"
         return out

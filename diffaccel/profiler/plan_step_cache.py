@@ -22,6 +22,7 @@ decisions are data-independent. Example::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -369,6 +370,15 @@ class _PsnrScheduleInstalled(Installed):
         return dict(self.info)
 
 
+# Without a profile StepCache(min_psnr=...) runs its generic rule, whose PSNR nobody measured on the model: on
+# the bundled tiny-dit without its profile the presets' rule gave 31.9 / 29.4 / 10.4 dB at 20 steps (promises
+# 35 / 30 / 25) and held them only from 30 steps on (eval/results/step_cache.md).
+UNPLANNED = ("diffaccel: no redundancy profile with a measured step graph is known for this model, so StepCache's "
+             "min_psnr is not planned and its generic rule runs; its PSNR is not measured on this model. To keep the "
+             "preset's promise: `diffaccel profile MODEL --out p.json --step-graph 2 --verify 12 --validate 24`, then "
+             "accelerate(pipe, preset=..., profile='p.json').")
+
+
 def with_psnr_schedules(adapter, methods: list[Method], profile: Profile | None = None) -> list[Method]:
     """``methods`` plus the schedule provider a ``StepCache(min_psnr=...)`` among them needs, planned
     from ``profile`` or the profile shipped for the model (without either's step graph, nothing is
@@ -386,5 +396,6 @@ def with_psnr_schedules(adapter, methods: list[Method], profile: Profile | None 
         if given:
             raise ValueError("This profile has no measured step graph, so StepCache(min_psnr=...) cannot be planned "
                              "from it: re-create it with `diffaccel profile MODEL --out p.json --step-graph 2 --verify 4`.")
+        warnings.warn(UNPLANNED, stacklevel=3)
         return methods
     return [*methods, StepCachePsnrSchedule(profile=profile)]
