@@ -88,6 +88,8 @@ class CallContext:
     # Denoiser calls made in the previous step: 2 means CFG runs as separate calls.
     prev_calls_in_step: int = 0
     scheduler: Any = None  # the scheduler whose steps this call counts
+    # Whether a step-level cache (DeepCache) computes this denoiser call's step in full; None: none decides.
+    full_step: bool | None = None
     # (step, call_index, t_norm) of every denoiser call, for stats and tests.
     trace: list[tuple[int, int, float | None]] = field(default_factory=list)
 
@@ -196,6 +198,7 @@ class Session:
             return None
         ctx.call_index = ctx.calls_in_step
         ctx.calls_in_step += 1
+        ctx.full_step = None
         ctx.denoiser_calls += 1
         ctx.timestep = _timestep_value(kwargs.get("timestep", args[1] if len(args) > 1 else None))
         ctx.t_norm = None if ctx.timestep is None else self.adapter.normalised_time(ctx.timestep)

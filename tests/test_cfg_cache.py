@@ -90,6 +90,24 @@ def test_with_deepcache_a_half_that_missed_the_last_full_step_computes_in_full()
     assert dc["full_steps"] == [0, 2, 4, 6] and dc["computed"] == 5 and dc["reused"] == 2
 
 
+def test_following_deepcache_full_steps_whatever_its_schedule():
+    pipe = deep_sd()
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(schedule=[0, 2, 5]),
+                                        diffaccel.CfgCache(interval=3, follow_full_steps=True)])  # interval unused
+    call(pipe, [item_inputs(2)], steps=7)
+    stats = diffaccel.stats(pipe)["methods"]
+    assert stats["deepcache"]["full_steps"] == [0, 2, 5] and stats["deepcache"]["computed"] == 3
+    assert stats["cfg_cache"]["both_run"] == 3 and stats["cfg_cache"]["uncond_skipped"] == 4
+
+
+def test_following_full_steps_without_deepcache_is_a_clear_error():
+    pipe = diffaccel.accelerate(deep_sd(), methods=[diffaccel.CfgCache(follow_full_steps=True)])
+    with pytest.raises(ValueError, match=r"found no DeepCache deciding the full steps.*add DeepCache"):
+        call(pipe, [item_inputs(2)], steps=4)
+    diffaccel.disable(pipe)  # the failed call left nothing behind
+    assert torch.equal(call(pipe, [item_inputs(2)], steps=4), call(deep_sd(), [item_inputs(2)], steps=4))
+
+
 @pytest.mark.parametrize("methods", [
     lambda: [diffaccel.CfgCache(interval=3)],
     lambda: [diffaccel.DeepCache(interval=3), diffaccel.CfgCache(interval=3)],
@@ -113,6 +131,7 @@ def test_without_guidance_nothing_is_skipped_and_stats_say_why():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(interval=0), "interval"), (dict(max_span=1.5), "max_span"), (dict(min_time=-0.1), "min_time"),
+    (dict(follow_full_steps="yes"), "follow_full_steps"),
 ])
 def test_bad_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

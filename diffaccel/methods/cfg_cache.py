@@ -5,10 +5,10 @@ difference ``D = uncond - cond`` changes slowly along the trajectory (FasterCach
 so on most steps only the conditional half runs and the unconditional output is rebuilt as
 ``cond + D`` with ``D`` from the last step that ran both. Which steps run both follows DeepCache's
 full-step rule (every ``interval`` steps, and wherever one difference would otherwise stand for
-more than ``max_span`` of the trajectory), so with the same ``interval`` and ``max_span`` as a
-DeepCache in the same list, both refresh at the same steps and DeepCache's cached steps run the
-shallow path of the conditional rows alone (a half DeepCache finds without deep features of the
-last full step is computed in full, so any other combination stays correct, only slower).
+more than ``max_span`` of the trajectory), or with ``follow_full_steps`` the full steps of a DeepCache
+in the same list: then both refresh at the same steps and DeepCache's cached steps run the shallow
+path of the conditional rows alone (a half DeepCache finds without deep features of the last full
+step is computed in full, so any other combination stays correct, only slower).
 Below normalised time ``min_time`` the unconditional half does not run again.
 
 Pipelines that batch CFG (SD, SDXL, PixArt) run the conditional rows alone; pipelines that call
@@ -18,7 +18,7 @@ guidance-distilled model) there is nothing to skip; ``stats`` says so.
 
 Example::
 
-    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=4), diffaccel.CfgCache(interval=4)])
+    pipe = diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=4), diffaccel.CfgCache(follow_full_steps=True)])
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ class CfgCache(Method):
         max_span: both halves also run where the difference of the last such step would stand for
             more than this share of the trajectory (normalised time, as ``DeepCache.max_span``).
         min_time: below this normalised time (1 = noise) the unconditional half no longer runs.
+        follow_full_steps: run both halves exactly where a DeepCache in the same method list computes a
+            full step, whatever its schedule (uniform, non-uniform, listed, planned per call); ``interval``
+            and ``max_span`` are then unused.
     """
 
     name: ClassVar[str] = "cfg_cache"
@@ -52,11 +55,14 @@ class CfgCache(Method):
     interval: int = 2
     max_span: float = 1.0
     min_time: float = 0.0
+    follow_full_steps: bool = False
 
     def validate(self) -> None:
         positive_int(self.interval, "CfgCache(interval=...)", "Use 1 to run both CFG halves at every step.")
         fraction(self.max_span, "CfgCache(max_span=...)", hint="1 puts no bound on the span.")
         fraction(self.min_time, "CfgCache(min_time=...)", hint="0 runs the unconditional half to the end.")
+        if not isinstance(self.follow_full_steps, bool):
+            raise ValueError(f"CfgCache(follow_full_steps={self.follow_full_steps!r}) must be True or False.")
 
     def apply(self, session) -> "CfgCacheInstalled":
         self.validate()
@@ -103,6 +109,12 @@ class CfgCacheInstalled(Installed):
         return mode
 
     def _runs_both(self, ctx) -> bool:
+        if ctx.step not in self.both and self.call_config().follow_full_steps:
+            if ctx.full_step is None:
+                raise ValueError("CfgCache(follow_full_steps=True) found no DeepCache deciding the full steps of this "
+                                 "call: add DeepCache to the methods, or give CfgCache an interval instead.")
+            late = ctx.t_norm is not None and ctx.t_norm < self.call_config().min_time
+            self.both[ctx.step] = ctx.full_step and not (late and self.delta is not None)
         if ctx.step not in self.both:
             if self.rule is None:
                 config = self.call_config()

@@ -323,7 +323,7 @@ class DeepCacheInstalled(Installed):
 
     def _on_denoiser_call(self, module, args, kwargs):
         if self.session.ctx.active:
-            self._is_full_step(self.session.ctx)
+            self.session.ctx.full_step = self._is_full_step(self.session.ctx)  # CfgCache can follow it
             self.mode = None  # decided at the first cached module, which sees the rows that really run
         return None
 
