@@ -329,8 +329,7 @@ class DeepCacheInstalled(Installed):
 
     def _decide(self, ctx, halves, args, kwargs) -> None:
         x = kwargs.get("hidden_states", args[0] if args else None)
-        share = int(x.shape[0]) // len(halves)
-        signature = (tuple(x.shape[1:]), share, x.dtype, x.device)
+        signature = (tuple(x.shape[1:]), int(x.shape[0]) // len(halves), x.dtype, x.device)  # per half
         fresh = all(
             (kept := self.stored.get((ctx.call_index, half))) is not None
             and kept[0] == signature and kept[1] >= self.last_full
