@@ -41,6 +41,21 @@ def test_info_prints_readable_text_with_preset_settings(capsys):
     assert out.startswith("StableDiffusionPipeline: U-Net family")
     assert "{" not in out and "['" not in out  # no dict or list reprs
     assert "balanced  TextCache(" in out and "+ DeepCache(interval=3" in out and "+ ToMe(ratio=0.5" in out
+    assert "  scheduler  DDIMScheduler" in out and "note" not in out  # the bundled DDIM does not clip
+
+
+def test_info_notes_a_clipping_ddim_scheduler():
+    import diffusers as D
+
+    from diffaccel.commands.info import render, scheduler_notes
+
+    clipping = D.DDIMScheduler.from_config(D.DPMSolverMultistepScheduler().config)  # the key absent: clip_sample=True
+    notes = scheduler_notes(clipping)
+    assert len(notes) == 1 and "clip_sample=True" in notes[0]
+    assert scheduler_notes(D.DDIMScheduler(clip_sample=False)) == [] and scheduler_notes(None) == []
+    info = {"pipeline": "P", "family": "image_dit", "denoiser": "D", "blocks": 2, "attention": {}, "cfg_mode": "batched",
+            "scheduler": "DDIMScheduler", "notes": notes}
+    assert "  note       clip_sample=True clips" in render(info, {"fast": []})
 
 
 def test_library_noise_is_dropped_only_while_a_command_runs():
