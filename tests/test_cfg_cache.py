@@ -90,10 +90,11 @@ def test_with_deepcache_a_half_that_missed_the_last_full_step_computes_in_full()
     assert dc["full_steps"] == [0, 2, 4, 6] and dc["computed"] == 5 and dc["reused"] == 2
 
 
-def test_following_deepcache_full_steps_whatever_its_schedule():
+@pytest.mark.parametrize("reverse", [False, True], ids=["deepcache first", "cfg_cache first"])
+def test_following_deepcache_full_steps_whatever_its_schedule(reverse):
     pipe = deep_sd()
-    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(schedule=[0, 2, 5]),
-                                        diffaccel.CfgCache(interval=3, follow_full_steps=True)])  # interval unused
+    methods = [diffaccel.DeepCache(schedule=[0, 2, 5]), diffaccel.CfgCache(interval=3, follow_full_steps=True)]
+    diffaccel.accelerate(pipe, methods=methods[::-1] if reverse else methods)  # CfgCache's interval is unused
     call(pipe, [item_inputs(2)], steps=7)
     stats = diffaccel.stats(pipe)["methods"]
     assert stats["deepcache"]["full_steps"] == [0, 2, 5] and stats["deepcache"]["computed"] == 3
