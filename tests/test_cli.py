@@ -42,6 +42,17 @@ def test_info_prints_readable_text_with_preset_settings(capsys):
     assert "{" not in out and "['" not in out  # no dict or list reprs
     assert "balanced  TextCache(" in out and "+ DeepCache(interval=3" in out and "+ ToMe(ratio=0.5" in out
     assert "  scheduler  DDIMScheduler" in out and "note" not in out  # the bundled DDIM does not clip
+    assert "  profile    shipped with diffaccel" in out
+
+
+def test_info_says_a_dit_without_a_profile_runs_the_generic_rule():
+    import tiny_pipes
+
+    from diffaccel.commands.info import profile_text
+    from diffaccel.pipelines import detect
+
+    assert "generic rule, whose PSNR is unmeasured" in profile_text(detect(tiny_pipes.build("pixart")))
+    assert profile_text(detect(tiny_pipes.build("sd"))).startswith("none shipped (presets need none")
 
 
 def test_info_notes_a_clipping_ddim_scheduler():

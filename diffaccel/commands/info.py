@@ -38,6 +38,18 @@ def scheduler_notes(scheduler) -> list[str]:
     return notes
 
 
+def profile_text(adapter) -> str:
+    """Whether a redundancy profile is shipped for the model, and what its absence means for the presets."""
+    from diffaccel.profiler.schedule import shipped_profile
+
+    if shipped_profile(adapter) is not None:
+        return "shipped with diffaccel (presets and target_speedup plan from it)"
+    if adapter.family == "unet":
+        return "none shipped (presets need none; target_speedup calibrates quickly, or give one)"
+    return ("none shipped: the presets' StepCache runs its generic rule, whose PSNR is unmeasured on this model; "
+            "`diffaccel profile MODEL --out p.json --step-graph 2 --verify 12 --validate 24` makes one")
+
+
 def render(info: dict, presets: dict[str, list]) -> str:
     family = info["family"]
     attention = ", ".join(f"{count} {kind}" for kind, count in info["attention"].items()) or "none found"
@@ -47,6 +59,8 @@ def render(info: dict, presets: dict[str, list]) -> str:
              f"  CFG        {info['cfg_mode']}: {CFG_MODES.get(info['cfg_mode'], '')}".rstrip(": ")]
     if info.get("scheduler"):
         lines.append(f"  scheduler  {info['scheduler']}")
+    if "profile" in info:
+        lines.append(f"  profile    {info['profile']}")
     lines += [f"  note       {note}" for note in info.get("notes", [])]
     lines.append("  presets")
     width = max(len(name) for name in presets)
@@ -64,7 +78,7 @@ def main(args) -> int:
     adapter = detect(pipe)
     scheduler = getattr(pipe, "scheduler", None)
     info = {**adapter.describe(), "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-            "notes": scheduler_notes(scheduler)}
+            "profile": profile_text(adapter), "notes": scheduler_notes(scheduler)}
     presets = preset_methods_of(adapter.family)
     if args.json:
         as_dicts = {name: [m.to_dict() for m in methods] for name, methods in presets.items()}
