@@ -43,7 +43,8 @@ def profile_text(adapter) -> str:
     from diffaccel.profiler.schedule import shipped_profile
 
     if shipped_profile(adapter) is not None:
-        return "shipped with diffaccel (presets and target_speedup plan from it)"
+        users = "target_speedup plans" if adapter.family == "unet" else "the presets and target_speedup plan"
+        return f"shipped with diffaccel ({users} from it)"
     if adapter.family == "unet":
         return "none shipped (presets need none; target_speedup calibrates quickly, or give one)"
     return ("none shipped: the presets' StepCache runs its generic rule, whose PSNR is unmeasured on this model; "

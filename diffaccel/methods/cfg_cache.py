@@ -109,21 +109,23 @@ class CfgCacheInstalled(Installed):
         return mode
 
     def _runs_both(self, ctx) -> bool:
-        if ctx.step not in self.both and self.call_config().follow_full_steps:
+        if ctx.step not in self.both:
+            config = self.call_config()
+            late = ctx.t_norm is not None and ctx.t_norm < config.min_time and self.delta is not None
+            self.both[ctx.step] = self._scheduled(ctx, config) and not late
+        return self.both[ctx.step]
+
+    def _scheduled(self, ctx, config: CfgCache) -> bool:
+        """Whether the schedule (DeepCache's full steps, or CfgCache's own rule) runs both halves now."""
+        if config.follow_full_steps:
             if ctx.full_step is None:
                 raise ValueError("CfgCache(follow_full_steps=True) found no DeepCache deciding the full steps of this "
                                  "call: add DeepCache to the methods, or give CfgCache an interval instead.")
-            late = ctx.t_norm is not None and ctx.t_norm < self.call_config().min_time
-            self.both[ctx.step] = ctx.full_step and not (late and self.delta is not None)
-        if ctx.step not in self.both:
-            if self.rule is None:
-                config = self.call_config()
-                self.rule = FullStepRule(DeepCache(interval=config.interval, max_span=config.max_span),
-                                         int(ctx.num_steps or 0) or None)
-            both = self.rule.full(ctx.step, ctx.t_norm)
-            late = ctx.t_norm is not None and ctx.t_norm < self.call_config().min_time
-            self.both[ctx.step] = both and not (late and self.delta is not None)
-        return self.both[ctx.step]
+            return ctx.full_step
+        if self.rule is None:  # DeepCache's rule, so that equal settings give equal steps
+            self.rule = FullStepRule(DeepCache(interval=config.interval, max_span=config.max_span),
+                                     int(ctx.num_steps or 0) or None)
+        return self.rule.full(ctx.step, ctx.t_norm)
 
     def _rebuilt(self, cond: torch.Tensor) -> torch.Tensor:
         return cond + self.delta.to(cond.dtype)

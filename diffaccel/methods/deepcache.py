@@ -281,7 +281,6 @@ class DeepCacheInstalled(Installed):
         self.history: dict[tuple[int, str, str], History] = {}  # the same keys -> last full outputs (forecast)
         self.stored: dict[tuple[int, str], tuple] = {}  # (call index, CFG half) -> (input signature, step stored)
         self.step_full: dict[int, bool] = {}  # step -> decision, so every call of a step agrees
-        self.last_full: int = 0  # the last full step
         self.rule: FullStepRule | None = None
 
     def _module_forward(self, path: str):
@@ -317,8 +316,6 @@ class DeepCacheInstalled(Installed):
             self.rule = FullStepRule(self.call_config(), int(ctx.num_steps or 0) or None)
         full = self.rule.full(ctx.step, ctx.t_norm)
         self.step_full[ctx.step] = full
-        if full:
-            self.last_full = ctx.step
         return full
 
     def _on_denoiser_call(self, module, args, kwargs):
@@ -332,7 +329,7 @@ class DeepCacheInstalled(Installed):
         signature = (tuple(x.shape[1:]), int(x.shape[0]) // len(halves), x.dtype, x.device)  # per half
         fresh = all(
             (kept := self.stored.get((ctx.call_index, half))) is not None
-            and kept[0] == signature and kept[1] >= self.last_full
+            and kept[0] == signature and kept[1] >= self.rule.last[0]  # stored at the last full step or later
             for half, _ in halves
         )
         if self.step_full[ctx.step] or not fresh:
