@@ -7,7 +7,8 @@ import torch
 
 import diffaccel
 from diffaccel import cli
-from diffaccel.profiler.plan_deepcache import plan_deepcache, verified_forecast
+from diffaccel.profiler.plan_deepcache import (chosen_run, composed_cfg, full_step_count, plan_deepcache, step_speedup,
+                                              verified_forecast)
 from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.verify_deepcache import (FORECAST_KEY, FORECASTS, MARGIN_DB, best_label, full_step_counts,
                                                  uniform_full_steps)
@@ -83,8 +84,15 @@ def test_verified_psnr_is_what_the_schedule_gives(profile_path):
     assert -10 * math.log10(sum(mses) / len(mses)) == pytest.approx(run["psnr"][DAMPED], abs=2e-3)
 
 
+def _plain(profile):
+    """``profile`` without the runs composed with CfgCache (as profiled from calls without CFG)."""
+    for run in profile.calibration[FORECAST_KEY]["runs"]:
+        run.pop("cfg", None)
+    return profile
+
+
 def test_plans_take_the_best_verified_run_at_the_verified_step_count_only(profile_path):
-    profile = load_profile(profile_path)
+    profile = _plain(load_profile(profile_path))
     runs, times = profile.calibration[FORECAST_KEY]["runs"], profile.calibration[FORECAST_KEY]["times"]
     for k in (2, 3, 4):
         planned = next(r for r in runs if len(r["full_steps"]) == k and r["schedule"] == "planned")
@@ -110,7 +118,7 @@ def test_plans_take_the_best_verified_run_at_the_verified_step_count_only(profil
 
 def test_a_planned_call_runs_the_verified_forecast(profile_path):
     """accelerate(target_speedup=, profile=) runs exactly DeepCache(schedule, forecast) of the plan."""
-    profile = load_profile(profile_path)
+    profile = _plain(load_profile(profile_path))
     run = next(r for r in profile.calibration[FORECAST_KEY]["runs"] if r["schedule"] == "uniform")
     forced = dict(run, best=DAMPED)  # a best that differs from plain reuse, so the test can fail
     profile.calibration[FORECAST_KEY]["runs"] = [forced]
@@ -134,7 +142,7 @@ def test_min_psnr_takes_the_fastest_verified_run_over_the_fit(profile_path):
     """A PSNR bound is met by measured PSNRs where the timesteps were verified (the 1-prompt fit may say otherwise)."""
     from diffaccel.profiler.calibrate_psnr import plan_for_min_psnr
 
-    profile = load_profile(profile_path)
+    profile = _plain(load_profile(profile_path))
     runs = profile.calibration[FORECAST_KEY]["runs"]
     best_per_k = {}
     for r in runs:
@@ -180,7 +188,100 @@ def test_schedule_cli_shows_the_measured_psnr_of_a_verified_plan(profile_path, c
     profile = load_profile(profile_path)
     entry = profile.calibration[FORECAST_KEY]
     run = next(r for r in entry["runs"] if r["schedule"] == "planned" and len(r["full_steps"]) == 3)
-    expected = verified_forecast(profile, entry["times"], 3).psnr
-    assert cli.main(["schedule", str(profile_path), "--target-speedup", f"{run['speedup'] - 1e-3:.4f}",
-                     "--steps", str(STEPS)]) == 0
-    assert f"measured PSNR vs the unaccelerated output: {expected:.1f} dB" in capsys.readouterr().out
+    target = round(run["speedup"] - 1e-3, 4)
+    plan = plan_deepcache(profile, entry["times"], target=target)  # composed with CfgCache or not: measured either way
+    assert plan.psnr is not None
+    assert cli.main(["schedule", str(profile_path), "--target-speedup", f"{target:.4f}", "--steps", str(STEPS)]) == 0
+    out = capsys.readouterr().out
+    assert f"measured PSNR vs the unaccelerated output: {plan.psnr:.1f} dB" in out
+    assert ("+ cfg_cache" in out) == bool(plan.with_methods)
+
+
+# ---- DeepCache composed with CfgCache ------------------------------------------------------------
+def test_each_schedule_also_runs_composed_with_cfg_cache(profile_path):
+    entry = load_profile(profile_path).calibration[FORECAST_KEY]
+    for run in entry["runs"]:
+        cfg = run["cfg"]  # the bundled model is called with CFG: every schedule also ran composed
+        assert set(cfg["psnr"]) == set(FORECASTS) and cfg["best"] == best_label(cfg["psnr"])
+        assert all(cfg["psnr_worst"][label] <= cfg["psnr"][label] + 1e-9 for label in FORECASTS)
+        assert cfg["psnr"] != run["psnr"]  # CfgCache acted: the outputs differ from the schedule alone
+
+
+def test_no_composed_runs_without_cfg():
+    import tiny_pipes as tp
+    from diffaccel.profiler.measure import measure
+    from diffaccel.profiler.verify_deepcache import verify_deepcache
+
+    pipe = tp.build("sd")
+    kw = {**tp.call_kwargs("sd", steps=6, guidance=1.0), "height": 8, "width": 8}
+    kw.pop("generator"), kw.pop("output_type")
+    profile = measure(pipe, [None], kw, model="tiny-sd-nocfg-test", progress=False)
+    entry = verify_deepcache(pipe, profile, [None], [0], kw)
+    assert entry["runs"] and not any("cfg" in r for r in entry["runs"])
+    assert composed_cfg(profile, 1.5) is None
+
+
+def _cfg_at(profile, k: int, gain: float):
+    """The profile's composed runs of k full steps set to ``gain`` dB over the plain run a target met by
+    k composed full steps would otherwise take; returns (target, that plain run's PSNR)."""
+    entry = profile.calibration[FORECAST_KEY]
+    full, saved = float(profile.costs["call"]), float(profile.costs["deepcache_saved"]["0"])
+    target = step_speedup(full, saved, STEPS, k, cfg=True) - 1e-6
+    plain_k = full_step_count(full, saved, STEPS, target)
+    assert plain_k < k  # without CfgCache the target takes fewer full steps
+    plain = chosen_run(entry["runs"], min(len(r["full_steps"]) for r in entry["runs"] if len(r["full_steps"]) >= plain_k))
+    bound = plain["psnr"][plain["best"]]
+    for run in entry["runs"]:
+        run["cfg"] = dict(run["cfg"], psnr={label: bound - 5.0 for label in FORECASTS}, best="order 0")
+        if len(run["full_steps"]) == k:
+            run["cfg"]["psnr"] = {label: bound + gain for label in FORECASTS}
+    return target, bound
+
+
+@pytest.mark.parametrize("gain, composed", [(MARGIN_DB / 2, False), (2 * MARGIN_DB, True)])
+def test_a_target_composes_cfg_cache_only_with_a_measured_margin(profile_path, gain, composed):
+    profile = load_profile(profile_path)
+    target, bound = _cfg_at(profile, 3, gain)
+    times = profile.calibration[FORECAST_KEY]["times"]
+    plan = plan_deepcache(profile, times, target=target)
+    assert plan.speedup >= target
+    if not composed:
+        assert composed_cfg(profile, target) is None and plan.with_methods == () and sum(plan.computed) < 3
+        return
+    run = composed_cfg(profile, target)
+    assert run is not None and len(run["full_steps"]) == 3 and run["schedule"] == "planned"
+    assert plan.with_methods == (diffaccel.CfgCache(follow_full_steps=True),)
+    assert [i for i, c in enumerate(plan.computed) if c] == run["full_steps"] and plan.psnr == bound + gain
+    assert "with CfgCache" in plan.note
+    # the decision is the profile's and the target's: a call at other timesteps composes too (per-call
+    # re-plans must agree with the CfgCache installed once), with plain reuse and its own full-step count
+    other = plan_deepcache(profile, [t * 0.97 for t in times] + [0.0], target=target)
+    assert other.with_methods == plan.with_methods and other.psnr is None and other.config.forecast_order == 0
+    assert other.speedup >= target
+
+
+def test_a_composed_plan_runs_what_it_predicts(profile_path):
+    """accelerate(target_speedup=) installs the composition; outputs equal the explicit methods', and the
+    FLOPs counter's saving is the plan's, at the verified step count and at another one (re-planned)."""
+    profile = load_profile(profile_path)
+    target, _ = _cfg_at(profile, 3, 2 * MARGIN_DB)
+    plan = plan_deepcache(profile, profile.calibration[FORECAST_KEY]["times"], target=target)
+    pipe = diffaccel.load_bundled("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    diffaccel.accelerate(pipe, target_speedup=target, profile=profile)
+    planned = _pixels(pipe, 7)
+    stats = diffaccel.stats(pipe)
+    assert stats["methods"]["cfg_cache"]["uncond_skipped"] == STEPS - 3
+    assert stats["flops_saved_fraction"] == pytest.approx(1 - 1 / plan.speedup, abs=0.01)
+    out = pipe(CAPTION, num_inference_steps=12, generator=torch.Generator().manual_seed(7), output_type="np")
+    assert out.images.shape == planned.shape
+    stats = diffaccel.stats(pipe)
+    k = len(stats["methods"]["profile_schedule"]["planned"]["schedule"])
+    full, saved = float(profile.costs["call"]), float(profile.costs["deepcache_saved"]["0"])
+    assert k == full_step_count(full, saved, 12, target, cfg=True) and stats["methods"]["cfg_cache"]["uncond_skipped"] == 12 - k
+    assert stats["flops_saved_fraction"] == pytest.approx(1 - 1 / step_speedup(full, saved, 12, k, cfg=True), abs=0.01)
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(schedule=plan.config.schedule, forecast_order=plan.config.forecast_order,
+                                                            guard=plan.config.guard), diffaccel.CfgCache(follow_full_steps=True)])
+    explicit = _pixels(pipe, 7)
+    diffaccel.disable(pipe)
+    assert torch.equal(planned, explicit)

@@ -21,6 +21,13 @@ depends on the deep features.
 
 Full steps are chosen by dynamic programming over segment starts, which finds the least
 predicted error over *all* schedules with that many full steps, uniform ones included.
+
+Composed with CfgCache. Where the profile's verified runs (:mod:`diffaccel.profiler.verify_deepcache`)
+measured DeepCache + ``CfgCache(follow_full_steps=True)`` (cached steps run the conditional half alone,
+so they cost half as much), a target takes that composition when its run measured ``MARGIN_DB`` better
+than the plain schedule the target would otherwise take (:func:`composed_cfg`): more full steps at the
+same cost. The decision depends on the profile and the target only, so the per-call re-plans of one
+``accelerate`` call all agree with the CfgCache it installed.
 """
 from __future__ import annotations
 
@@ -29,8 +36,9 @@ import math
 from dataclasses import replace
 from typing import NamedTuple
 
+from diffaccel.methods.cfg_cache import CfgCache
 from diffaccel.methods.deepcache import DeepCache, FullStepRule, cached_modules
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget, skipped_time_share, wall_speedup, wall_speedup_per_step
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
 from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, MARGIN_DB
@@ -219,22 +227,68 @@ def verified_forecast(profile: Profile, times: list[float], k: int, skip_branch:
     if len(ran_at) != len(times) or any(abs(a - b) > 1e-4 for a, b in zip(ran_at, times)):
         why = f"{entry['steps']} steps, not {len(times)}" if len(ran_at) != len(times) else "other timesteps (scheduler)"
         return Verified(None, *plain, f"forecast: none (verified at {why})")
-    exact = [r for r in runs if len(r["full_steps"]) == k]
-    if exact:  # the planned schedule unless another one measured MARGIN_DB better
-        planned = [r for r in exact if r.get("schedule", "planned") == "planned"]
-        run = max(planned or exact, key=lambda r: r["psnr"][r["best"]])
-        other = max(exact, key=lambda r: r["psnr"][r["best"]])
-        if other["psnr"][other["best"]] >= run["psnr"][run["best"]] + MARGIN_DB:
-            run = other
-    else:
+    run = exact = chosen_run(runs, k)
+    if exact is None:
         run = min((r for r in runs if r.get("schedule", "planned") == "planned"),
                   key=lambda r: (abs(len(r["full_steps"]) - k), len(r["full_steps"])))
     psnr = run["psnr"]
     note = (f"forecast: {run['best']} (measured {psnr[run['best']]:.1f} dB vs {psnr['order 0']:.1f} dB plain reuse on the "
             f"{run.get('schedule', 'planned')} schedule of {len(run['full_steps'])} of {entry['steps']} full steps)")
-    if not exact:
+    if exact is None:
         return Verified(None, *FORECASTS[run["best"]], note)
     return Verified(run["full_steps"], *FORECASTS[run["best"]], note, psnr[run["best"]])
+
+
+def chosen_run(runs: list[dict], k: int, part: str | None = None) -> dict | None:
+    """The verified run of ``k`` full steps a plan takes (None: none ran): the planned schedule unless
+    another measured ``MARGIN_DB`` better; ``part="cfg"`` compares the runs composed with CfgCache."""
+    measured = (lambda r: r.get(part)) if part else (lambda r: r)  # noqa: E731
+    exact = [r for r in runs if len(r["full_steps"]) == k and measured(r) is not None]
+    if not exact:
+        return None
+    score = lambda r: measured(r)["psnr"][measured(r)["best"]]  # noqa: E731
+    planned = [r for r in exact if r.get("schedule", "planned") == "planned"]
+    run, other = max(planned or exact, key=score), max(exact, key=score)
+    return other if score(other) >= score(run) + MARGIN_DB else run
+
+
+def step_speedup(full: float, saved: float, n: int, k: int, cfg: bool = False) -> float:
+    """FLOPs speed-up of k full steps of n; with CfgCache a cached step runs the conditional half alone."""
+    return n * full / (k * full + (n - k) * (full - saved) * (0.5 if cfg else 1.0))
+
+
+def full_step_count(full: float, saved: float, n: int, target: float, cfg: bool = False) -> int | None:
+    """The most full steps of n that still meet ``target`` (None: not even one does)."""
+    return max((k for k in range(1, n + 1) if step_speedup(full, saved, n, k, cfg) >= target - 1e-9), default=None)
+
+
+def composed_cfg(profile: Profile, target: float, skip_branch: int = 0) -> dict | None:
+    """The verified run (with its ``cfg`` entry) a plan for ``target`` composes with CfgCache, or None.
+
+    Decided at the timesteps the runs were verified at, from the profile and the target alone: the
+    composition needs a run of exactly as many full steps as meet the target with CfgCache, measuring
+    ``MARGIN_DB`` above the plain schedule the target takes otherwise. When that plain schedule was not
+    run, the verified run with the nearest larger number of full steps stands for it (more full steps,
+    more PSNR: the comparison errs towards not composing)."""
+    entry = (profile.calibration or {}).get(FORECAST_KEY) or {}
+    runs = entry.get("runs") if entry.get("skip_branch") == skip_branch else None
+    if not runs or not any("cfg" in r for r in runs):
+        return None
+    full, saved = float(profile.costs["call"]), float(profile.costs["deepcache_saved"][str(skip_branch)])
+    n = int(entry["steps"])
+    k = full_step_count(full, saved, n, target, cfg=True)
+    run = chosen_run(runs, k, "cfg") if k is not None and k >= 2 else None
+    if run is None:
+        return None
+    plain_k = full_step_count(full, saved, n, target)
+    if plain_k is not None:
+        above = sorted(len(r["full_steps"]) for r in runs if len(r["full_steps"]) >= plain_k)
+        if not above:
+            return None
+        plain = chosen_run(runs, above[0])
+        if run["cfg"]["psnr"][run["cfg"]["best"]] < plain["psnr"][plain["best"]] + MARGIN_DB:
+            return None
+    return run
 
 
 def plan_deepcache(profile: Profile, times: list[float], target: float | None, skip_branch: int = 0,
@@ -242,29 +296,61 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
     """DeepCache plan for ``times``; ``full_steps`` evaluates a given schedule instead of choosing.
 
     At the timesteps the profile verified, a chosen schedule and its forecast are
-    :func:`verified_forecast`'s, with the measured PSNR where it was run; the predicted error is that
-    of plain reuse (the measured error model's)."""
+    :func:`verified_forecast`'s, with the measured PSNR where it was run, or, where :func:`composed_cfg`
+    says so, those of the verified run composed with CfgCache; the predicted error is that of plain
+    reuse (the measured error model's)."""
     cost, full, saved, note = _model(profile, times, skip_branch)
     n = len(times)
-    cost_of = lambda k: k * full + (n - k) * (full - saved)  # noqa: E731
-    forecast, verified = {}, None
+    forecast, psnr, cfg = {}, None, None
     if full_steps is None:
-        k = max((k for k in range(1, n + 1) if n * full / cost_of(k) >= target - 1e-9), default=None)
+        cfg = composed_cfg(profile, target, skip_branch)
+        k = full_step_count(full, saved, n, target, cfg is not None)
         if k is None:
-            raise UnreachableTarget(f"DeepCache reaches at most {n * full / cost_of(1):.2f}x here")
-        verified = verified_forecast(profile, times, k, skip_branch)
-        full_steps = verified.steps or best_full_steps(cost, n, k)
-        forecast = dict(forecast_order=verified.forecast_order, guard=verified.guard)
-        note = "; ".join(x for x in (note, verified.note) if x)
+            raise UnreachableTarget(f"DeepCache reaches at most {step_speedup(full, saved, n, 1):.2f}x here")
+        if cfg is None:
+            verified = verified_forecast(profile, times, k, skip_branch)
+            full_steps, psnr = verified.steps or best_full_steps(cost, n, k), verified.psnr
+            forecast = dict(forecast_order=verified.forecast_order, guard=verified.guard)
+            note = "; ".join(x for x in (note, verified.note) if x)
+        else:
+            full_steps, forecast, psnr, cfg_note = _composed_schedule(profile, times, k, cfg, cost)
+            note = "; ".join(x for x in (note, cfg_note) if x)
     else:
         full_steps = sorted({0, *(s for s in full_steps if s < n)})
-    speedup = n * full / cost_of(len(full_steps))
-    error = schedule_error(cost, n, full_steps)
+    k = len(full_steps)
+    speedup = step_speedup(full, saved, n, k, cfg is not None)
     config = DeepCache(skip_branch=skip_branch, schedule=[float(times[s]) for s in full_steps], **forecast)
     computed = [s in set(full_steps) for s in range(n)]
     skipped = profile.costs.get("deepcache_paths", {}).get(str(skip_branch), ())
-    return Plan("deepcache", config, speedup, wall_speedup(profile, speedup, skipped), error, computed, note,
-                psnr=verified.psnr if verified is not None else None)
+    return Plan("deepcache", config, speedup, _wall(profile, speedup, skipped, computed, cfg is not None),
+                schedule_error(cost, n, full_steps), computed, note, psnr=psnr,
+                with_methods=(CfgCache(follow_full_steps=True),) if cfg is not None else ())
+
+
+def _composed_schedule(profile: Profile, times: list[float], k: int, run: dict, cost) -> tuple:
+    """(full steps, forecast, measured PSNR, note) of k full steps composed with CfgCache: the verified run's
+    at its timesteps, else the planner's schedule with plain reuse (which forecast wins changes with the
+    timesteps, see :func:`verified_forecast`)."""
+    entry = profile.calibration[FORECAST_KEY]
+    measured = run["cfg"]
+    same = len(entry["times"]) == len(times) and all(abs(a - b) <= 1e-4 for a, b in zip(entry["times"], times))
+    note = (f"with CfgCache: measured {measured['psnr'][measured['best']]:.1f} dB on the {run['schedule']} schedule of "
+            f"{len(run['full_steps'])} of {entry['steps']} full steps, {measured['best']}")
+    if same and len(run["full_steps"]) == k:
+        return run["full_steps"], dict(zip(("forecast_order", "guard"), FORECASTS[measured["best"]])), \
+            measured["psnr"][measured["best"]], note
+    return best_full_steps(cost, len(times), k), {}, None, note + f" (at {entry['steps']} steps; here plain reuse)"
+
+
+def _wall(profile: Profile, speedup: float, skipped, computed: list[bool], cfg: bool) -> float:
+    """Predicted whole-generation speed-up; a cached step with CfgCache runs the shallow path on half the
+    rows, which takes the measured half-batch share of the time (small models gain less than half)."""
+    share = skipped_time_share(profile, skipped) if cfg else None
+    if share is None:
+        return wall_speedup(profile, speedup, skipped)
+    half = profile.costs.get("half_batch_time_ratio") if profile.costs.get("calls_per_step", 1) == 1 else None
+    cached = 1.0 - (1.0 - share) * float(half or 0.5)
+    return wall_speedup_per_step(profile, [0.0 if c else cached for c in computed])
 
 
 def resolved_full_steps(config: DeepCache, times: list[float]) -> list[int]:

@@ -257,14 +257,16 @@ def verify_step_schedules(pipe, adapter, prompts: list, seeds: list[int], call_k
     PSNRs of each, with its mask and forecast orders, for the planner's verified schedules."""
     runs = run_configs(pipe, adapter, prompts, seeds, call_kwargs, configs, progress=progress)
     for run, config in zip(runs, configs):
+        del run["methods"]
         run.update(mask=[int(c) for c in config.mask], orders=list(config.forecast_orders or [0] * len(config.mask)))
     return runs
 
 
 def run_configs(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, configs: list,
                 progress: bool = False, desc: str = "verifying schedules") -> list[dict]:
-    """Run each method config on ``prompts`` / ``seeds``: PSNR (dB, pixels in [0, 1]) against the
-    unaccelerated output. ``psnr`` is the pooled one (of the mean MSE over the seeds), the statistic
+    """Run each method config (or list of configs installed together) on ``prompts`` / ``seeds``: PSNR
+    (dB, pixels in [0, 1]) against the unaccelerated output, and ``methods``: each method's stats of the
+    last call (whether it acted). ``psnr`` is the pooled one (of the mean MSE over the seeds), the statistic
     eval/evaluate.py checks the presets' promises with: it is dominated by the worst seeds, where a
     mean of per-seed PSNRs (``psnr_mean``) hides them."""
     from diffaccel.state import attach, detach
@@ -282,12 +284,13 @@ def run_configs(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dic
         configs = tqdm(configs, desc=desc, unit="schedule")
     try:
         for config in configs:
-            attach(pipe, adapter, [config])
+            session = attach(pipe, adapter, list(config) if isinstance(config, (list, tuple)) else [config])
             mses = [max(float((output(p, s) - ref).pow(2).mean()), 1e-30) for p, s, ref in zip(prompts, seeds, refs)]
+            methods = session.stats()["methods"]
             detach(pipe)
             psnrs = [-10 * math.log10(m) for m in mses]
             runs.append({"psnr": -10 * math.log10(sum(mses) / len(mses)), "psnr_mean": sum(psnrs) / len(psnrs),
-                         "psnr_worst": min(psnrs)})
+                         "psnr_worst": min(psnrs), "methods": methods})
     finally:
         detach(pipe)
     return runs

@@ -14,12 +14,19 @@ planner (:func:`~diffaccel.profiler.plan_deepcache.verified_forecast`) then runs
 they ran at (that step count and scheduler), the planned schedule with plain reuse unless a forecast
 or the evenly spread schedule measured ``MARGIN_DB`` better.
 
+Where the calls run classifier-free guidance, each schedule also runs composed with
+``CfgCache(follow_full_steps=True)`` (the unconditional half only on the full steps: cached steps
+cost half as much), kept as the run's ``cfg`` entry; the planner composes it where, for a target, it
+measured ``MARGIN_DB`` better than the plain schedule that target would otherwise take
+(:func:`~diffaccel.profiler.plan_deepcache.composed_cfg`).
+
 ``diffaccel profile UNET_MODEL --verify M`` runs this on M prompts.
 """
 from __future__ import annotations
 
 import math
 
+from diffaccel.methods.cfg_cache import CfgCache
 from diffaccel.methods.deepcache import DeepCache
 from diffaccel.pipelines import detect
 from diffaccel.profiler.profile import Profile
@@ -62,9 +69,9 @@ def uniform_full_steps(n: int, k: int) -> list[int]:
 def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, skip_branch: int = 0,
                      progress: bool = False) -> dict:
     """Run the planned schedule of each of :func:`full_step_counts`, and the evenly spread one where it
-    differs, with each of ``FORECASTS``, at ``call_kwargs``' step count (default: the profiled one),
-    planned at the scheduler's times for it (what a call of that length plans at); put the results into
-    ``profile.calibration`` and return them."""
+    differs, with each of ``FORECASTS``, alone and composed with CfgCache, at ``call_kwargs``' step count
+    (default: the profiled one), planned at the scheduler's times for it (what a call of that length plans
+    at); put the results into ``profile.calibration`` and return them."""
     from diffaccel.profiler.plan_deepcache import plan_full_steps
     from diffaccel.profiler.reuse_error import run_configs
 
@@ -80,19 +87,30 @@ def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], ca
         uniform = uniform_full_steps(n, k)
         if uniform != planned:
             schedules.append(("uniform", uniform, speedup))
-    configs = [DeepCache(skip_branch=skip_branch, schedule=full, forecast_order=order, guard=guard)
-               for _, full, _ in schedules for order, guard in FORECASTS.values()]
+    plain = [DeepCache(skip_branch=skip_branch, schedule=full, forecast_order=order, guard=guard)
+             for _, full, _ in schedules for order, guard in FORECASTS.values()]
+    configs = plain + [[config, CfgCache(follow_full_steps=True)] for config in plain]
     runs = run_configs(pipe, adapter, prompts, seeds, call_kwargs, configs, progress=progress,
                        desc="verifying DeepCache forecasts")
+    plain_runs, cfg_runs = runs[:len(plain)], runs[len(plain):]
+    # CfgCache acts only where the calls run CFG (guidance_scale > 1): without it, no composed entries.
+    cfg_acted = all(r["methods"].get(CfgCache.name, {}).get("uncond_skipped") for r in cfg_runs)
     per = len(FORECASTS)
     entry = {"steps": n, "times": [round(t, 6) for t in times], "skip_branch": skip_branch, "prompts": len(prompts),
              "statistic": STATISTIC, "runs": []}
     for i, (kind, full, speedup) in enumerate(schedules):
-        measured = dict(zip(FORECASTS, runs[i * per:(i + 1) * per]))
-        best = best_label({label: r["psnr"] for label, r in measured.items()})
-        entry["runs"].append({"schedule": kind, "full_steps": full, "speedup": round(speedup, 4),
-                              "psnr": {label: round(r["psnr"], 3) for label, r in measured.items()},
-                              "psnr_worst": {label: round(r["psnr_worst"], 3) for label, r in measured.items()},
-                              "best": best})
+        run = {"schedule": kind, "full_steps": full, "speedup": round(speedup, 4),
+               **_measured(plain_runs[i * per:(i + 1) * per])}
+        if cfg_acted:
+            run["cfg"] = _measured(cfg_runs[i * per:(i + 1) * per])
+        entry["runs"].append(run)
     profile.calibration = {**(profile.calibration or {}), FORECAST_KEY: entry}
     return entry
+
+
+def _measured(runs: list[dict]) -> dict:
+    """One schedule's runs, one per forecast: pooled and worst-seed PSNR per forecast, and the one to run."""
+    measured = dict(zip(FORECASTS, runs))
+    return {"psnr": {label: round(r["psnr"], 3) for label, r in measured.items()},
+            "psnr_worst": {label: round(r["psnr_worst"], 3) for label, r in measured.items()},
+            "best": best_label({label: r["psnr"] for label, r in measured.items()})}
