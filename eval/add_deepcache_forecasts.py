@@ -3,7 +3,8 @@
     python eval/add_deepcache_forecasts.py --prompts 48      # writes assets/tiny-sd/profile.json (as shipped)
 
 The planner's schedules for a range of full-step counts run at the model's default call (20
-steps; the profile was measured at 25) with each forecast of the deep features, on training captions, seeds 100..; see
+steps; the profile was measured at 25) with each forecast of the deep features, alone and composed with
+CfgCache, on training captions, seeds 100..; see
 diffaccel.profiler.verify_deepcache. ``diffaccel profile UNET_MODEL --verify M`` does the same for
 any U-Net while profiling from scratch.
 """
@@ -38,10 +39,13 @@ def main() -> None:
     entry = verify_deepcache(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, call, progress=True)
     profile.save(path)
     for run in entry["runs"]:
-        measured = "  ".join(f"{label} {db:.2f}" for label, db in run["psnr"].items())
-        print(f"{len(run['full_steps']):2d} of {entry['steps']} full, {run['schedule']:8s} ({run['speedup']:.2f}x): {measured} dB"
-              f" -> {run['best']}")
-    print(f"{path}: {len(entry['runs'])} schedules x 3 forecasts in {time.perf_counter() - started:.0f} s")
+        for part, with_cfg in ((run, ""), (run.get("cfg"), " + CfgCache")):
+            if part is not None:
+                measured = "  ".join(f"{label} {db:.2f}" for label, db in part["psnr"].items())
+                print(f"{len(run['full_steps']):2d} of {entry['steps']} full, {run['schedule']:8s}{with_cfg:11s}: {measured} dB"
+                      f" -> {part['best']}")
+    runs = len(entry["runs"]) * (2 if "cfg" in entry["runs"][0] else 1)
+    print(f"{path}: {runs} schedules x 3 forecasts in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

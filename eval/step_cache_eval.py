@@ -4,6 +4,7 @@ presets, PSNR-planned schedules, and uniform schedules of the same cost.
     python eval/step_cache_eval.py --model tiny-video --split heldout --seeds 5000-5015
     python eval/step_cache_eval.py --model tiny-dit --split train --seeds 100-107 --psnr 35,30,25
     python eval/step_cache_eval.py --model tiny-sd --split heldout --seeds 5000-5015 --deepcache 10,7,6,5,4
+    python eval/step_cache_eval.py --model tiny-sd --split heldout --seeds 5000-5015 --targets 3.5,4.2
 
 Captions: ``train`` (tuning) or ``heldout`` (the held-out colour-shape pairs; report on these),
 caption i goes with seed i. PSNR is over the decoded pixels in [0, 1]: pooled over the seeds (of the
@@ -43,8 +44,8 @@ def uniform_mask(n: int, computed: int) -> tuple[bool, ...]:
 
 
 def deepcache_schedules(pipe, n: int, k: int) -> list[tuple[str, "diffaccel.DeepCache"]]:
-    """(name, DeepCache config) with ``k`` full steps of ``n``: the plan from the shipped profile (at the
-    scheduler's timesteps; with its verified schedule and forecast where the profile has them), evenly
+    """(name, DeepCache config) with ``k`` full steps of ``n``: DeepCache's plan alone from the shipped profile (at
+    the scheduler's timesteps; with its verified schedule and forecast where the profile has them), evenly
     spread, and every N steps where ceil(n / N) = k; the uniform ones also with each verified forecast."""
     from diffaccel.pipelines import detect
     from diffaccel.profiler.plan_deepcache import plan_deepcache
@@ -53,6 +54,8 @@ def deepcache_schedules(pipe, n: int, k: int) -> list[tuple[str, "diffaccel.Deep
 
     adapter = detect(pipe)
     profile = shipped_profile(adapter)
+    for run in profile.calibration["deepcache_forecast"]["runs"]:  # DeepCache's own plan: without CfgCache
+        run.pop("cfg", None)  # (--targets runs the plans that compose it)
     pipe.scheduler.set_timesteps(n)
     times = [adapter.normalised_time(t) for t in pipe.scheduler.timesteps]
     full, saved = float(profile.costs["call"]), float(profile.costs["deepcache_saved"]["0"])
@@ -81,6 +84,8 @@ def main() -> None:
     ap.add_argument("--uniform", default="", help="comma-separated computed-step counts of uniform masks (order 1 and 0)")
     ap.add_argument("--deepcache", default="", help="U-Net: comma-separated full-step counts K; for each, DeepCache's "
                     "schedule planned from the shipped profile, K evenly spread steps, and every N steps where that gives K")
+    ap.add_argument("--targets", default="", help="comma-separated speed-ups for accelerate(target_speedup=...) "
+                    "(planned from the shipped profile; the methods the plan composes are named)")
     args = ap.parse_args()
     pipe = diffaccel.load_bundled(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -102,6 +107,7 @@ def main() -> None:
                             dict(methods=[diffaccel.StepCache(mask=uniform_mask(n, k), forecast_order=order)])))
     for k in [int(k) for k in args.deepcache.split(",") if k]:
         configs += [(name, dict(methods=[config])) for name, config in deepcache_schedules(pipe, n, k)]
+    configs += [(f"target_speedup={t}", dict(target_speedup=float(t))) for t in args.targets.split(",") if t]
     print(f"model {args.model}, {args.split} captions, seeds {args.seeds} ({len(seeds)})\n")
     print("| config | FLOPs saved | PSNR pooled (dB) | PSNR mean | PSNR min | computed steps |\n"
           "| --- | --- | --- | --- | --- | --- |")
@@ -114,6 +120,8 @@ def main() -> None:
             saved.append(st["flops_saved_fraction"])
         steps = next((m.get("computed_steps", m.get("full_steps")) for m in st["methods"].values()
                       if "computed_steps" in m or "full_steps" in m), "")
+        if "target_speedup" in kw:  # the methods the plan installed
+            name += " (" + " + ".join(m for m in st["methods"] if m != "profile_schedule") + ")"
         pooled = -10 * np.log10(np.mean([10 ** (-p / 10) for p in ps]))  # PSNR of the mean MSE, as evaluate.py
         print(f"| {name} | {100 * np.mean(saved):.1f}% | {pooled:.2f} | {np.mean(ps):.2f} | {np.min(ps):.2f} | {steps} |",
               flush=True)
