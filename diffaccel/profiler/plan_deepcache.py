@@ -27,7 +27,9 @@ measured DeepCache + ``CfgCache(follow_full_steps=True)`` (cached steps run the 
 so they cost half as much), a target takes that composition when its run measured ``MARGIN_DB`` better
 than the plain schedule the target would otherwise take (:func:`composed_cfg`): more full steps at the
 same cost. The decision depends on the profile and the target only, so the per-call re-plans of one
-``accelerate`` call all agree with the CfgCache it installed.
+``accelerate`` call all agree with the CfgCache it installed. The error model does not cover CfgCache: a
+composed plan's predicted error is its DeepCache reuse alone (it is chosen on measured PSNR, which
+``--min-psnr`` reads; a ``--max-error`` bound undercounts it).
 """
 from __future__ import annotations
 
