@@ -253,6 +253,8 @@ def test_a_target_composes_cfg_cache_only_with_a_measured_margin(profile_path, g
     assert plan.with_methods == (diffaccel.CfgCache(follow_full_steps=True),)
     assert [i for i, c in enumerate(plan.computed) if c] == run["full_steps"] and plan.psnr == bound + gain
     assert "with CfgCache" in plan.note
+    replaced = plan_deepcache(_plain(load_profile(profile_path)), times, target=target)
+    assert replaced.with_methods == () and sum(replaced.computed) < 3 and plan.error == replaced.error  # its error bound
     # the decision is the profile's and the target's: a call at other timesteps composes too (per-call
     # re-plans must agree with the CfgCache installed once), with plain reuse and its own full-step count
     other = plan_deepcache(profile, [t * 0.97 for t in times] + [0.0], target=target)

@@ -27,9 +27,9 @@ measured DeepCache + ``CfgCache(follow_full_steps=True)`` (cached steps run the 
 so they cost half as much), a target takes that composition when its run measured ``MARGIN_DB`` better
 than the plain schedule the target would otherwise take (:func:`composed_cfg`): more full steps at the
 same cost. The decision depends on the profile and the target only, so the per-call re-plans of one
-``accelerate`` call all agree with the CfgCache it installed. The error model does not cover CfgCache: a
-composed plan's predicted error is its DeepCache reuse alone (it is chosen on measured PSNR, which
-``--min-psnr`` reads; a ``--max-error`` bound undercounts it).
+``accelerate`` call all agree with the CfgCache it installed. The error model does not cover CfgCache, so
+a composed plan carries the predicted error of the plain plan it measured better than (an upper bound in
+the model's units, which a ``--max-error`` bound then reads).
 """
 from __future__ import annotations
 
@@ -300,10 +300,10 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
     At the timesteps the profile verified, a chosen schedule and its forecast are
     :func:`verified_forecast`'s, with the measured PSNR where it was run, or, where :func:`composed_cfg`
     says so, those of the verified run composed with CfgCache; the predicted error is that of plain
-    reuse (the measured error model's)."""
+    reuse (the measured error model's; for a composed plan, of the plain plan it replaces)."""
     cost, full, saved, note = _model(profile, times, skip_branch)
     n = len(times)
-    forecast, psnr, cfg = {}, None, None
+    forecast, psnr, cfg, replaced = {}, None, None, None
     if full_steps is None:
         cfg = composed_cfg(profile, target, skip_branch)
         k = full_step_count(full, saved, n, target, cfg is not None)
@@ -317,6 +317,9 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
         else:
             full_steps, forecast, psnr, cfg_note = _composed_schedule(profile, times, k, cfg, cost)
             note = "; ".join(x for x in (note, cfg_note) if x)
+            plain_k = full_step_count(full, saved, n, target)
+            if plain_k is not None:  # the plan it replaces: its error stands for this one's (see the module doc)
+                replaced = verified_forecast(profile, times, plain_k, skip_branch).steps or best_full_steps(cost, n, plain_k)
     else:
         full_steps = sorted({0, *(s for s in full_steps if s < n)})
     k = len(full_steps)
@@ -325,7 +328,7 @@ def plan_deepcache(profile: Profile, times: list[float], target: float | None, s
     computed = [s in set(full_steps) for s in range(n)]
     skipped = profile.costs.get("deepcache_paths", {}).get(str(skip_branch), ())
     return Plan("deepcache", config, speedup, _wall(profile, speedup, skipped, computed, cfg is not None),
-                schedule_error(cost, n, full_steps), computed, note, psnr=psnr,
+                schedule_error(cost, n, replaced or full_steps), computed, note, psnr=psnr,
                 with_methods=(CfgCache(follow_full_steps=True),) if cfg is not None else ())
 
 
