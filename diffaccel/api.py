@@ -95,16 +95,18 @@ def _choose(pipe, adapter, preset, methods, profile, target_speedup) -> list[Met
         return _resolve_methods(methods_for_target(pipe, adapter, profile, target_speedup), adapter.family)
     else:
         chosen = _resolve_methods(preset_methods(preset or "balanced", adapter.family), adapter.family)
-    psnr_planned = any(getattr(m, "min_psnr", None) is not None for m in chosen)  # StepCache planned per call
+    psnr_planned = any(getattr(m, "min_psnr", None) is not None for m in chosen)  # StepCache / DeepCache planned per call
     if profile is not None and not psnr_planned:
         raise ValueError(
             "profile= needs target_speedup= (e.g. accelerate(pipe, profile='p.json', target_speedup=2.0)) or a "
-            "StepCache(min_psnr=...) among the methods, which the DiT presets have; it cannot go with methods= or a "
-            "preset that have none.")
+            "StepCache(min_psnr=...) or DeepCache(min_psnr=...) among the methods, which the presets have; it cannot go "
+            "with methods= that have none.")
     if psnr_planned:
+        from diffaccel.profiler.plan_deepcache import with_deepcache_psnr_schedule
         from diffaccel.profiler.plan_step_cache import with_psnr_schedules
 
-        chosen = with_psnr_schedules(adapter, chosen, _load(profile, adapter))
+        loaded = _load(profile, adapter)
+        chosen = with_deepcache_psnr_schedule(adapter, with_psnr_schedules(adapter, chosen, loaded), loaded)
     return chosen
 
 

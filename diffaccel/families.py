@@ -92,15 +92,18 @@ FAMILIES: dict[Family, FamilySpec] = {
             # 0.25-0.27 24-27 / 29, 0.3-0.4 22 / 22-23. So quality and balanced space them at most 0.15 apart,
             # fast 0.2: at 10 DDIM steps quality and balanced compute every step and fast every other one;
             # at 20 or more steps nothing changes.
+            # min_psnr (36 / 30.5 / 26 dB, as the image DiTs): where a profile has verified DeepCache runs at the
+            # call's timesteps (the shipped tiny-sd one: 20 DDIM steps, the lowest pooled PSNR of three training
+            # seed sets), the fastest one keeping it runs instead of the rule above.
             "quality": (_TEXT, ("deepcache", dict(interval=2, skip_branch=0, forecast_order=1, forecast_span=_SPAN,
-                                                  max_span=0.15))),
+                                                  max_span=0.15, min_psnr=36.0))),
             "balanced": (_TEXT, ("deepcache", dict(interval=3, skip_branch=0, forecast_order=1, guard=0.15,
-                                                   forecast_span=_SPAN, max_span=0.15))),
+                                                   forecast_span=_SPAN, max_span=0.15, min_psnr=30.5))),
             # fast also runs the unconditional CFG half only at DeepCache's full steps (CfgCache following them):
             # the cached steps run the shallow path for the conditional rows alone. tiny-sd, 16 held-out seeds:
             # 72.3% of the FLOPs saved at 30.8 dB mean PSNR, against 68.7% at 30.9 without it.
             "fast": (_TEXT, ("deepcache", dict(interval=4, skip_branch=0, forecast_order=1, guard=0.15, forecast_span=_SPAN,
-                                               max_span=0.2)),
+                                               max_span=0.2, min_psnr=26.0)),
                      ("cfg_cache", dict(follow_full_steps=True)),
                      ("tome", dict(ratio=0.5, max_downsample=None, gate=True))),
         },

@@ -202,8 +202,10 @@ ACCELERATE = [
     (dict(methods=["deepcache"], preset="fast"), ValueError, "Give either methods=, preset= or target_speedup=, not several"),
     (dict(preset="fast", target_speedup=2.0), ValueError, "not several \\(got preset= and target_speedup=\\)"),
     (dict(methods=["deepcache"], profile="p.json"), ValueError, "profile= .* cannot go with methods="),
-    (dict(profile="p.json"), ValueError, "profile= needs target_speedup="),
-    (dict(preset="fast", profile="p.json"), ValueError, r"or a StepCache\(min_psnr=...\) among the methods"),
+    (dict(methods=[diffaccel.DeepCache(interval=3)], profile="p.json"), ValueError, "profile= needs target_speedup="),
+    (dict(methods=["tome"], profile="p.json"), ValueError, r"or DeepCache\(min_psnr=...\) among the methods"),
+    (dict(profile="p.json"), ValueError, "Profile file 'p.json' does not exist"),  # the presets plan from one
+    (dict(preset="fast", profile="p.json"), ValueError, "Profile file 'p.json' does not exist"),
     (dict(profile=123, target_speedup=2.0), TypeError, "profile must be a path to a profile JSON .* got int 123"),
     (dict(profile=None, target_speedup=NAN), ValueError, "target_speedup must be a finite number >= 1, got nan. e.g."),
     (dict(target_speedup=INF), ValueError, "target_speedup must be a finite number >= 1, got inf"),

@@ -52,7 +52,7 @@ def test_info_says_a_dit_without_a_profile_runs_the_generic_rule():
     from diffaccel.pipelines import detect
 
     assert "generic rule, whose PSNR is unmeasured" in profile_text(detect(tiny_pipes.build("pixart")))
-    assert profile_text(detect(tiny_pipes.build("sd"))).startswith("none shipped (presets need none")
+    assert profile_text(detect(tiny_pipes.build("sd"))).startswith("none shipped (the presets run DeepCache's measured rule")
 
 
 def test_info_notes_a_clipping_ddim_scheduler():

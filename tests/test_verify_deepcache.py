@@ -155,7 +155,7 @@ def test_min_psnr_takes_the_fastest_verified_run_over_the_fit(profile_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--verify", "1", "--validate", "1"], "--validate and --refine apply to StepCache's verified schedules"),
+    (["--verify", "1", "--refine", "1"], "--refine searches StepCache's verified schedules"),
     (["--step-graph", "1"], "apply to image and video DiTs; tiny-sd is a unet model"),
 ])
 def test_unet_verification_flags(tmp_path, capsys, args, message):
@@ -287,3 +287,62 @@ def test_a_composed_plan_runs_what_it_predicts(profile_path):
     explicit = _pixels(pipe, 7)
     diffaccel.disable(pipe)
     assert torch.equal(planned, explicit)
+
+
+# ---- DeepCache(min_psnr=...): the fastest verified run that keeps a PSNR ------------------------------
+def _chosen_per_count(profile, composed: bool) -> dict[int, float]:
+    """Full steps -> PSNR of the run a plan takes with that many (alone or composed with CfgCache)."""
+    runs, out = profile.calibration[FORECAST_KEY]["runs"], {}
+    for k in {len(r["full_steps"]) for r in runs}:
+        run = chosen_run(runs, k, "cfg" if composed else None)
+        measured = run["cfg"] if composed else run
+        out[k] = measured["psnr"][measured["best"]]
+    return out
+
+
+@pytest.mark.parametrize("composed", [False, True])
+def test_min_psnr_runs_the_fastest_verified_run_keeping_it(profile_path, composed):
+    from diffaccel.profiler.plan_deepcache import fastest_verified
+
+    profile = load_profile(profile_path)
+    chosen = _chosen_per_count(profile, composed)
+    bound = sorted(chosen.values())[len(chosen) // 2]
+    fewest = min(k for k, db in chosen.items() if db >= bound)
+    config, info = fastest_verified(profile, bound, composed)
+    assert len(config.schedule) == fewest and info["measured_psnr"] == chosen[fewest] >= bound
+    assert fastest_verified(profile, max(chosen.values()) + 0.01, composed) is None
+
+    extra = [diffaccel.CfgCache(follow_full_steps=True)] if composed else []
+    pipe = diffaccel.load_bundled("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=2, min_psnr=bound), *extra], profile=profile)
+    planned = _pixels(pipe, 3)
+    stats = diffaccel.stats(pipe)["methods"]
+    assert stats["deepcache"]["full_steps"] == list(config.schedule) and stats["deepcache_psnr_schedule"]["planned"]
+    other = pipe(CAPTION, num_inference_steps=STEPS + 2, generator=torch.Generator().manual_seed(3), output_type="np")
+    assert not diffaccel.stats(pipe)["methods"]["deepcache_psnr_schedule"]["planned"]  # not verified at 10 steps
+    diffaccel.accelerate(pipe, methods=[config, *extra])
+    assert torch.equal(planned, _pixels(pipe, 3))  # exactly the verified run
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=2), *extra])
+    ref = pipe(CAPTION, num_inference_steps=STEPS + 2, generator=torch.Generator().manual_seed(3), output_type="np")
+    diffaccel.disable(pipe)
+    assert (other.images == ref.images).all()  # elsewhere: the settings as given
+
+
+def test_min_psnr_without_verified_runs(profile_path, tmp_path):
+    import tiny_pipes as tp
+
+    pipe = tp.build("sd")
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=2, min_psnr=30)])  # no profile for this model
+    pipe(**tp.call_kwargs("sd", steps=4))
+    assert "not planned" in diffaccel.stats(pipe)["methods"]["deepcache"]["why"]
+    diffaccel.disable(pipe)
+    profile = load_profile(profile_path)
+    profile.calibration.pop(FORECAST_KEY)
+    bare = tmp_path / "bare.json"
+    profile.save(bare)
+    sd = diffaccel.load_bundled("tiny-sd")
+    with pytest.raises(ValueError, match="no verified DeepCache runs"):
+        diffaccel.accelerate(sd, methods=[diffaccel.DeepCache(min_psnr=30)], profile=str(bare))
+    with pytest.raises(ValueError, match="min_psnr"):
+        diffaccel.DeepCache(min_psnr=-1).validate()

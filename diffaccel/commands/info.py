@@ -43,10 +43,10 @@ def profile_text(adapter) -> str:
     from diffaccel.profiler.schedule import shipped_profile
 
     if shipped_profile(adapter) is not None:
-        users = "target_speedup plans" if adapter.family == "unet" else "the presets and target_speedup plan"
-        return f"shipped with diffaccel ({users} from it)"
+        return "shipped with diffaccel (the presets and target_speedup plan from it)"
     if adapter.family == "unet":
-        return "none shipped (presets need none; target_speedup calibrates quickly, or give one)"
+        return ("none shipped (the presets run DeepCache's measured rule; target_speedup calibrates quickly; "
+                "`diffaccel profile MODEL --out p.json --verify 16 --validate 16` makes one the presets plan from)")
     return ("none shipped: the presets' StepCache runs its generic rule, whose PSNR is unmeasured on this model; "
             "`diffaccel profile MODEL --out p.json --step-graph 2 --verify 12 --validate 24` makes one")
 

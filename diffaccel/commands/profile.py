@@ -35,10 +35,12 @@ def add_arguments(parser) -> None:
                              "generations on M prompts (seeds SEED+1000..) and keep the fastest ones per measured PSNR; "
                              "StepCache(min_psnr=...) and the DiT presets then choose among them. U-Nets: run DeepCache's "
                              "planned and evenly spread schedules (full steps every 2..8 steps) with each forecast of the "
-                             "deep features on M prompts; plans at this step count then take the best measured (0 skips)")
+                             "deep features, alone and with CfgCache where the calls run CFG, on M prompts; plans at this "
+                             "step count then take the best measured (0 skips)")
     parser.add_argument("--validate", type=int, default=0, metavar="K",
-                        help="with --verify: re-run every kept schedule on K more prompts (seeds SEED+2000..) and keep "
-                             "its lower PSNR, so a schedule tuned to the verification seeds loses its place (0 skips)")
+                        help="with --verify: re-run every kept schedule (U-Nets: every verified run) on K more prompts "
+                             "(seeds SEED+2000..) and keep its lower PSNR, so a schedule tuned to the verification seeds "
+                             "loses its place (0 skips)")
     parser.add_argument("--refine", type=int, default=0, metavar="R",
                         help="with --verify: R rounds of local search, each trying every schedule that skips one more "
                              "step than a kept one (use with --validate, or it overfits the verification seeds)")
@@ -200,8 +202,9 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
         from diffaccel.profiler.verify_deepcache import verify_deepcache
 
         print(f"verifying DeepCache forecasts on {_count(args.verify, 'prompt')}", flush=True)
+        validation = [prompt_set(args.validate, args.seed + 2000)] if args.validate else []
         entry = verify_deepcache(pipe, profile, *prompt_set(args.verify, args.seed + 1000), call,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, validation=validation)
         for run in entry["runs"]:
             measured = "  ".join(f"{label} {db:.2f} dB" for label, db in run["psnr"].items())
             print(f"  {len(run['full_steps'])} of {entry['steps']} full steps, {run['schedule']} ({run['speedup']:.2f}x FLOPs): {measured}"
@@ -227,9 +230,9 @@ def _check_verification_applies(pipe, args) -> None:
         if args.step_graph:
             raise ValueError(f"--step-graph measures StepCache's schedules, which apply to image and video DiTs; "
                              f"{args.model} is a unet model. Leave --step-graph out (--verify M verifies DeepCache's forecasts).")
-        if args.validate or args.refine:
-            raise ValueError("--validate and --refine apply to StepCache's verified schedules (DiTs); on a unet model "
-                             "leave them out (--verify M alone verifies DeepCache's forecasts).")
+        if args.refine:
+            raise ValueError("--refine searches StepCache's verified schedules (DiTs); on a unet model leave it out "
+                             "(--verify M, with --validate K, verifies DeepCache's schedules).")
     elif family not in StepCache.supported_families():
         if args.step_graph or args.verify:
             raise ValueError(f"--step-graph / --verify measure StepCache's schedules, which apply to image and video DiTs; "

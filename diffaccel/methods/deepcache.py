@@ -79,6 +79,11 @@ class DeepCache(Method):
             the last two full steps may be for a forecast; farther, the deep features are reused as
             they are. On tiny-sd forecasts gained where full steps were at most 0.16 apart (every 2 or
             3 of 20 DDIM steps, every 2-8 of 50) and lost from 0.2 on (every 2 of 10, every 5 of 20).
+        min_psnr: where a profile with verified DeepCache runs is known for the model (shipped with it or
+            given to ``accelerate``) and a call runs at the timesteps they ran at, the call runs the fastest
+            verified schedule (with its forecast) whose measured pooled PSNR (dB, the lowest over its seed
+            sets) is at least this; composed with CfgCache exactly when a ``CfgCache(follow_full_steps=True)``
+            is in the same method list. Other calls run the settings above (None: always them).
     """
 
     name: ClassVar[str] = "deepcache"
@@ -93,6 +98,7 @@ class DeepCache(Method):
     guard: float = 2.0
     forecast_span: float = 1.0
     max_span: float = 1.0
+    min_psnr: float | None = None
     branch: InitVar[int | None] = None
 
     def __post_init__(self, branch: int | None) -> None:
@@ -114,6 +120,8 @@ class DeepCache(Method):
                  hint="1 reuses deep features however far from their full step; 0.25 at most a quarter of the trajectory.")
         fraction(self.forecast_span, "DeepCache forecast_span", 0.0, 1.0,
                  hint="1 forecasts whatever the gap between full steps; 0.16 only where they are close.")
+        if self.min_psnr is not None:
+            at_least(self.min_psnr, "DeepCache(min_psnr=...)", 0.0, "A PSNR in dB, e.g. 30; None runs the settings as given.")
         if isinstance(self.schedule, str):
             one_of(self.schedule, SCHEDULES, "DeepCache schedule", "Or give a list of full steps.")
             return
@@ -348,4 +356,7 @@ class DeepCacheInstalled(Installed):
         out = dict(self.counters)
         out["skipped_modules"] = dict(out.get("skipped_modules", {}))
         out["full_steps"] = sorted(s for s, full in self.step_full.items() if full)
+        if self.config.min_psnr is not None and self.config.name not in self.session.providers:
+            out["why"] = (f"min_psnr={self.config.min_psnr:g} not planned (no profile with verified DeepCache runs): "
+                          "the settings as given ran")
         return out

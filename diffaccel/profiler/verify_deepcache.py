@@ -67,11 +67,15 @@ def uniform_full_steps(n: int, k: int) -> list[int]:
 
 
 def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], call_kwargs: dict, skip_branch: int = 0,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, validation: list[tuple[list, list[int]]] = ()) -> dict:
     """Run the planned schedule of each of :func:`full_step_counts`, and the evenly spread one where it
     differs, with each of ``FORECASTS``, alone and composed with CfgCache, at ``call_kwargs``' step count
     (default: the profiled one), planned at the scheduler's times for it (what a call of that length plans
-    at); put the results into ``profile.calibration`` and return them."""
+    at); put the results into ``profile.calibration`` and return them.
+
+    ``validation``: more (prompts, seeds) sets every run is repeated on; a run keeps its lowest pooled
+    PSNR over all sets (per set in ``psnr_sets``), as StepCache's validated schedules do: one set's
+    pooled PSNR is set by the one or two captions that react most to a schedule."""
     from diffaccel.profiler.plan_deepcache import plan_full_steps
     from diffaccel.profiler.reuse_error import run_configs
 
@@ -90,27 +94,38 @@ def verify_deepcache(pipe, profile: Profile, prompts: list, seeds: list[int], ca
     plain = [DeepCache(skip_branch=skip_branch, schedule=full, forecast_order=order, guard=guard)
              for _, full, _ in schedules for order, guard in FORECASTS.values()]
     configs = plain + [[config, CfgCache(follow_full_steps=True)] for config in plain]
-    runs = run_configs(pipe, adapter, prompts, seeds, call_kwargs, configs, progress=progress,
-                       desc="verifying DeepCache forecasts")
-    plain_runs, cfg_runs = runs[:len(plain)], runs[len(plain):]
+    sets = [(prompts, seeds), *validation]
+    runs = [run_configs(pipe, adapter, set_prompts, set_seeds, call_kwargs, configs, progress=progress,
+                        desc=f"verifying DeepCache forecasts (seed set {i + 1} of {len(sets)})")
+            for i, (set_prompts, set_seeds) in enumerate(sets)]  # runs[set][config]
     # CfgCache acts only where the calls run CFG (guidance_scale > 1): without it, no composed entries.
-    cfg_acted = all(r["methods"].get(CfgCache.name, {}).get("uncond_skipped") for r in cfg_runs)
+    cfg_acted = all(r["methods"].get(CfgCache.name, {}).get("uncond_skipped") for r in runs[0][len(plain):])
     per = len(FORECASTS)
     entry = {"steps": n, "times": [round(t, 6) for t in times], "skip_branch": skip_branch, "prompts": len(prompts),
              "statistic": STATISTIC, "runs": []}
+    if validation:
+        entry["validation"] = [{"prompts": len(p), "seeds": [min(s), max(s)]} for p, s in validation]
     for i, (kind, full, speedup) in enumerate(schedules):
-        run = {"schedule": kind, "full_steps": full, "speedup": round(speedup, 4),
-               **_measured(plain_runs[i * per:(i + 1) * per])}
+        def measured(offset: int) -> dict:
+            first = offset + i * per
+            return _measured([set_runs[first:first + per] for set_runs in runs])
+
+        run = {"schedule": kind, "full_steps": full, "speedup": round(speedup, 4), **measured(0)}
         if cfg_acted:
-            run["cfg"] = _measured(cfg_runs[i * per:(i + 1) * per])
+            run["cfg"] = measured(len(plain))
         entry["runs"].append(run)
     profile.calibration = {**(profile.calibration or {}), FORECAST_KEY: entry}
     return entry
 
 
-def _measured(runs: list[dict]) -> dict:
-    """One schedule's runs, one per forecast: pooled and worst-seed PSNR per forecast, and the one to run."""
-    measured = dict(zip(FORECASTS, runs))
-    return {"psnr": {label: round(r["psnr"], 3) for label, r in measured.items()},
-            "psnr_worst": {label: round(r["psnr_worst"], 3) for label, r in measured.items()},
-            "best": best_label({label: r["psnr"] for label, r in measured.items()})}
+def _measured(runs: list[list[dict]]) -> dict:
+    """One schedule's runs on each seed set, one per forecast: per forecast the lowest pooled PSNR over the
+    sets (each set's too, where there are several) and the lowest worst-seed PSNR, and the forecast to run."""
+    lowest = {label: min(set_runs[j]["psnr"] for set_runs in runs) for j, label in enumerate(FORECASTS)}
+    out = {"psnr": {label: round(db, 3) for label, db in lowest.items()},
+           "psnr_worst": {label: round(min(set_runs[j]["psnr_worst"] for set_runs in runs), 3)
+                          for j, label in enumerate(FORECASTS)},
+           "best": best_label(lowest)}
+    if len(runs) > 1:
+        out["psnr_sets"] = {label: [round(set_runs[j]["psnr"], 3) for set_runs in runs] for j, label in enumerate(FORECASTS)}
+    return out
