@@ -102,7 +102,7 @@ def _choose(pipe, adapter, preset, methods, profile, target_speedup) -> list[Met
             "StepCache(min_psnr=...) or DeepCache(min_psnr=...) among the methods, which the presets have; it cannot go "
             "with methods= that have none.")
     if psnr_planned:
-        from diffaccel.profiler.plan_deepcache import with_deepcache_psnr_schedule
+        from diffaccel.profiler.deepcache_psnr import with_deepcache_psnr_schedule
         from diffaccel.profiler.plan_step_cache import with_psnr_schedules
 
         loaded = _load(profile, adapter)

@@ -302,7 +302,7 @@ def _chosen_per_count(profile, composed: bool) -> dict[int, float]:
 
 @pytest.mark.parametrize("composed", [False, True])
 def test_min_psnr_runs_the_fastest_verified_run_keeping_it(profile_path, composed):
-    from diffaccel.profiler.plan_deepcache import fastest_verified
+    from diffaccel.profiler.deepcache_psnr import fastest_verified
 
     profile = load_profile(profile_path)
     chosen = _chosen_per_count(profile, composed)

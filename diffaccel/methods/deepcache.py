@@ -26,7 +26,6 @@ import math
 from dataclasses import InitVar, dataclass
 from typing import ClassVar, Sequence
 
-import torch
 
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
