@@ -26,7 +26,6 @@ import math
 from dataclasses import InitVar, dataclass
 from typing import ClassVar, Sequence
 
-
 from diffaccel.families import Capability
 from diffaccel.methods.base import Installed, Method, hook_forward, register
 from diffaccel.methods.cache_common import cat_rows, cfg_half_rows, num_rows, tree_map
