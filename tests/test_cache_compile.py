@@ -65,3 +65,30 @@ def test_deepcache_in_a_compiled_unet_compiles_nothing_new_for_more_steps(foreca
     assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
     assert diffaccel.stats(pipe)["methods"]["deepcache"]["reused"] > 0
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["balanced", "fast"])
+def test_presets_planned_from_a_profile_compile_nothing_new_for_other_calls(preset):
+    """DeepCache(min_psnr=...) on the bundled U-Net: the verified run at the profile's 20 steps (balanced: a
+    listed schedule with a damped forecast; fast: composed with CfgCache), the rule at 15; the compiled
+    U-Net matches eager and a call of the other kind adds no graph."""
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = diffaccel.load_bundled("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    diffaccel.accelerate(pipe, preset=preset)
+
+    def run(steps):
+        out = pipe("a red circle in the center on a black background", num_inference_steps=steps,
+                   generator=torch.Generator().manual_seed(0), output_type="pt").images
+        return out, diffaccel.stats(pipe)["methods"]["deepcache_psnr_schedule"]["planned"]
+
+    eager, planned = run(20)
+    assert planned
+    pipe.unet.compile(backend="eager")
+    compiled, _ = run(20)
+    graphs = counters["stats"]["unique_graphs"]
+    _, planned = run(15)
+    assert not planned and graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    diffaccel.disable(pipe)
