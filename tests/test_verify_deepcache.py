@@ -346,3 +346,16 @@ def test_min_psnr_without_verified_runs(profile_path, tmp_path):
         diffaccel.accelerate(sd, methods=[diffaccel.DeepCache(min_psnr=30)], profile=str(bare))
     with pytest.raises(ValueError, match="min_psnr"):
         diffaccel.DeepCache(min_psnr=-1).validate()
+
+
+def test_validation_keeps_each_runs_lowest_psnr(tmp_path):
+    out = tmp_path / "p.json"
+    assert cli.main(["profile", "tiny-sd", "--out", str(out), "--num-prompts", "1", "--steps", "6",
+                     "--calibration-prompts", "1", "--verify", "1", "--validate", "1", "--no-progress"]) == 0
+    entry = load_profile(out).calibration[FORECAST_KEY]
+    assert entry["validation"] == [{"prompts": 1, "seeds": [2000, 2000]}]
+    for run in entry["runs"]:
+        for measured in (run, run["cfg"]):
+            sets = measured["psnr_sets"]
+            assert all(len(sets[label]) == 2 and measured["psnr"][label] == min(sets[label]) for label in FORECASTS)
+            assert measured["best"] == best_label(measured["psnr"])
