@@ -167,6 +167,13 @@ class Session:
     def __deepcopy__(self, memo):
         raise TypeError(compat.not_copyable_message())
 
+    def call_times(self) -> list[float]:
+        """Normalised times (1 = noise) of the running call's denoising steps, from the scheduler's
+        timesteps (the last ``num_steps`` of them: img2img starts part-way)."""
+        timesteps = [float(t) for t in getattr(self.pipe.scheduler, "timesteps", [])]
+        n = int(self.ctx.num_steps or len(timesteps))
+        return [self.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]]
+
     # ---- pipeline call -----------------------------------------------------------------------
     @contextlib.contextmanager
     def pipeline_call(self) -> Iterator[CallContext]:

@@ -199,11 +199,7 @@ class StepCacheInstalled(BlockStackCache):
     # ---- decisions ---------------------------------------------------------------------
     def _planned(self, step: int) -> bool:
         if self.schedule is None:
-            session = self.session
-            timesteps = [float(t) for t in getattr(session.pipe.scheduler, "timesteps", [])]
-            n = int(session.ctx.num_steps or len(timesteps))
-            times = [session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]]
-            self.schedule = step_schedule(self.call_config(), times)
+            self.schedule = step_schedule(self.call_config(), self.session.call_times())
         return step >= len(self.schedule) or self.schedule[step]
 
     def _decide(self, reader, args, kwargs) -> list[tuple[str, bool]]:

@@ -70,9 +70,7 @@ class _PsnrScheduleInstalled(Installed):
         self.on_remove(lambda: session.providers.pop(DeepCache.name, None))
 
     def config_for_call(self, config: DeepCache, session) -> DeepCache:
-        timesteps = [float(t) for t in getattr(session.pipe.scheduler, "timesteps", [])]
-        n = int(session.ctx.num_steps or len(timesteps))
-        times = [session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]]
+        times = session.call_times()
         key = (config.min_psnr, config.skip_branch, tuple(round(t, 6) for t in times))
         if key not in self.plans:
             self.plans[key] = self._plan(config, times)

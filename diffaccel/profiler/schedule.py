@@ -174,9 +174,8 @@ class ProfileScheduleInstalled(Installed):
 
     def config_for_call(self, config: Method, session) -> Method:
         schedule: ProfileSchedule = self.config
-        timesteps = [float(t) for t in getattr(session.pipe.scheduler, "timesteps", [])]
-        n = int(session.ctx.num_steps or len(timesteps))
-        times = [session.adapter.normalised_time(t) for t in timesteps[len(timesteps) - n:]] or schedule.profile.times
+        times = session.call_times() or schedule.profile.times
+        n = len(times)
         key = (config.name, schedule.target_speedup, tuple(round(t, 6) for t in times))
         if key not in self.plans:
             self.plans[key] = self._plan(config, times, n)
