@@ -359,3 +359,16 @@ def test_validation_keeps_each_runs_lowest_psnr(tmp_path):
             sets = measured["psnr_sets"]
             assert all(len(sets[label]) == 2 and measured["psnr"][label] == min(sets[label]) for label in FORECASTS)
             assert measured["best"] == best_label(measured["psnr"])
+
+
+def test_min_psnr_out_of_reach_runs_the_settings_as_given(profile_path):
+    profile = load_profile(profile_path)
+    pipe = diffaccel.load_bundled("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=2, min_psnr=1000)], profile=profile)
+    out = _pixels(pipe, 5)
+    info = diffaccel.stats(pipe)["methods"]["deepcache_psnr_schedule"]
+    assert not info["planned"] and "no verified run of skip branch 0 keeps min_psnr=1000" in info["why"]
+    diffaccel.accelerate(pipe, methods=[diffaccel.DeepCache(interval=2)])
+    assert torch.equal(out, _pixels(pipe, 5))
+    diffaccel.disable(pipe)

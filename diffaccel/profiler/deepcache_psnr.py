@@ -84,8 +84,9 @@ class _PsnrScheduleInstalled(Installed):
             return config, {"planned": False, "why": "no run was verified at this call's timesteps: the settings as given ran"}
         chosen = fastest_verified(profile, config.min_psnr, self.config.composed, config.skip_branch)
         if chosen is None:
-            return config, {"planned": False, "why": f"no verified run keeps min_psnr={config.min_psnr:g}: the settings "
-                                                      "as given ran"}
+            kind = "composed with CfgCache " if self.config.composed else ""
+            return config, {"planned": False, "why": f"no verified run {kind}of skip branch {config.skip_branch} keeps "
+                                                      f"min_psnr={config.min_psnr:g}: the settings as given ran"}
         return chosen
 
     def stats(self) -> dict:
