@@ -206,9 +206,11 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
         entry = verify_deepcache(pipe, profile, *prompt_set(args.verify, args.seed + 1000), call,
                                  progress=not args.no_progress, validation=validation)
         for run in entry["runs"]:
-            measured = "  ".join(f"{label} {db:.2f} dB" for label, db in run["psnr"].items())
-            print(f"  {len(run['full_steps'])} of {entry['steps']} full steps, {run['schedule']} ({run['speedup']:.2f}x FLOPs): {measured}"
-                  f"  -> {run['best']}")
+            for part, label in ((run, f" ({run['speedup']:.2f}x FLOPs)"), (run.get("cfg"), " + CfgCache")):
+                if part is not None:
+                    measured = "  ".join(f"{name} {db:.2f} dB" for name, db in part["psnr"].items())
+                    print(f"  {len(run['full_steps'])} of {entry['steps']} full steps, {run['schedule']}{label}: {measured}"
+                          f"  -> {part['best']}")
         return time.perf_counter() - started
     print(f"verifying StepCache schedules on {_count(args.verify, 'prompt')}"
           + (f", validating on {args.validate} more" if args.validate else "")
