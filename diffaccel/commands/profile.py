@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
                         help="DiTs, with --step-graph: run the step graph's candidate schedules (about 3 x steps) as real "
                              "generations on M prompts (seeds SEED+1000..) and keep the fastest ones per measured PSNR; "
                              "StepCache(min_psnr=...) and the DiT presets then choose among them. U-Nets: run DeepCache's "
-                             "planned and evenly spread schedules (full steps every 2..8 steps) with each forecast of the "
+                             "planned and evenly spread schedules (full steps every 1.25..8 steps) with each forecast of the "
                              "deep features, alone and with CfgCache where the calls run CFG, on M prompts; plans at this "
                              "step count then take the best measured (0 skips)")
     parser.add_argument("--validate", type=int, default=0, metavar="K",

@@ -34,7 +34,7 @@ from diffaccel.profiler.profile import Profile
 FORECAST_KEY = "deepcache_forecast"  # profile.calibration key
 # label -> (forecast_order, guard); "order 0" first: it wins ties (the plain DeepCache step)
 FORECASTS = {"order 0": (0, 2.0), "order 1": (1, 2.0), "order 1, guard 0.15": (1, 0.15)}
-INTERVALS = (2, 3, 4, 5, 6, 8)  # full-step spacings whose schedules are verified
+INTERVALS = (1.25, 1.5, 2, 3, 3.5, 4, 5, 6, 8)  # full-step spacings whose schedules are verified
 # A forecast, or the evenly spread schedule, replaces plain reuse on the planned schedule only when it
 # measured at least this much better: on tiny-sd, options 0.4 dB apart on 48 seeds swapped places on
 # other seed sets (eval/results/step_cache.md), so smaller differences are noise, not a choice.
