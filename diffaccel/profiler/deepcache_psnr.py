@@ -15,6 +15,7 @@ from diffaccel.hooks import Installed
 from diffaccel.methods.base import Method
 from diffaccel.methods.cfg_cache import CfgCache
 from diffaccel.methods.deepcache import DeepCache
+from diffaccel.profiler.plan_common import planning_profile
 from diffaccel.profiler.plan_deepcache import chosen_run, step_speedup
 from diffaccel.profiler.profile import Profile
 from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS
@@ -101,15 +102,11 @@ def with_deepcache_psnr_schedule(adapter, methods: list[Method], profile: Profil
         return methods
     if any(isinstance(m, DeepCachePsnrSchedule) for m in methods):  # already planned (a resolved config list)
         return methods
-    given = profile is not None
+    profile = planning_profile(
+        adapter, profile, lambda p: (p.calibration or {}).get(FORECAST_KEY),
+        "This profile has no verified DeepCache runs, so DeepCache(min_psnr=...) cannot be planned from it: re-create it "
+        "with `diffaccel profile MODEL --out p.json --verify 16 --validate 16`.")
     if profile is None:
-        from diffaccel.profiler.schedule import shipped_profile
-
-        profile = shipped_profile(adapter)
-    if profile is None or not (profile.calibration or {}).get(FORECAST_KEY):
-        if given:
-            raise ValueError("This profile has no verified DeepCache runs, so DeepCache(min_psnr=...) cannot be planned "
-                             "from it: re-create it with `diffaccel profile MODEL --out p.json --verify 16 --validate 16`.")
         return methods
     composed = any(isinstance(m, CfgCache) and m.follow_full_steps for m in methods)
     return [*methods, DeepCachePsnrSchedule(profile=profile, composed=composed)]

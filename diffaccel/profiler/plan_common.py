@@ -34,6 +34,22 @@ class Plan:
 
 
 # ---- shared helpers --------------------------------------------------------------------
+def planning_profile(adapter, profile: Profile | None, holds, missing: str) -> Profile | None:
+    """``profile``, or the one shipped for the model, when it ``holds`` what a per-call planner needs; None
+    when no profile was given and the shipped one (if any) does not; a given profile without it raises
+    ``ValueError(missing)``."""
+    given = profile is not None
+    if profile is None:
+        from diffaccel.profiler.schedule import shipped_profile
+
+        profile = shipped_profile(adapter)
+    if profile is not None and holds(profile):
+        return profile
+    if given:
+        raise ValueError(missing)
+    return None
+
+
 def check_target(target) -> None:
     """A wanted speed-up: a finite number >= 1 (None: a planner only evaluates a given schedule)."""
     if target is not None:

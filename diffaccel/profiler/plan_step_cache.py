@@ -30,7 +30,7 @@ from diffaccel.hooks import Installed
 from diffaccel.methods.base import Method
 
 from diffaccel.methods.step_cache import StepCache
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget, wall_speedup, wall_speedup_per_step
+from diffaccel.profiler.plan_common import Plan, UnreachableTarget, planning_profile, wall_speedup, wall_speedup_per_step
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.plan_text_cache import composed as composed_text_cache
 from diffaccel.profiler.plan_text_cache import counted as counted_text_saving
@@ -385,15 +385,11 @@ def with_psnr_schedules(adapter, methods: list[Method], profile: Profile | None 
         return methods
     if any(isinstance(m, StepCachePsnrSchedule) for m in methods):  # already planned (a resolved config list)
         return methods
-    given = profile is not None
+    profile = planning_profile(
+        adapter, profile, lambda p: (p.reuse_error or {}).get("step_cache"),
+        "This profile has no measured step graph, so StepCache(min_psnr=...) cannot be planned from it: re-create it "
+        "with `diffaccel profile MODEL --out p.json --step-graph 2 --verify 4`.")
     if profile is None:
-        from diffaccel.profiler.schedule import shipped_profile
-
-        profile = shipped_profile(adapter)
-    if profile is None or not (profile.reuse_error or {}).get("step_cache"):
-        if given:
-            raise ValueError("This profile has no measured step graph, so StepCache(min_psnr=...) cannot be planned "
-                             "from it: re-create it with `diffaccel profile MODEL --out p.json --step-graph 2 --verify 4`.")
         warnings.warn(UNPLANNED, stacklevel=3)
         return methods
     return [*methods, StepCachePsnrSchedule(profile=profile)]
