@@ -43,7 +43,8 @@ def main() -> None:
                     "with the verified runs already stored")
     ap.add_argument("--computed", default="", help="verify only plans computing this many steps, e.g. 5-14")
     ap.add_argument("--refine", type=int, default=0, help="rounds of local search: verify every schedule that skips "
-                    "one more step than a verified front schedule (FLOPs speed-up in --refine-range), keep the front. "
+                    "one step more or one fewer than a verified front schedule (FLOPs speed-up in --refine-range), "
+                    "keep the front. "
                     "Without --validate many rounds overfit the verification captions (eval/results/step_cache.md)")
     ap.add_argument("--refine-range", default="1.2-3.0")
     ap.add_argument("--validate", default="", help="training-caption seeds, e.g. 300-323, on which every schedule "

@@ -138,6 +138,13 @@ def methods(suite: str, pipe, probe, args) -> dict:
         "ours AdaptiveCache(0.2)": ours(diffaccel.AdaptiveCache(threshold=0.2, max_consecutive=4)),
         "ours AdaptiveCache(0.2)+FasterCache CFG": ours(diffaccel.AdaptiveCache(threshold=0.2, max_consecutive=4),
                                                         diffaccel.FasterCache(attention_interval=1)),
+        # Whole-step skipping (no profile for these random weights: the rule on normalised time).
+        "ours StepCache": ours(diffaccel.StepCache()),
+        "ours StepCache(0.25, 2 in a row)": ours(diffaccel.StepCache(threshold=0.25, max_consecutive=2)),
+        "ours TextCache": ours(diffaccel.TextCache()),
+        "ours TextCache+StepCache": ours(diffaccel.TextCache(), diffaccel.StepCache()),
+        **{f"ours preset {p}": ((lambda p=p: diffaccel.accelerate(pipe, preset=p)), (lambda: diffaccel.disable(pipe)))
+           for p in ("balanced", "fast")},
     })
     return out
 

@@ -168,6 +168,19 @@ def test_one_more_skip_respects_retention_and_the_longest_run():
     assert two == {5, 6}  # skipping 1 or 4 would make 3 in a row
 
 
+def test_one_fewer_skip_computes_each_skipped_step_once_and_keeps_the_other_orders():
+    from diffaccel.profiler import plan_step_cache as P
+
+    mask = [True, False, True, False, False, True]
+    orders = [0, 1, 0, 2, 1, 0]
+    out = P.one_fewer_skip(mask, orders)
+    assert [next(i for i, (a, b) in enumerate(zip(mask, m)) if a != b) for m, _ in out] == [1, 3, 4]
+    for m, o in out:
+        assert sum(not c for c in m) == 2
+        assert o == [0 if c else orders[i] for i, c in enumerate(m)]
+    assert P.one_fewer_skip([True] * 4, [0] * 4) == []
+
+
 def test_noise_sensitivity_perturbs_only_the_initial_noise_and_restores_the_pipeline():
     from diffaccel.profiler.reuse_error import noise_sensitivity
 

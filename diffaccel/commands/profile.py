@@ -42,8 +42,8 @@ def add_arguments(parser) -> None:
                              "(seeds SEED+2000..) and keep its lower PSNR, so a schedule tuned to the verification seeds "
                              "loses its place (0 skips)")
     parser.add_argument("--refine", type=int, default=0, metavar="R",
-                        help="with --verify: R rounds of local search, each trying every schedule that skips one more "
-                             "step than a kept one (use with --validate, or it overfits the verification seeds)")
+                        help="with --verify: R rounds of local search, each trying every schedule that skips one step "
+                             "more or one fewer than a kept one (use with --validate, or it overfits the verification seeds)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

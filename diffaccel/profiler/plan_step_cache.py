@@ -225,6 +225,19 @@ def one_more_skip(mask, orders, max_gap: int = MAX_GAP, retention: int = RETENTI
     return out
 
 
+def one_fewer_skip(mask, orders) -> list[tuple[list[bool], list[int]]]:
+    """Every schedule that computes one of ``mask``'s skipped steps, the other skips keeping their
+    order: the local search's step back (more steps than the front schedule's neighbours at equal cost
+    may measure better, and a search that only adds skips never visits them)."""
+    out = []
+    for i, c in enumerate(mask):
+        if not c:
+            new = [bool(x) for x in mask]
+            new[i] = True
+            out.append((new, [0 if x else orders[k] for k, x in enumerate(new)]))
+    return out
+
+
 def uniform_mask(n: int, computed: int) -> list[bool]:
     """``computed`` steps spread evenly over ``n`` steps, the first and the last included."""
     keep = {round(i * (n - 1) / (computed - 1)) for i in range(computed)} if computed > 1 else {0}

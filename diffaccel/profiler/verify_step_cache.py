@@ -11,8 +11,8 @@ and the presets built on it then run the fastest schedule that *measured* that P
 Validation re-runs every schedule on the front on further seed sets and keeps its lowest PSNR (a
 schedule tuned to one set of seeds loses its place); seeds whose unaccelerated output changes under
 a 1e-4 perturbation of the initial noise (chaotic ones) are left out there, since no schedule can
-match them. ``refine`` rounds of local search try every schedule that skips one more step than one
-on the front; without validation they overfit the verification seeds.
+match them. ``refine`` rounds of local search try every schedule that skips one step more, or one fewer,
+than one on the front; without validation they overfit the verification seeds.
 
 ``diffaccel profile MODEL --step-graph N --verify M --validate K`` runs all of this;
 eval/add_step_graph.py does it for the bundled models.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 from diffaccel.pipelines import detect
-from diffaccel.profiler.plan_step_cache import VERIFIED, graph_candidates, one_more_skip, plan_of_mask
+from diffaccel.profiler.plan_step_cache import VERIFIED, graph_candidates, one_fewer_skip, one_more_skip, plan_of_mask
 from diffaccel.profiler.profile import Profile
 from diffaccel.profiler.reuse_error import noise_sensitivity, verify_step_schedules
 
@@ -101,14 +101,15 @@ def store_front(profile: Profile, times: list[float], seeds: list[int], runs: li
 def refine_front(pipe, profile: Profile, runs: list[dict], prompts: list, seeds: list[int], call_kwargs: dict,
                  checks=(), rounds: int = 0, speedups: tuple[float, float] = (1.2, 3.0), progress: bool = False) -> list[dict]:
     """``runs`` validated by ``checks`` (:class:`SeedSet`), then ``rounds`` of local search around the front
-    (schedules of FLOPs speed-up within ``speedups``), each new schedule run on ``prompts`` / ``seeds``."""
+    (schedules of FLOPs speed-up within ``speedups``: one skip more and one fewer than a front schedule),
+    each new schedule run on ``prompts`` / ``seeds``."""
     runs = validate_front(list(checks), runs)
     tried = {tuple(r["mask"]) + tuple(r["orders"]) for r in runs}
     for _ in range(rounds):
         todo = {}
         for r in pareto(runs):
             if speedups[0] <= r["speedup"] <= speedups[1]:
-                for mask, orders in one_more_skip(r["mask"], r["orders"]):
+                for mask, orders in one_more_skip(r["mask"], r["orders"]) + one_fewer_skip(r["mask"], r["orders"]):
                     key = tuple(int(c) for c in mask) + tuple(orders)
                     if key not in tried:
                         todo[key] = plan_of_mask(profile, mask, orders, math.inf, "local search")
