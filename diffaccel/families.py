@@ -121,10 +121,11 @@ FAMILIES: dict[Family, FamilySpec] = {
             # eval/evaluate.py checks it; the shipped front's PSNR is already that of its worst of three
             # training seed sets, so the targets sit only 0.5-1 dB above): with a profile holding
             # a measured step graph (shipped for the bundled models) each call runs the fastest verified
-            # schedule meeting it; at other timesteps the MagCache-like rule below (20% retention, last
-            # step computed, capped runs of skips) with more steps of the profiled scheduler (it held the
-            # promises at 25, 30 and 50 of 20 profiled steps), else every step computes (the rule broke
-            # them at 10 and 15 steps, and with Euler or DDIM at 20). Measured: eval/results/presets.md.
+            # schedule meeting it; with more steps of the profiled scheduler, that schedule stretched onto
+            # the call's timesteps (the rule below broke balanced at 25 of 20 profiled steps), else every
+            # step computes (the rule broke the promises at 10 and 15 steps, and with Euler or DDIM at 20).
+            # Without a profile: the MagCache-like rule below (20% retention, last step computed, capped
+            # runs of skips). Measured: eval/results/presets.md, step_cache.md.
             "quality": (_TEXT, ("step_cache", dict(min_psnr=36.0, forecast_order=0, max_consecutive=1)),),
             "balanced": (_TEXT, ("step_cache", dict(min_psnr=30.5, forecast_order=0, max_consecutive=2, threshold=0.16)),),
             "fast": (_TEXT, ("step_cache", dict(min_psnr=26.0, forecast_order=0, max_consecutive=3, threshold=0.25)),),

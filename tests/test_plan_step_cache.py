@@ -117,10 +117,16 @@ def test_min_psnr_plans_each_call_from_the_shipped_step_graph():
     plan = P.plan_for_psnr(profile, times, 30.0)
     assert stats["step_cache_psnr_schedule"]["planned"] and 1.5 < plan.speedup
     assert stats["step_cache"]["computed_steps"] == [i for i, c in enumerate(plan.config.mask) if c]
-    # Another step count has no graph. More steps than the profile's: the config's own rule runs.
+    # Another step count has no graph. More steps than the profile's: the profiled plan, stretched in time.
     pipe("a red circle", num_inference_steps=24, generator=torch.Generator().manual_seed(0), output_type="latent")
     stats = diffaccel.stats(pipe)["methods"]
-    assert not stats["step_cache_psnr_schedule"]["planned"] and stats["step_cache"]["reused"] > 0
+    assert stats["step_cache_psnr_schedule"]["stretched_from"] == 20
+    pipe.scheduler.set_timesteps(24)
+    call_times = [detect(pipe).normalised_time(t) for t in pipe.scheduler.timesteps]
+    at = P.verified_times(profile)
+    mask, _ = P.stretch(P.plan_for_psnr(profile, at, 30.0).config.mask, None, at, call_times)
+    assert stats["step_cache"]["computed_steps"] == [i for i, c in enumerate(mask) if c]
+    assert 0.3 < stats["step_cache"]["reused"] / (stats["step_cache"]["reused"] + stats["step_cache"]["computed"]) < 0.55
     # Fewer: every step computes (each skip would span more of the trajectory), as without StepCache.
     call = dict(prompt="a red circle", num_inference_steps=12, output_type="latent")
     fewer = pipe(**call, generator=torch.Generator().manual_seed(0)).images
@@ -166,6 +172,21 @@ def test_one_more_skip_respects_retention_and_the_longest_run():
         assert all(o[i] == (0 if c else 1) for i, c in enumerate(m))
     two = {next(i for i, (a, b) in enumerate(zip(mask, m)) if a != b) for m, _ in P.one_more_skip(mask, orders, max_gap=2)}
     assert two == {5, 6}  # skipping 1 or 4 would make 3 in a row
+
+
+def test_stretch_lays_a_schedule_onto_more_steps_by_normalised_time():
+    from diffaccel.profiler import plan_step_cache as P
+
+    at = [1 - i / 4 for i in range(4)]  # 1, 0.75, 0.5, 0.25
+    mask, orders = (True, False, True, False), (0, 1, 0, 2)
+    times = [1 - i / 8 for i in range(8)]  # 1, 0.875, ..., 0.125
+    new, new_orders = P.stretch(mask, orders, at, times)
+    # nearest profiled step: 0, 0 (tie at 0.875 goes to the earlier), 1, 1, 2, 2, 3, 3; the last one computes
+    # only where the plan computes its own last step (here it skips it)
+    assert new == (True, True, False, False, True, True, False, False)
+    assert new_orders == (0, 0, 1, 1, 0, 0, 2, 2)
+    assert P.stretch(mask, None, at, times)[1] is None
+    assert P.stretch((True, False, True, True), None, at, times)[0][-1]
 
 
 def test_one_fewer_skip_computes_each_skipped_step_once_and_keeps_the_other_orders():

@@ -329,11 +329,12 @@ class StepCachePlanner(Planner):
 class StepCachePsnrSchedule(Method):
     """Schedule provider for ``StepCache(min_psnr=...)``: at every call, the fastest mask whose
     predicted PSNR on ``profile``'s measured step graph meets ``min_psnr``, for the call's
-    timesteps. Where the graph was measured at other timesteps: the StepCache config's own rule for a
-    call with more steps of the profile's scheduler; else every step computes. Measured on the bundled
-    DiTs (eval/results/presets.md): the presets' rule held their PSNR promises at 25, 30 and 50 steps
-    of a 20-step profile and broke them at 10 and 15 steps (by 5-18 dB), and on tiny-dit at 20 steps
-    of Euler (by 1-6 dB) and of DDIM (every preset under 8 dB; one skipped step alone: 20-24 dB)."""
+    timesteps. Where the graph was measured at other timesteps: for a call with more steps of the
+    profile's scheduler, the schedule planned at the profiled timesteps stretched onto the call's
+    (:func:`stretch`); else every step computes. Measured on the bundled DiTs (eval/results/presets.md):
+    StepCache's rule broke the presets' PSNR promises at 10 and 15 steps of a 20-step profile (by 5-18
+    dB) and tiny-dit's balanced one at 25 (eval/results/step_cache.md), and on tiny-dit at 20 steps of
+    Euler (by 1-6 dB) and of DDIM (every preset under 8 dB; one skipped step alone: 20-24 dB)."""
 
     name: ClassVar[str] = "step_cache_psnr_schedule"
     profile: Profile | None = None
@@ -366,7 +367,7 @@ class _PsnrScheduleInstalled(Installed):
             return config, {"planned": False}
         if measured_edges(profile, times) is None:
             if n > measured_at and scheduler == profiled_with:
-                return config, {"planned": False}
+                return self._stretched(config, times)
             why = (f"{n} steps, not more than the {measured_at} the profile measured" if scheduler == profiled_with else
                    f"{scheduler}, not the profile's {profiled_with}")
             return replace(config, mask=(True,) * n, forecast_orders=None), {
@@ -377,8 +378,33 @@ class _PsnrScheduleInstalled(Installed):
             "planned": True, "predicted_psnr": round(-10 * math.log10(max(plan.error, 1e-30)), 2),
             "predicted_speedup": round(plan.speedup, 3)}
 
+    def _stretched(self, config: StepCache, times: list[float]) -> tuple[StepCache, dict]:
+        """More steps than the profile measured, same scheduler: the schedule planned at the profiled
+        timesteps, laid onto the call's by normalised time (each step takes the decision of the profiled
+        step nearest in time), so skips cover the same stretches of the trajectory. Measured on the bundled
+        DiTs (eval/results/step_cache.md): the generic rule here had broken tiny-dit's balanced promise
+        at 25 steps (28.3 dB for 30)."""
+        profile = self.config.profile
+        at = verified_times(profile) or profile.reuse_error["step_cache"]["times"]
+        plan = plan_for_psnr(profile, at, config.min_psnr)
+        mask, orders = stretch(plan.config.mask, plan.config.forecast_orders, at, times)
+        return replace(config, mask=mask, forecast_order=plan.config.forecast_order, forecast_orders=orders), {
+            "planned": True, "stretched_from": len(at),
+            "predicted_psnr": round(-10 * math.log10(max(plan.error, 1e-30)), 2)}
+
     def stats(self) -> dict:
         return dict(self.info)
+
+
+def stretch(mask, orders, at: list[float], times: list[float]) -> tuple[tuple[bool, ...], tuple[int, ...] | None]:
+    """``mask`` (and per-step forecast ``orders``) planned at normalised times ``at``, for a call at
+    ``times``: each call step takes the decision of the step of ``at`` nearest to it; the first and the
+    last steps compute where the plan computes its own first and last."""
+    nearest = [min(range(len(at)), key=lambda i: (abs(at[i] - t), i)) for t in times]
+    new = [bool(mask[i]) for i in nearest]
+    new[0], new[-1] = new[0] or bool(mask[0]), new[-1] or bool(mask[-1])
+    new_orders = tuple(0 if c else int(orders[i]) for c, i in zip(new, nearest)) if orders else None
+    return tuple(new), new_orders
 
 
 # Without a profile StepCache(min_psnr=...) runs its generic rule, whose PSNR nobody measured on the model: on
