@@ -50,7 +50,7 @@ def deepcache_schedules(pipe, n: int, k: int) -> list[tuple[str, "diffaccel.Deep
     from diffaccel.pipelines import detect
     from diffaccel.profiler.plan_deepcache import plan_deepcache
     from diffaccel.profiler.schedule import shipped_profile
-    from diffaccel.profiler.verify_deepcache import FORECASTS
+    from diffaccel.profiler.plan_common import FORECASTS
 
     adapter = detect(pipe)
     profile = shipped_profile(adapter)

@@ -88,3 +88,55 @@ def test_feedback_is_fitted_to_the_calibration_runs():
     for s, m in zip(settings, measured):  # ... and the fitted one reproduces them (the smallest that does)
         assert plan_adaptive(profile, profile.times, None, warmup=1, threshold=s["threshold"], max_consecutive=8).speedup == pytest.approx(m)
     assert plan_adaptive(profile, profile.times, None, warmup=1, threshold=0.45, max_consecutive=8, feedback=0.0).speedup > measured[1]
+
+
+def _with_forecast_runs(profile, runs):
+    """Calibration pairs at predicted speed-ups 1.5 / 3 whose forecast runs measured ``runs[i]``."""
+    profile.calibration = {"adaptive_cache": {"settings": [{}, {}], "pairs": [[0.1, 40, 1.5, 1.5], [0.5, 30, 3.0, 2.8]],
+                                              "forecasts": runs}}
+    return profile
+
+
+def test_the_forecast_is_the_one_measured_better_at_no_less_saving():
+    from diffaccel.profiler.plan_adaptive import verified_forecast
+    from diffaccel.profiler.plan_common import FORECASTS, MARGIN_DB
+
+    profile = _two_branch_profile([0] + [0.1] * 5, [0] + [0.1] * 5)
+    assert verified_forecast(profile, 2.0) is None  # no forecast runs: the caller's default
+    damped = "order 1, guard 0.15"
+    low = {"order 0": [40.0, 1.5], "order 1": [39.0, 1.5], damped: [40.0 + MARGIN_DB, 1.5]}
+    high = {"order 0": [30.0, 2.8], "order 1": [35.0, 2.2], damped: [30.0 + MARGIN_DB / 2, 2.8]}
+    _with_forecast_runs(profile, [low, high])
+    assert verified_forecast(profile, 1.4) == FORECASTS[damped]  # nearest run (1.5x): damped wins by the margin
+    # At 3x order 1 gained 5 dB but reused less (2.2x measured vs 2.8x): not a win at equal cost; damped is
+    # within the margin: plain reuse.
+    assert verified_forecast(profile, 3.2) == FORECASTS["order 0"]
+    plan = plan_adaptive(profile, profile.times, None, warmup=1, threshold=0.05, max_consecutive=8)
+    assert (plan.config.forecast_order, plan.config.guard) == verified_forecast(profile, plan.speedup)
+    # An explicit forecast (what simulate passes for a given config) is evaluated as it is.
+    given = plan_adaptive(profile, profile.times, None, warmup=1, threshold=0.05, max_consecutive=8, forecast=(2, 1.0))
+    assert (given.config.forecast_order, given.config.guard) == (2, 1.0)
+
+
+def test_calibration_runs_each_forecast_and_the_planner_uses_them():
+    from diffaccel.profiler.calibrate_psnr import calibrate_psnr
+    from diffaccel.profiler.plan_adaptive import AdaptiveCachePlanner
+    from diffaccel.profiler.plan_common import FORECASTS
+
+    pipe = tp.build("pixart")
+    kwargs = _kwargs("pixart")
+    profile = measure(pipe, [None], kwargs, model="pixart-test", progress=False)
+    profile.calibration = calibrate_psnr(pipe, profile, [None], kwargs, [0], targets=(1.5,))
+    cal = profile.calibration["adaptive_cache"]
+    assert len(cal["forecasts"]) == len(cal["pairs"]) == 1
+    runs = cal["forecasts"][0]
+    assert set(runs) == set(FORECASTS) and runs["order 0"] == cal["pairs"][0][1::2]  # plain = the pair's own run
+    assert all(v[1] >= 1.0 for v in runs.values())
+    planner = AdaptiveCachePlanner()
+    plan = planner.plan(profile, profile.times, 1.5)
+    chosen = planner.call_config(diffaccel.AdaptiveCache(forecast_order=2), plan)
+    assert (chosen.forecast_order, chosen.guard) == (plan.config.forecast_order, plan.config.guard)
+    # Without forecast runs in the profile a user's forecast is kept.
+    del profile.calibration["adaptive_cache"]["forecasts"]
+    like = diffaccel.AdaptiveCache(forecast_order=2, guard=1.0)
+    assert planner.call_config(like, planner.plan(profile, profile.times, 1.5, like)).forecast_order == 2

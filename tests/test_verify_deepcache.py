@@ -10,8 +10,8 @@ from diffaccel import cli
 from diffaccel.profiler.plan_deepcache import (chosen_run, composed_cfg, full_step_count, plan_deepcache, step_speedup,
                                               verified_forecast)
 from diffaccel.profiler.profile import load_profile
-from diffaccel.profiler.verify_deepcache import (FORECAST_KEY, FORECASTS, MARGIN_DB, best_label, full_step_counts,
-                                                 uniform_full_steps)
+from diffaccel.profiler.plan_common import FORECASTS, MARGIN_DB, best_label
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, full_step_counts, uniform_full_steps
 
 STEPS = 8
 DAMPED = "order 1, guard 0.15"

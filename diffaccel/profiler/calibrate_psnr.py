@@ -6,17 +6,22 @@ the first profiled prompts and compared with the unaccelerated output of the sam
 ``psnr = a + b * log10(error)`` to them (PSNR = 10 log10(1 / MSE) and the error model predicts a
 latent RMS, so b should be near -20; with fewer than two usable points b = -20 is assumed) and
 takes the fastest plan whose predicted PSNR is at least X.
+
+For a planner with ``forecast_calibrated`` (AdaptiveCache) each probe plan also runs with each forecast of
+the reused residuals (``FORECASTS``), so the planner can pick the forecast the model measured best at
+that cost (:func:`~diffaccel.profiler.plan_adaptive.verified_forecast`).
 """
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 
 import torch
 
 from diffaccel.metrics import psnr
 from diffaccel.pipelines import detect
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget
+from diffaccel.profiler.plan_common import FORECASTS, Plan, UnreachableTarget
 from diffaccel.profiler.planner import planner_for, planners_for
 from diffaccel.profiler.profile import Profile, ProfileError
 from diffaccel.profiler.schedule import max_reachable_for, plan_method, planning_times, speed_key
@@ -52,30 +57,43 @@ def calibrate_psnr(pipe, profile: Profile, prompts: list, call_kwargs: dict, see
     baselines = [_images(pipe, p, call_kwargs, s) for p, s in zip(prompts, seeds)]
     out = {}
     for planner in planners_for(profile.family):
-        pairs, settings = [], []
+        pairs, settings, forecasts = [], [], []
         for target in targets:
             try:
                 plan = plan_method(planner.name, profile, times, target)
             except (UnreachableTarget, ProfileError):  # out of reach, or the profile lacks this method's data
                 continue
-            values, speedups = [], []
-            for prompt, seed, base in zip(prompts, seeds, baselines):
-                config = run_config(plan)
-                config.validate()
-                attach(pipe, adapter, [config])
-                try:
-                    values.append(psnr(_images(pipe, prompt, call_kwargs, seed), base))
-                    speedups.append(1.0 / (1.0 - session_of(pipe).stats()["flops_saved_fraction"]))
-                finally:
-                    detach(pipe)
+            config = run_config(plan)
+            value, speedup = _run(pipe, adapter, config, prompts, seeds, baselines, call_kwargs)
             # The measured speed-up lets a planner correct its cost model (plan_adaptive's feedback).
-            pairs.append([plan.error, statistics.mean(values), plan.speedup, statistics.mean(speedups)])
+            pairs.append([plan.error, value, plan.speedup, speedup])
             settings.append({k: v for k, v in plan.config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+            if planner.forecast_calibrated:
+                forecasts.append({label: [value, speedup] if (order, guard) == (config.forecast_order, config.guard) else
+                                  list(_run(pipe, adapter, replace(config, forecast_order=order, guard=guard), prompts, seeds,
+                                            baselines, call_kwargs))
+                                  for label, (order, guard) in FORECASTS.items()})
         if not pairs:
             continue
         out[planner.name] = {"pairs": pairs, "settings": settings, "prompts": len(prompts), "steps": len(times),
                        "statistic": "PSNR of the decoded output vs the unaccelerated output of the same seed, mean over prompts"}
+        if forecasts:  # per pair: forecast label -> [PSNR, measured speed-up] of the same plan with that forecast
+            out[planner.name]["forecasts"] = forecasts
     return out
+
+
+def _run(pipe, adapter, config, prompts, seeds, baselines, call_kwargs) -> tuple[float, float]:
+    """(mean PSNR, mean measured FLOPs speed-up) of ``config`` over the prompts."""
+    config.validate()
+    values, speedups = [], []
+    for prompt, seed, base in zip(prompts, seeds, baselines):
+        attach(pipe, adapter, [config])
+        try:
+            values.append(psnr(_images(pipe, prompt, call_kwargs, seed), base))
+            speedups.append(1.0 / (1.0 - session_of(pipe).stats()["flops_saved_fraction"]))
+        finally:
+            detach(pipe)
+    return statistics.mean(values), statistics.mean(speedups)
 
 
 def fit(pairs: list) -> tuple[float, float]:

@@ -15,11 +15,10 @@ from diffaccel.hooks import Installed
 from diffaccel.methods.base import Method
 from diffaccel.methods.cfg_cache import CfgCache
 from diffaccel.methods.deepcache import DeepCache
-from diffaccel.profiler.plan_common import planning_profile
+from diffaccel.profiler.plan_common import FORECASTS, planning_profile
 from diffaccel.profiler.plan_deepcache import chosen_run, step_speedup
 from diffaccel.profiler.profile import Profile
-from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS
-from diffaccel.profiler.verify_deepcache import verified_times as forecast_times
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, verified_times as forecast_times
 
 
 def fastest_verified(profile: Profile, min_psnr: float, composed: bool, skip_branch: int = 0) -> tuple[DeepCache, dict] | None:

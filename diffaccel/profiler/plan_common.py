@@ -9,6 +9,21 @@ from diffaccel.profiler.profile import Cumulative, Profile
 from diffaccel.validate import at_least, is_real, positive_int
 
 
+# Forecasts of reused features that verification runs compare (DeepCache's deep features, AdaptiveCache's
+# residuals): label -> (forecast_order, guard); "order 0" first: it wins ties (plain reuse).
+FORECASTS = {"order 0": (0, 2.0), "order 1": (1, 2.0), "order 1, guard 0.15": (1, 0.15)}
+# A forecast, or DeepCache's evenly spread schedule, replaces plain reuse only when it measured at least
+# this much better: on tiny-sd, options 0.4 dB apart on 48 seeds swapped places on other seed sets
+# (eval/results/step_cache.md), so smaller differences are noise, not a choice.
+MARGIN_DB = 0.5
+
+
+def best_label(psnr: dict[str, float]) -> str:
+    """The forecast to run: the best measured one if it beats plain reuse by ``MARGIN_DB``, else plain reuse."""
+    best = max(psnr, key=psnr.get)
+    return best if psnr[best] >= psnr["order 0"] + MARGIN_DB else "order 0"
+
+
 class UnreachableTarget(ValueError):
     """The target speed-up is beyond what any applicable method can reach for this model."""
 

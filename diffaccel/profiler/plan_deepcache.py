@@ -40,11 +40,11 @@ from typing import NamedTuple
 
 from diffaccel.methods.cfg_cache import CfgCache
 from diffaccel.methods.deepcache import DeepCache, FullStepRule, cached_modules
-from diffaccel.profiler.plan_common import Plan, UnreachableTarget, skipped_time_share, wall_speedup, wall_speedup_per_step
+from diffaccel.profiler.plan_common import (FORECASTS, MARGIN_DB, Plan, UnreachableTarget, skipped_time_share, wall_speedup,
+                                            wall_speedup_per_step)
 from diffaccel.profiler.planner import Planner, register_planner
 from diffaccel.profiler.profile import Profile, ProfileError
-from diffaccel.profiler.verify_deepcache import FORECAST_KEY, FORECASTS, MARGIN_DB
-from diffaccel.profiler.verify_deepcache import verified_times as forecast_times
+from diffaccel.profiler.verify_deepcache import FORECAST_KEY, verified_times as forecast_times
 
 # The measured output error (reuse_error.py) covers skip branch 0, the one presets and plans use,
 # at ages up to REUSE_AGES steps; older ages are extrapolated.

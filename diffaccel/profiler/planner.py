@@ -44,6 +44,9 @@ class Planner:
     # target, the most speed for a PSNR or error bound: diffaccel.profiler.schedule).
     # Methods' errors are in different units, so this is set from real runs, not from the errors.
     preference: ClassVar[int] = 0
+    # The PSNR calibration also runs each probe plan with each forecast of the reused features
+    # (diffaccel.profiler.calibrate_psnr), for a method whose config has forecast_order and guard.
+    forecast_calibrated: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

@@ -29,16 +29,11 @@ import math
 from diffaccel.methods.cfg_cache import CfgCache
 from diffaccel.methods.deepcache import DeepCache
 from diffaccel.pipelines import detect
+from diffaccel.profiler.plan_common import FORECASTS, best_label
 from diffaccel.profiler.profile import Profile
 
 FORECAST_KEY = "deepcache_forecast"  # profile.calibration key
-# label -> (forecast_order, guard); "order 0" first: it wins ties (the plain DeepCache step)
-FORECASTS = {"order 0": (0, 2.0), "order 1": (1, 2.0), "order 1, guard 0.15": (1, 0.15)}
 INTERVALS = (1.25, 1.5, 2, 3, 3.5, 4, 5, 6, 8)  # full-step spacings whose schedules are verified
-# A forecast, or the evenly spread schedule, replaces plain reuse on the planned schedule only when it
-# measured at least this much better: on tiny-sd, options 0.4 dB apart on 48 seeds swapped places on
-# other seed sets (eval/results/step_cache.md), so smaller differences are noise, not a choice.
-MARGIN_DB = 0.5
 STATISTIC = "pooled PSNR (dB, of the mean MSE) over the calibration prompts vs the unaccelerated output"
 
 
@@ -51,12 +46,6 @@ def verified_times(profile: Profile, steps: int | None = None) -> list[float] | 
 def full_step_counts(n: int) -> list[int]:
     """How many full steps the verified schedules of an ``n``-step profile have: one per interval."""
     return sorted({math.ceil(n / interval) for interval in INTERVALS if 2 <= math.ceil(n / interval) < n})
-
-
-def best_label(psnr: dict[str, float]) -> str:
-    """The forecast to run: the best measured one if it beats plain reuse by ``MARGIN_DB``, else plain reuse."""
-    best = max(psnr, key=psnr.get)
-    return best if psnr[best] >= psnr["order 0"] + MARGIN_DB else "order 0"
 
 
 def uniform_full_steps(n: int, k: int) -> list[int]:
