@@ -51,7 +51,12 @@ def main() -> None:
                     "on the front (and every one entering it during --refine) is re-run: its PSNR becomes the lowest "
                     "over the seed sets it was run on (seeds whose baseline flips under a 1e-4 noise perturbation "
                     "are left out and listed); several sets: 300-323,0-15")
+    ap.add_argument("--confirm", default="", help="with --refine: training-caption seeds, e.g. 400-431, that the "
+                    "search never measures; a schedule it puts on the front is kept only if it beats there the one "
+                    "it replaced")
     args = ap.parse_args()
+    if args.confirm and not re.fullmatch(r"\d+(-\d+)?", args.confirm):
+        ap.error(f"--confirm {args.confirm!r}: give one seed range such as 400-431")
     if args.validate and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", args.validate):
         ap.error(f"--validate {args.validate!r}: give seed ranges such as 300-323 (several: 300-323,0-15)")
     pipe = diffaccel.load_bundled(args.model)
@@ -101,10 +106,18 @@ def refine(pipe, profile, path, captions, args) -> None:
         check = SeedSet(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, {}, spec, progress=True)
         print(f"validation seeds {spec}: left out chaotic seeds {check.chaotic}")
         checks.append(check)
+    confirm = None
+    if args.confirm:
+        first, _, last = args.confirm.partition("-")
+        seeds = list(range(int(first), int(last or first) + 1))
+        confirm = SeedSet(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, {}, f"confirm {args.confirm}",
+                          progress=True)
+        print(f"confirmation seeds {args.confirm}: left out chaotic seeds {confirm.chaotic}")
     lo, _, hi = args.refine_range.partition("-")
     runs = refine_front(pipe, profile, list(cal["runs"]), [captions[s % len(captions)] for s in vseeds], vseeds, {},
-                        checks, args.refine, (float(lo), float(hi)), progress=True)
-    save(profile, path, store_front(profile, cal["times"], vseeds, runs, {k: v for c in checks for k, v in c.info.items()}))
+                        checks, args.refine, (float(lo), float(hi)), progress=True, confirm=confirm)
+    info = {k: v for c in [*checks, *([confirm] if confirm else [])] for k, v in c.info.items()}
+    save(profile, path, store_front(profile, cal["times"], vseeds, runs, info))
 
 
 if __name__ == "__main__":

@@ -252,3 +252,28 @@ def test_validated_front_keeps_each_schedule_at_its_worst_seed_set():
     assert [(r["speedup"], r["psnr"]) for r in front] == [(1.2, 38.0), (1.4, 30.0), (1.5, 20.0)]
     assert calls == [("a", [1.2, 1.5]), ("b", [1.2, 1.5]), ("a", [1.4]), ("b", [1.4])]
     assert all(set(r["psnr_sets"]) == {"verification", "a", "b"} for r in front)
+
+
+def test_a_schedule_the_search_found_is_kept_only_if_it_beats_the_one_it_replaced_on_fresh_seeds():
+    from diffaccel.profiler.verify_step_cache import confirm_changes
+
+    def run(speedup, psnr, skip):
+        mask = [i not in skip for i in range(6)]
+        return {"speedup": speedup, "psnr": psnr, "mask": mask, "orders": [0] * 6}
+
+    before = [run(1.2, 40.0, {1}), run(1.5, 30.0, {1, 3})]
+    lucky, real, faster = run(1.2, 42.0, {2}), run(1.5, 33.0, {2, 3}), run(2.0, 25.0, {1, 2, 3})
+    fresh = {(1,): 39.0, (2,): 38.0, (1, 3): 29.0, (2, 3): 31.0, (1, 2, 3): 24.0}  # confirm-set PSNR by skipped steps
+    measured = []
+
+    class Confirm:
+        def measure(self, runs):
+            measured.append(sorted(tuple(i for i, c in enumerate(r["mask"]) if not c) for r in runs))
+            return [fresh[tuple(i for i, c in enumerate(r["mask"]) if not c)] for r in runs]
+
+    front = confirm_changes(Confirm(), before, before + [lucky, real, faster], [])
+    # 1.2x: the search's schedule measured 1 dB under the old one on fresh seeds: dropped, the old one is back.
+    # 1.5x: it measured 2 dB over: kept. 2.0x: no old schedule was that fast: kept, nothing to compare with.
+    assert [(r["speedup"], r["psnr"]) for r in front] == [(1.2, 40.0), (1.5, 33.0), (2.0, 25.0)]
+    assert front[1]["psnr_confirm"] == 31.0 and "psnr_confirm" not in front[0]
+    assert len(measured) == 1 and measured[0] == [(1,), (1, 2, 3), (1, 3), (2,), (2, 3)]  # each schedule run once

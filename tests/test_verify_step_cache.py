@@ -22,7 +22,7 @@ def verified_profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("verify") / "p.json"
     assert cli.main(["profile", "tiny-dit", "--out", str(out), "--num-prompts", "2", "--steps", str(STEPS),
                      "--calibration-prompts", "1", "--step-graph", "1", "--verify", "2", "--validate", "2",
-                     "--refine", "1", "--no-progress"]) == 0
+                     "--refine", "1", "--confirm", "2", "--no-progress"]) == 0
     return out
 
 
@@ -35,7 +35,7 @@ def test_verified_front_holds_real_runs_at_their_worst_seed_set(verified_profile
     profile = load_profile(verified_profile)
     entry = profile.calibration[VERIFIED]
     runs = entry["runs"]
-    assert len(runs) >= 3 and entry["seeds"] == [1000, 1001] and list(entry["validation"]) == ["2000-2001"]
+    assert len(runs) >= 3 and entry["seeds"] == [1000, 1001] and list(entry["validation"]) == ["2000-2001", "confirm 3000-3001"]
     assert runs[0]["mask"] == [1] * STEPS and runs[0]["psnr"] == 300.0  # computing every step is exact
     for r in runs:  # a front: faster means lower PSNR, and each PSNR is the worse of its two seed sets
         assert r["psnr"] == pytest.approx(min(r["psnr_sets"].values()), abs=1e-3)
@@ -96,6 +96,7 @@ def test_a_profile_without_step_graph_is_refused_for_psnr_targets(tmp_path):
     (["--verify", "2"], "--verify runs schedules planned from the step graph: add --step-graph N"),
     (["--step-graph", "1", "--validate", "2"], "--validate and --refine work on the verified schedules: add --verify M"),
     (["--step-graph", "-1"], "--step-graph must be"),
+    (["--step-graph", "1", "--verify", "2", "--confirm", "2"], "--confirm checks what the local search changed: add --refine R"),
 ])
 def test_cli_verification_flags_are_checked_first(tmp_path, capsys, args, message):
     assert cli.main(["profile", "tiny-dit", "--out", str(tmp_path / "p.json"), *args]) == 2

@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--refine", type=int, default=0, metavar="R",
                         help="with --verify: R rounds of local search, each trying every schedule that skips one step "
                              "more or one fewer than a kept one (use with --validate, or it overfits the verification seeds)")
+    parser.add_argument("--confirm", type=int, default=0, metavar="C",
+                        help="with --refine: a schedule the search puts on the front is kept only if it also beats, on C "
+                             "more prompts (seeds SEED+3000..) that the search never measured, the one it replaced (0 skips)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -123,10 +126,12 @@ def main(args) -> int:
         at_least(args.guidance_scale, "--guidance-scale", 0.0, "Leave it out for the model's default.")
     non_negative_int(args.calibration_prompts, "--calibration-prompts", "0 skips the PSNR calibration.")
     for flag, value in (("--step-graph", args.step_graph), ("--verify", args.verify), ("--validate", args.validate),
-                        ("--refine", args.refine)):
+                        ("--refine", args.refine), ("--confirm", args.confirm)):
         non_negative_int(value, flag, "0 skips it.")
     if (args.validate or args.refine) and not args.verify:
         raise ValueError("--validate and --refine work on the verified schedules: add --verify M (e.g. 4).")
+    if args.confirm and not args.refine:
+        raise ValueError("--confirm checks what the local search changed: add --refine R (e.g. 2).")
     from diffaccel.bundled.loader import BUNDLED_MODELS
 
     if args.frames is not None and args.model in BUNDLED_MODELS and BUNDLED_MODELS[args.model].num_frames is None:
@@ -216,8 +221,9 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
           + (f", validating on {args.validate} more" if args.validate else "")
           + (f", {_count(args.refine, 'round')} of local search" if args.refine else ""), flush=True)
     validation = [prompt_set(args.validate, args.seed + 2000)] if args.validate else []
+    confirm = prompt_set(args.confirm, args.seed + 3000) if args.confirm else None
     entry = verify_step_cache(pipe, profile, *prompt_set(args.verify, args.seed + 1000), call, validation=validation,
-                              refine=args.refine, progress=not args.no_progress)
+                              refine=args.refine, confirm=confirm, progress=not args.no_progress)
     for run in entry["runs"]:
         print(f"  {run['speedup']:.2f}x FLOPs  {run['psnr']:.2f} dB  computes {sum(run['mask'])} of {len(run['mask'])} steps")
     return time.perf_counter() - started
