@@ -142,6 +142,7 @@ def confirm_changes(confirm: SeedSet, before: list[dict], runs: list[dict], chec
     PSNR there is biased up. On tiny-dit two rounds over the whole range raised the front by up to 2 dB
     on the training seeds and lost up to 4 dB at one cost on held-out ones (eval/results/step_cache.md)."""
     known = {_key(r) for r in before}
+    runs = runs + [b for b in before if _key(b) not in {_key(r) for r in runs}]  # the search keeps only its front
     score: dict[tuple, float] = {}
     while True:
         front = validate_front(checks, runs)
