@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import diffaccel
+from diffaccel.bundled.loader import default_call_kwargs
 from diffaccel.evaluation.generation import builtin_prompts
 from diffaccel.metrics import psnr
 
@@ -94,7 +95,7 @@ def main() -> None:
     seeds = seeds_of(args.seeds)
     runs = [(captions[s % len(captions)], s) for s in seeds]
     refs = [generate(pipe, c, s) for c, s in runs]
-    n = pipe._diffaccel_bundled_steps if hasattr(pipe, "_diffaccel_bundled_steps") else 20
+    n = default_call_kwargs(args.model)["num_inference_steps"]  # what generate() runs: the bundled call
     configs = []
     if args.presets:
         configs += [(p, dict(preset=p)) for p in ("quality", "balanced", "fast")]

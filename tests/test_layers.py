@@ -52,3 +52,19 @@ def test_a_wrong_way_import_breaks_the_layers(tmp_path, module, line, broken):
     result = _lint(package)
     assert result.returncode == 1
     assert broken in result.stdout
+
+
+def test_eval_scripts_use_public_names_only():
+    """eval/ scripts measure diffaccel as a user would run it: no private name of diffaccel (a module,
+    function or attribute starting with "_") is imported or read there."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "eval").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "diffaccel":
+                names = node.module.split(".") + [a.name for a in node.names]
+                bad += [f"{path.name}:{node.lineno} {node.module}" for n in names if n.startswith("_")]
+            elif isinstance(node, ast.Attribute) and node.attr.startswith("_diffaccel"):
+                bad.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert not bad, bad
