@@ -82,6 +82,10 @@ def main() -> None:
     ap.add_argument("--psnr", default="", help="comma-separated PSNR targets for StepCache(min_psnr=...)")
     ap.add_argument("--veto", default="", help="comma-separated StepCache vetoes: each --psnr target also with each")
     ap.add_argument("--presets", action="store_true", help="also the quality / balanced / fast presets")
+    ap.add_argument("--profile", default=None, help="profile JSON the --psnr and --presets configs plan from "
+                    "(default: the one shipped with the model)")
+    ap.add_argument("--drop-chaotic", action="store_true", help="leave out seeds whose unaccelerated output changes "
+                    "under a 1e-4 perturbation of the initial noise (as the profile's validation does; they are listed)")
     ap.add_argument("--uniform", default="", help="comma-separated computed-step counts of uniform masks (order 1 and 0)")
     ap.add_argument("--deepcache", default="", help="U-Net: comma-separated full-step counts K; for each, DeepCache's "
                     "schedule planned from the shipped profile, K evenly spread steps, and every N steps where that gives K")
@@ -94,13 +98,21 @@ def main() -> None:
     captions = builtin_prompts("bundled" if args.split == "train" else "heldout", video)
     seeds = seeds_of(args.seeds)
     runs = [(captions[s % len(captions)], s) for s in seeds]
+    chaotic = []
+    if args.drop_chaotic:
+        from diffaccel.profiler.reuse_error import noise_sensitivity
+        from diffaccel.profiler.verify_step_cache import CHAOTIC_DB
+
+        sensitivity = noise_sensitivity(pipe, [c for c, _ in runs], [s for _, s in runs], {})
+        chaotic = [s for (_, s), db in zip(runs, sensitivity) if db < CHAOTIC_DB]
+        runs = [(c, s) for c, s in runs if s not in chaotic]
     refs = [generate(pipe, c, s) for c, s in runs]
     n = default_call_kwargs(args.model)["num_inference_steps"]  # what generate() runs: the bundled call
     configs = []
     if args.presets:
-        configs += [(p, dict(preset=p)) for p in ("quality", "balanced", "fast")]
+        configs += [(p, dict(preset=p, profile=args.profile)) for p in ("quality", "balanced", "fast")]
     vetoes = [0.0] + [float(v) for v in args.veto.split(",") if v]
-    configs += [(f"StepCache(min_psnr={t}" + (f", veto={v:g})" if v else ")"), dict(methods=[diffaccel.StepCache(min_psnr=float(t), veto=v)]))
+    configs += [(f"StepCache(min_psnr={t}" + (f", veto={v:g})" if v else ")"), dict(methods=[diffaccel.StepCache(min_psnr=float(t), veto=v)], profile=args.profile))
                 for t in args.psnr.split(",") if t for v in vetoes]
     for k in [int(k) for k in args.uniform.split(",") if k]:
         for order in (1, 0):
@@ -109,7 +121,8 @@ def main() -> None:
     for k in [int(k) for k in args.deepcache.split(",") if k]:
         configs += [(name, dict(methods=[config])) for name, config in deepcache_schedules(pipe, n, k)]
     configs += [(f"target_speedup={t}", dict(target_speedup=float(t))) for t in args.targets.split(",") if t]
-    print(f"model {args.model}, {args.split} captions, seeds {args.seeds} ({len(seeds)})\n")
+    print(f"model {args.model}, {args.split} captions, seeds {args.seeds} ({len(seeds)})"
+          + (f"; left out chaotic seeds {chaotic}" if args.drop_chaotic else "") + "\n")
     print("| config | FLOPs saved | PSNR pooled (dB) | PSNR mean | PSNR min | computed steps |\n"
           "| --- | --- | --- | --- | --- | --- |")
     for name, kw in configs:
