@@ -49,7 +49,7 @@ def fitted_feedback(profile: Profile, head_blocks: int = 1) -> float:
     and its signal grows after reuses, so it reuses less than simulated. How much differs between
     models (fitted to the shipped profiles: tiny-dit 0.4, tiny-video 0.1), hence measured, not a constant.
     """
-    cal = (getattr(profile, "calibration", None) or {}).get("adaptive_cache") or {}
+    cal = _calibration(profile)
     runs = [(s, p[3]) for s, p in zip(cal.get("settings", []), cal.get("pairs", [])) if len(p) > 3 and s.get("threshold") is not None]
     if not runs:
         return 0.0
@@ -107,7 +107,7 @@ def verified_forecast(profile: Profile, speedup: float) -> tuple[int, float] | N
     how often AdaptiveCache reuses (on tiny-dit order 1 at threshold 0.4 saved 37% of the FLOPs
     instead of 49%), so PSNR at one threshold is not PSNR at one cost.
     """
-    cal = (getattr(profile, "calibration", None) or {}).get("adaptive_cache") or {}
+    cal = _calibration(profile)
     runs = [(p[2], f) for p, f in zip(cal.get("pairs", []), cal.get("forecasts", [])) if set(f) == set(FORECASTS)]
     if not runs:
         return None
@@ -245,4 +245,9 @@ class AdaptiveCachePlanner(Planner):
 
 
 def _has_forecasts(profile: Profile) -> bool:
-    return bool(((getattr(profile, "calibration", None) or {}).get("adaptive_cache") or {}).get("forecasts"))
+    return bool(_calibration(profile).get("forecasts"))
+
+
+def _calibration(profile: Profile) -> dict:
+    """The profile's AdaptiveCache calibration runs (``calibrate_psnr``), or {} where it has none."""
+    return (getattr(profile, "calibration", None) or {}).get("adaptive_cache") or {}
