@@ -2,6 +2,8 @@
 
     python eval/add_step_graph.py tiny-video --prompts 3     # writes assets/tiny-video/profile.json
     python eval/add_step_graph.py tiny-dit --skip-graph --refine 3 --validate 300-323,0-15   # validated search
+    python eval/add_step_graph.py tiny-dit --skip-graph --fresh --verify 12 --refine 1 --validate 300-323,0-15 \
+        --stress 1000-1255:8     # a new front, also validated on the 8 seeds of 256 one skip changes most
 
 The graph (diffaccel.profiler.reuse_error.step_skip_errors) is measured at the model's default
 call (20 steps) on training captions, seeds 0..prompts-1: every skip edge of up to 4 steps, forecast
@@ -26,7 +28,7 @@ from diffaccel.profiler.profile import load_profile
 from diffaccel.profiler.plan_step_cache import VERIFIED, graph_candidates, rule_candidates
 from diffaccel.profiler.reuse_error import step_skip_errors
 from diffaccel.profiler.verify_step_cache import (CHAOTIC_DB, SeedSet, distinct, pareto, refine_front, run_plans,
-                                                  store_front, validate_front)
+                                                  store_front, validate_front, verify_step_cache)
 
 __all__ = ["main", "refine", "pareto", "validate_front", "CHAOTIC_DB"]  # the front's helpers, as before they moved
 
@@ -54,7 +56,13 @@ def main() -> None:
     ap.add_argument("--confirm", default="", help="with --refine: training-caption seeds, e.g. 400-431, that the "
                     "search never measures; a schedule it puts on the front is kept only if it beats there the one "
                     "it replaced")
+    ap.add_argument("--stress", default="", help="SEEDS:K, e.g. 1000-1255:8: screen those training-caption seeds by "
+                    "how much one skipped step changes their output and validate on the K that change most")
+    ap.add_argument("--fresh", action="store_true", help="with --refine / --validate / --stress: start from a new "
+                    "verification on --verify captions (every candidate kept for validation), not the stored front")
     args = ap.parse_args()
+    if args.stress and not re.fullmatch(r"\d+-\d+:\d+", args.stress):
+        ap.error(f"--stress {args.stress!r}: give a seed range and a count such as 1000-1255:8")
     if args.confirm and not re.fullmatch(r"\d+(-\d+)?", args.confirm):
         ap.error(f"--confirm {args.confirm!r}: give one seed range such as 400-431")
     if args.validate and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", args.validate):
@@ -71,7 +79,10 @@ def main() -> None:
         profile.reuse_error["step_cache"] = table
         profile.save(path)
         print(f"{path}: step graph of {sum(len(r) for r in table['edges'].values())} edges in {time.perf_counter() - started:.0f} s")
-    if args.refine or args.validate:
+    if args.fresh:
+        fresh(pipe, profile, path, captions, args)
+        return
+    if args.refine or args.validate or args.stress:
         refine(pipe, profile, path, captions, args)
         return
     if args.verify:
@@ -94,6 +105,36 @@ def save(profile, path, entry) -> None:
         print(f"  {r['speedup']:.2f}x  {r['psnr']:.2f} dB  skip {[i for i, c in enumerate(r['mask']) if not c]}")
 
 
+def seed_range(spec: str) -> list[int]:
+    first, _, last = spec.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
+def with_captions(captions, seeds: list[int]) -> tuple[list, list[int]]:
+    return [captions[s % len(captions)] for s in seeds], seeds
+
+
+def stress_set(captions, args) -> tuple[list, list[int], int] | None:
+    if not args.stress:
+        return None
+    spec, _, keep = args.stress.partition(":")
+    return (*with_captions(captions, seed_range(spec)), int(keep))
+
+
+def fresh(pipe, profile, path, captions, args) -> None:
+    """A new front: the graph's candidates verified on --verify captions, validated, stressed and refined."""
+    profile.calibration.pop(VERIFIED, None)
+    entry = verify_step_cache(pipe, profile, *with_captions(captions, list(range(100, 100 + args.verify))), {},
+                              validation=[with_captions(captions, seed_range(v)) for v in filter(None, args.validate.split(","))],
+                              refine=args.refine, refine_range=tuple(float(x) for x in args.refine_range.split("-")),
+                              progress=True, confirm=with_captions(captions, seed_range(args.confirm)) if args.confirm else None,
+                              stress=stress_set(captions, args))
+    for name, info in entry.get("validation", {}).items():
+        print(f"{name}: seeds {info['seeds']}, left out chaotic {info['left_out_chaotic']}"
+              + (f", lowest single-skip PSNR {info['single_skip_psnr']}" if "single_skip_psnr" in info else ""))
+    save(profile, path, entry)
+
+
 def refine(pipe, profile, path, captions, args) -> None:
     """Local search from the verified front on its own training captions and seeds; with --validate,
     a schedule only enters the front with the PSNR it also keeps on the validation seeds."""
@@ -105,6 +146,11 @@ def refine(pipe, profile, path, captions, args) -> None:
         seeds = list(range(int(first), int(last or first) + 1))
         check = SeedSet(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, {}, spec, progress=True)
         print(f"validation seeds {spec}: left out chaotic seeds {check.chaotic}")
+        checks.append(check)
+    if args.stress:
+        prompts, seeds, keep = stress_set(captions, args)
+        check = SeedSet.stress(pipe, profile, prompts, seeds, {}, keep, progress=True)
+        print(f"stress seeds {args.stress}: {check.info[check.spec]}")
         checks.append(check)
     confirm = None
     if args.confirm:

@@ -156,7 +156,7 @@ def test_min_psnr_takes_the_fastest_verified_run_over_the_fit(profile_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--verify", "1", "--refine", "1"], "--refine searches StepCache's verified schedules"),
+    (["--verify", "1", "--refine", "1"], "--refine and --stress work on StepCache's verified schedules"),
     (["--step-graph", "1"], "apply to image and video DiTs; tiny-sd is a unet model"),
 ])
 def test_unet_verification_flags(tmp_path, capsys, args, message):

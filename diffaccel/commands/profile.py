@@ -47,6 +47,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--confirm", type=int, default=0, metavar="C",
                         help="with --refine: a schedule the search puts on the front is kept only if it also beats, on C "
                              "more prompts (seeds SEED+3000..) that the search never measured, the one it replaced (0 skips)")
+    parser.add_argument("--stress", type=int, default=0, metavar="S",
+                        help="DiTs, with --verify: screen 32 x S more prompts (seeds SEED+4000..) by how much one skipped "
+                             "step changes their output (about steps / 2 generations each) and re-run every kept schedule "
+                             "on the S that change most, keeping its lower PSNR: about 1 seed in 128 turns into another "
+                             "image when an early step is skipped, and a pooled-PSNR promise breaks on a seed set with one (0 skips)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -126,10 +131,10 @@ def main(args) -> int:
         at_least(args.guidance_scale, "--guidance-scale", 0.0, "Leave it out for the model's default.")
     non_negative_int(args.calibration_prompts, "--calibration-prompts", "0 skips the PSNR calibration.")
     for flag, value in (("--step-graph", args.step_graph), ("--verify", args.verify), ("--validate", args.validate),
-                        ("--refine", args.refine), ("--confirm", args.confirm)):
+                        ("--refine", args.refine), ("--confirm", args.confirm), ("--stress", args.stress)):
         non_negative_int(value, flag, "0 skips it.")
-    if (args.validate or args.refine) and not args.verify:
-        raise ValueError("--validate and --refine work on the verified schedules: add --verify M (e.g. 4).")
+    if (args.validate or args.refine or args.stress) and not args.verify:
+        raise ValueError("--validate, --refine and --stress work on the verified schedules: add --verify M (e.g. 4).")
     if args.confirm and not args.refine:
         raise ValueError("--confirm checks what the local search changed: add --refine R (e.g. 2).")
     from diffaccel.bundled.loader import BUNDLED_MODELS
@@ -219,11 +224,14 @@ def _verify(pipe, profile, prompts: list, call: dict, args) -> float:
         return time.perf_counter() - started
     print(f"verifying StepCache schedules on {_count(args.verify, 'prompt')}"
           + (f", validating on {args.validate} more" if args.validate else "")
-          + (f", {_count(args.refine, 'round')} of local search" if args.refine else ""), flush=True)
+          + (f", {_count(args.refine, 'round')} of local search" if args.refine else "")
+          + (f", stressed on the {args.stress} of {32 * args.stress} prompts one skip changes most" if args.stress else ""),
+          flush=True)
     validation = [prompt_set(args.validate, args.seed + 2000)] if args.validate else []
     confirm = prompt_set(args.confirm, args.seed + 3000) if args.confirm else None
+    stress = (*prompt_set(32 * args.stress, args.seed + 4000), args.stress) if args.stress else None
     entry = verify_step_cache(pipe, profile, *prompt_set(args.verify, args.seed + 1000), call, validation=validation,
-                              refine=args.refine, confirm=confirm, progress=not args.no_progress)
+                              refine=args.refine, confirm=confirm, progress=not args.no_progress, stress=stress)
     for run in entry["runs"]:
         print(f"  {run['speedup']:.2f}x FLOPs  {run['psnr']:.2f} dB  computes {sum(run['mask'])} of {len(run['mask'])} steps")
     return time.perf_counter() - started
@@ -238,9 +246,9 @@ def _check_verification_applies(pipe, args) -> None:
         if args.step_graph:
             raise ValueError(f"--step-graph measures StepCache's schedules, which apply to image and video DiTs; "
                              f"{args.model} is a unet model. Leave --step-graph out (--verify M verifies DeepCache's forecasts).")
-        if args.refine:
-            raise ValueError("--refine searches StepCache's verified schedules (DiTs); on a unet model leave it out "
-                             "(--verify M, with --validate K, verifies DeepCache's schedules).")
+        if args.refine or args.stress:
+            raise ValueError("--refine and --stress work on StepCache's verified schedules (DiTs); on a unet model leave "
+                             "them out (--verify M, with --validate K, verifies DeepCache's schedules).")
     elif family not in StepCache.supported_families():
         if args.step_graph or args.verify:
             raise ValueError(f"--step-graph / --verify measure StepCache's schedules, which apply to image and video DiTs; "
