@@ -4,6 +4,7 @@ Runs on a bundled-format tiny-sd (the trained one when assets/ has it, else rand
 saved to a temp folder) with 2-3 steps, so the whole file stays around a minute on 2 cores.
 """
 import json
+import math
 import os
 import runpy
 import shutil
@@ -208,3 +209,18 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(first_run, model_dir,
     assert evaluate_cli(*common[:-3], "--seeds", "0-2", "--no-progress", "--out", str(changed),
                         "--configs", "baseline,deepcache:interval=2", "--prompts", "bundled") == 2
     assert "made with other methods" in capsys.readouterr().err
+
+
+def test_a_failed_promise_names_the_seed_that_sets_the_pooled_psnr():
+    from diffaccel.evaluation import quality, report
+
+    records = [{"config": "quality", "seed": s, "mse": m, "psnr": 10 * math.log10(1 / m)}
+               for s, m in ((5, 1e-4), (6, 1e-4), (7, 1e-1))]
+    summary = quality.summarise(records)
+    assert summary["worst_seed"] == 7 and summary["psnr_without_worst_seed"] == pytest.approx(40.0)
+    assert summary["psnr"] == pytest.approx(10 * math.log10(3 / (2e-4 + 1e-1)))  # pooled: the one seed sets it
+    speed = dict(e2e_median_s=1.0, e2e_iqr_s=None, speedup=1.0, ideal_speedup=1.0, denoiser_median_s=1.0,
+                 denoiser_iqr_s=None, denoiser_speedup=1.0, denoiser_ideal_speedup=1.0, denoiser_flops=1e9, flops_saved=0.0)
+    summary.update(speed=speed, promise=report.promise_check("quality", summary, {}, video=False))
+    row = report.table({"configs": {"quality": summary}}).splitlines()[-1]
+    assert "FAILS (PSNR >= 35; 40.00 without seed 7)" in row

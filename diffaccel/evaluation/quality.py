@@ -62,7 +62,11 @@ def summarise(records: list[dict]) -> dict:
     with_ref = [r for r in records if "mse" in r]
     if with_ref:
         out["psnr"] = _psnr(float(np.mean([r["mse"] for r in with_ref])))  # pooled MSE: one identical seed is not inf
-        out["psnr_worst_seed"] = min(r["psnr"] for r in with_ref)
+        worst = min(with_ref, key=lambda r: (r["psnr"], r["seed"]))
+        out["psnr_worst_seed"] = worst["psnr"]
+        if len(with_ref) > 1:  # one seed that turns into another image can set the pooled PSNR on its own
+            out["worst_seed"] = worst["seed"]
+            out["psnr_without_worst_seed"] = _psnr(float(np.mean([r["mse"] for r in with_ref if r is not worst])))
         if all("ssim" in r for r in with_ref):
             out["ssim"] = float(np.mean([r["ssim"] for r in with_ref]))
         if all("lpips" in r for r in with_ref):

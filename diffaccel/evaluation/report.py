@@ -144,7 +144,9 @@ def table(results: dict) -> str:
                  _num(r.get("psnr"), ".2f"), _num(r.get("psnr_worst_seed"), ".2f"), _num(r.get("ssim"), ".4f")]
         cells += [_num(r.get(key), fmt) for key, _, fmt in extra]
         cells.append("-" if promise is None else ("holds" if promise["holds"] else "FAILS") +
-                     f" (PSNR >= {promise['psnr_min']:g}" + (f", PF loss <= {promise['max_pf_loss']:g}" if "max_pf_loss" in promise else "") + ")")
+                     f" (PSNR >= {promise['psnr_min']:g}" + (f", PF loss <= {promise['max_pf_loss']:g}" if "max_pf_loss" in promise else "")
+                     + ("" if promise["psnr_ok"] or "worst_seed" not in r else
+                        f"; {r['psnr_without_worst_seed']:.2f} without seed {r['worst_seed']}") + ")")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
