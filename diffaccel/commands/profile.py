@@ -50,8 +50,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stress", type=int, default=0, metavar="S",
                         help="DiTs, with --verify: screen 32 x S more prompts (seeds SEED+4000..) by how much one skipped "
                              "step changes their output (about steps / 2 generations each) and re-run every kept schedule "
-                             "on the S that change most, keeping its lower PSNR: about 1 seed in 128 turns into another "
-                             "image when an early step is skipped, and a pooled-PSNR promise breaks on a seed set with one (0 skips)")
+                             "on the S that change most, counted at their share of the screened prompts: a rare seed turns "
+                             "into another image when one step is skipped and sets a pooled PSNR alone (on tiny-dit this "
+                             "changed one preset's schedule and did not make the promises hold on larger held-out sets; "
+                             "eval/results/step_cache.md) (0 skips)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
