@@ -142,9 +142,7 @@ def refine(pipe, profile, path, captions, args) -> None:
     vseeds = cal["seeds"]
     checks = []
     for spec in filter(None, args.validate.split(",")):
-        first, _, last = spec.partition("-")
-        seeds = list(range(int(first), int(last or first) + 1))
-        check = SeedSet(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, {}, spec, progress=True)
+        check = SeedSet(pipe, profile, *with_captions(captions, seed_range(spec)), {}, spec, progress=True)
         print(f"validation seeds {spec}: left out chaotic seeds {check.chaotic}")
         checks.append(check)
     if args.stress:
@@ -154,13 +152,11 @@ def refine(pipe, profile, path, captions, args) -> None:
         checks.append(check)
     confirm = None
     if args.confirm:
-        first, _, last = args.confirm.partition("-")
-        seeds = list(range(int(first), int(last or first) + 1))
-        confirm = SeedSet(pipe, profile, [captions[s % len(captions)] for s in seeds], seeds, {}, f"confirm {args.confirm}",
+        confirm = SeedSet(pipe, profile, *with_captions(captions, seed_range(args.confirm)), {}, f"confirm {args.confirm}",
                           progress=True)
         print(f"confirmation seeds {args.confirm}: left out chaotic seeds {confirm.chaotic}")
     lo, _, hi = args.refine_range.partition("-")
-    runs = refine_front(pipe, profile, list(cal["runs"]), [captions[s % len(captions)] for s in vseeds], vseeds, {},
+    runs = refine_front(pipe, profile, list(cal["runs"]), *with_captions(captions, vseeds), {},
                         checks, args.refine, (float(lo), float(hi)), progress=True, confirm=confirm)
     info = {k: v for c in [*checks, *([confirm] if confirm else [])] for k, v in c.info.items()}
     save(profile, path, store_front(profile, cal["times"], vseeds, runs, info))

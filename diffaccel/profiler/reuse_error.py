@@ -257,8 +257,8 @@ def step_skip_errors(pipe, adapter, prompts: list, seeds: list[int], call_kwargs
 def skip_fragility(pipe, adapter, prompts: list, seeds: list[int], call_kwargs: dict, progress: bool = False) -> list[float]:
     """Per (prompt, seed): the lowest PSNR (dB) of its output with one step skipped (repeating the last
     residual), over every step but the first. Most seeds stay near 50-60 dB under any single skip; a rare
-    one whose layout is decided in the first steps turns into another image (15-18 dB on tiny-dit: 2 of
-    256 training seeds, 1 of 64 held-out ones), and one such seed alone breaks a pooled-PSNR promise on
+    one whose layout is decided in the first steps turns into another image (14.5-17.5 dB on tiny-dit: 2 of
+    256 training seeds besides 2 chaotic ones, 1-8 in held-out sets of 64-128), and one such seed alone breaks a pooled-PSNR promise on
     any seed set that holds it: :meth:`~diffaccel.profiler.verify_step_cache.SeedSet.stress`
     validates schedules on the most fragile seeds of a screened pool. Costs about n / 2 generations per
     seed (each skip replays the reference up to the step before it)."""

@@ -74,8 +74,8 @@ class SeedSet:
         """The ``keep`` (prompt, seed) pairs of a screened pool whose output one skipped step changes most
         (:func:`~diffaccel.profiler.reuse_error.skip_fragility`; chaotic ones left out), as a validation set.
 
-        Why: on tiny-dit a rare seed (2 of 256 training seeds, besides 2 chaotic ones; 1 of 64 and 1 of 128
-        held-out ones) turns into another image when one step is skipped (15-18 dB). Seed sets of 12-24
+        Why: on tiny-dit a rare seed (2 of 256 training seeds, besides 2 chaotic ones; 1-8 in held-out sets
+        of 64-128) turns into another image when one step is skipped (14.5-17.5 dB for the ones screened). Seed sets of 12-24
         without one rewarded plans that skip early steps, and on the held-out sets with one the quality and
         balanced presets' pooled-PSNR promises broke (eval/results/step_cache.md). Validating on the pool's
         most fragile seeds alone would keep only schedules that leave every one of them whole, which on
